@@ -1,0 +1,136 @@
+"""Prompt data: local jsonl / json / parquet files or hub datasets, normalised to one row shape.
+
+Every row becomes `{"task": "math" | "chat", "prompt": str, "answer": str | None}`, where
+`prompt` is the user turn exactly as the policy will see it (before its chat template).
+
+Column mapping (first match wins):
+- task: a `task` column (`math` or `chat`); otherwise `math` when the row has a gold answer.
+- math rows: `prompt` (used verbatim) or `problem` (wrapped in `math_template`, by default the
+  paper's), and `answer`; without `answer`, the last `\\boxed{...}` of `solution` (NuminaMath's
+  shape: `problem`, `solution`).
+- chat rows: `prompt` (a string), or the first user turn of `messages` / `conversation` (a list
+  of `{"role", "content"}`: WildChat's shape).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from common.utils import UserError
+
+# The paper's math prompt (user turn).
+PAPER_MATH_TEMPLATE = (
+    "Given the following problem, reason and give a final answer to the problem.\n"
+    "Problem: {problem}\n"
+    "Your response should end with 'The final answer is $\\boxed{{[answer]}}$. I hope it is "
+    "correct.' where [answer] is the response to the problem."
+)
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}` in `text` (balanced braces), or None."""
+    i = text.rfind("\\boxed")
+    if i < 0:
+        return None
+    j = text.find("{", i)
+    if j < 0:
+        return None
+    depth = 0
+    for k in range(j, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[k], 0)
+        if depth == 0:
+            return text[j + 1 : k]
+    return None
+
+
+def _read_raw(spec: str, split: str) -> list[dict]:
+    path = Path(spec).expanduser()
+    if path.suffix in (".jsonl", ".json", ".parquet") or spec.startswith((".", "/", "~")):
+        if not path.is_file():
+            raise UserError(f"dataset file '{spec}' does not exist")
+        if path.suffix == ".jsonl":
+            rows = []
+            with path.open() as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise UserError(f"{spec}: line {n} is not valid JSON ({e.msg})") from None
+            return rows
+        if path.suffix == ".json":
+            rows = json.loads(path.read_text())
+            if not isinstance(rows, list):
+                raise UserError(f"{spec}: expected a JSON list of objects")
+            return rows
+        if path.suffix == ".parquet":
+            import datasets
+
+            return list(datasets.Dataset.from_parquet(str(path)))
+        raise UserError(f"dataset '{spec}': unknown format '{path.suffix}' "
+                        "(use .jsonl, .json, .parquet or a hub dataset id)")
+    import datasets
+
+    try:
+        return list(datasets.load_dataset(spec, split=split))
+    except Exception as e:  # noqa: BLE001 -- hub errors come in many types; all mean "not loadable"
+        raise UserError(f"cannot load dataset '{spec}' (split '{split}'): "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def _first_user_turn(messages) -> str | None:
+    if isinstance(messages, list):
+        for m in messages:
+            if isinstance(m, dict) and m.get("role") == "user" and isinstance(m.get("content"), str):
+                return m["content"]
+    return None
+
+
+def normalize_row(raw: dict, where: str, math_template: str = PAPER_MATH_TEMPLATE) -> dict:
+    """Map one raw row to {task, prompt, answer}; `where` names the row in error messages."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: expected an object, got {type(raw).__name__}")
+    answer = raw.get("answer")
+    if answer is None and isinstance(raw.get("solution"), str):
+        answer = last_boxed(raw["solution"])
+    task = raw.get("task") or ("math" if answer is not None else "chat")
+    if task not in ("math", "chat"):
+        raise UserError(f"{where}: column 'task' is '{task}', expected 'math' or 'chat'")
+    if isinstance(raw.get("prompt"), str):
+        prompt = raw["prompt"]
+    elif task == "math" and isinstance(raw.get("problem"), str):
+        prompt = math_template.format(problem=raw["problem"])
+    else:
+        prompt = _first_user_turn(raw.get("messages") or raw.get("conversation"))
+    if prompt is None:
+        need = "'prompt' or 'problem'" if task == "math" else "'prompt' or 'messages'"
+        raise UserError(f"{where}: no prompt column (need {need}; row has {sorted(raw)})")
+    if not prompt.strip():
+        raise UserError(f"{where}: the prompt is empty")
+    if task == "math":
+        if answer is None or not str(answer).strip():
+            raise UserError(f"{where}: math row without a gold answer (need 'answer', or a "
+                            f"'solution' with a \\boxed{{}} answer; row has {sorted(raw)})")
+        answer = str(answer)
+    return {"task": task, "prompt": prompt, "answer": answer if task == "math" else None}
+
+
+def load_prompts(spec: str, split: str = "train", math_template: str = PAPER_MATH_TEMPLATE,
+                 limit: int | None = None) -> list[dict]:
+    """Load and normalise a prompt dataset (see the module docstring for the accepted shapes)."""
+    raw = _read_raw(spec, split)
+    if not raw:
+        raise UserError(f"dataset '{spec}' has no rows")
+    rows = [normalize_row(r, f"{spec} row {i}", math_template) for i, r in enumerate(raw[:limit])]
+    return rows
+
+
+def shuffled_indices(n: int, seed: int, epoch: int) -> list[int]:
+    """The dataset order for one epoch: a pure function of (seed, epoch), so a resumed run
+    replays exactly the same order and can skip what it has already consumed."""
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order

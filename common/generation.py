@@ -1,0 +1,124 @@
+"""The generator: one in-process vLLM engine per rank, with in-process weight reload.
+
+This file holds every call into vLLM internals, so that a vLLM upgrade breaks one small, tested
+place (tests/test_generation.py) and not the training scripts.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from common.models import full_state_dict
+
+# In-process engine: the engine core runs in this process, so `collective_rpc` reaches the model
+# runner directly and the trainer's tensors are handed over without serialization.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]  # sampled tokens, EOS included when the model stopped on it
+    text: str
+    logprobs: list[float]  # vLLM's logprob of each sampled token (temperature applied)
+    finish_reason: str  # "stop" (EOS / stop string) or "length" (hit max_tokens: truncated)
+
+
+class Generator:
+    """A vLLM `LLM` living in this process, on this rank's device.
+
+    Under torchrun every rank owns a full copy (tensor parallel 1) and generates for its own
+    prompt shard; `distributed_executor_backend="external_launcher"` makes vLLM join the process
+    group torchrun already set up instead of spawning workers.
+    """
+
+    def __init__(self, model: str, *, max_model_len: int, gpu_memory_utilization: float,
+                 dtype: torch.dtype, seed: int = 0, enable_sleep_mode: bool = False,
+                 trust_remote_code: bool = False):
+        from vllm import LLM
+
+        kwargs = {}
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            kwargs["distributed_executor_backend"] = "external_launcher"
+        self.enable_sleep_mode = enable_sleep_mode
+        self.llm = LLM(
+            model=model,
+            dtype=dtype,
+            seed=seed,  # engine-level seed; each request also carries its own (see generate)
+            max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enable_prefix_caching=True,
+            enable_sleep_mode=enable_sleep_mode,
+            trust_remote_code=trust_remote_code,
+            # Logprobs after temperature scaling: the distribution tokens were sampled from,
+            # which is what the trainer recomputes (common.completion_logprobs divides by T).
+            logprobs_mode="processed_logprobs",
+            tensor_parallel_size=1,
+            **kwargs,
+        )
+
+    def generate(self, prompts: list[list[int]], *, n: int, temperature: float, top_p: float,
+                 max_tokens: int, seed: int) -> list[list[Completion]]:
+        """`n` completions for each prompt (token ids, chat template already applied).
+
+        Request i is seeded with `seed + i`: pass a seed that differs per rank and per step
+        (and per run seed) so ranks never draw the same samples and two runs differ.
+        """
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = [
+            SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                           logprobs=0, seed=seed + i)
+            for i in range(len(prompts))
+        ]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
+                                    use_tqdm=False)
+        return [
+            [
+                Completion(
+                    token_ids=list(o.token_ids),
+                    text=o.text,
+                    # logprobs=0 returns the sampled token's own logprob at each position
+                    logprobs=[lp[t].logprob for lp, t in zip(o.logprobs, o.token_ids, strict=True)],
+                    finish_reason=o.finish_reason or "length",
+                )
+                for o in out.outputs
+            ]
+            for out in outputs
+        ]
+
+    @torch.no_grad()
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Overwrite the engine's weights with the trainer's current ones, in place.
+
+        Uses the model runner's `reload_weights(weights_iterator=...)`, which loads checkpoint-
+        format tensors through the model's own `load_weights` (it handles vLLM's fused qkv /
+        gate_up layouts and the CPU backend's repacked linears). The per-parameter
+        `load_weights` path that TRL's colocate mode uses fails on the CPU backend.
+        CRUCIAL: the prefix cache holds KV computed with the old weights; reset it.
+        """
+        if self.enable_sleep_mode:
+            self.llm.wake_up()
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": full_state_dict(model)})
+        self.llm.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        """Free the engine's GPU memory (weights and KV cache) during the trainer's update.
+        Level 1 parks the weights in CPU memory; level 2 would drop them (and, depending on the
+        vLLM version, non-parameter buffers such as rotary caches that a reload does not restore).
+        `sync_weights` wakes the engine before it pushes the new weights."""
+        if self.enable_sleep_mode:
+            self.llm.sleep(level=1)
+
+    def shutdown(self) -> None:
+        """Shut the engine down; call before `destroy_process_group` (vLLM's exit-time cleanup
+        otherwise touches a destroyed group)."""
+        engine = getattr(self.llm, "llm_engine", None)
+        core = getattr(engine, "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        del self.llm

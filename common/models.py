@@ -1,0 +1,151 @@
+"""Model plumbing: tokenizer / policy / reference loading, FSDP2 wrapping, the full-state-dict
+stream that feeds the generator, and trainer-side per-token logprobs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from common.utils import UserError
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).exists()
+
+
+def _check_exists(name: str) -> None:
+    if _looks_local(name) and not Path(name).expanduser().is_dir():
+        raise UserError(f"model folder '{name}' does not exist")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPU (the paper's setting), fp32 on CPU (exact logprob checks, no bf16 kernels)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Tokenizer of a hub id or local folder. It must carry a chat template: every prompt in this
+    project is a chat turn, and guessing a template silently changes what the model sees."""
+    _check_exists(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise UserError(f"cannot load tokenizer '{name}': not a local folder and not a reachable "
+                        f"hub id ({str(e).splitlines()[0]})") from None
+    if not tok.chat_template:
+        raise UserError(f"tokenizer of '{name}' has no chat template; use an instruct/chat model "
+                        "or add `chat_template` to its tokenizer_config.json")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token  # only used for padding; never masks EOS out of a loss
+    return tok
+
+
+def load_model(name: str, device: torch.device, dtype: torch.dtype | None = None,
+               trust_remote_code: bool = False, trainable: bool = True) -> torch.nn.Module:
+    """A causal LM from a hub id or local folder, on `device`. `trainable=False` gives a frozen
+    eval-mode copy (the reference model)."""
+    _check_exists(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name, dtype=dtype or default_dtype(device), trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise UserError(f"cannot load model '{name}': not a local folder and not a reachable hub "
+                        f"id ({str(e).splitlines()[0]})") from None
+    model.to(device)
+    if not trainable:
+        model.eval().requires_grad_(False)
+    else:
+        # Dropout off: the generator (vLLM) never uses it, so a trainer with dropout would compute
+        # logprobs of a different policy than the one that sampled.
+        model.train()
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+    return model
+
+
+def fsdp_wrap(model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2: shard every decoder layer, then the root (embeddings, final norm, lm_head).
+    A no-op without a multi-rank process group."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return model
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+# Prefixes that wrappers add to parameter names; vLLM knows the bare Hugging Face names.
+_WRAPPER_PREFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.", "module.")
+
+
+def full_state_dict(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (hf_name, full tensor) one parameter at a time.
+
+    Under FSDP2 each parameter is a sharded DTensor; `full_tensor()` all-gathers just that one,
+    so peak extra memory is one parameter, not the whole model (what matters at 8B). Every rank
+    must consume the iterator completely and in the same order: each item is a collective.
+    """
+    for name, tensor in model.state_dict().items():
+        for prefix in _WRAPPER_PREFIXES:
+            name = name.replace(prefix, "")
+        if hasattr(tensor, "full_tensor"):
+            tensor = tensor.full_tensor()
+        yield name, tensor.detach()
+
+
+def completion_logprobs(model: torch.nn.Module, prompts: list[list[int]],
+                        completions: list[list[int]], temperature: float = 1.0,
+                        pad_id: int = 0, with_entropy: bool = False):
+    """Per-token logprobs of each completion given its prompt, as the trainer sees them.
+
+    Returns `(logps, mask, entropy)`, each (B, Tc) with Tc the longest completion; `mask` is 1
+    on real completion tokens (EOS included: it is a token the policy chose) and 0 on padding;
+    `entropy` is the per-token entropy of the sampling distribution (no grad) or None.
+
+    CRUCIAL: logits are divided by the sampling temperature, so these are the logprobs of the
+    distribution vLLM sampled from; otherwise the vLLM/trainer comparison and any ratio is off.
+    Sequences are right-padded so positions are 0..L-1 exactly as in generation, and only the
+    positions that predict completion tokens go through the LM head (`logits_to_keep`), which
+    is most of the memory at a 128k vocabulary.
+    """
+    device = next(model.parameters()).device
+    lens_p = [len(p) for p in prompts]
+    lens_c = [len(c) for c in completions]
+    seqs = [p + c for p, c in zip(prompts, completions, strict=True)]
+    L, Tc = max(map(len, seqs)), max(lens_c)
+    input_ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        input_ids[i, : len(s)] = torch.tensor(s)
+    input_ids = input_ids.to(device)
+    # Logits at position t predict token t+1; the earliest completion token of any row sits at
+    # min(lens_p), so the last K = L - min(lens_p) + 1 positions cover every one of them.
+    K = L - min(lens_p) + 1
+    logits = model(input_ids=input_ids, logits_to_keep=K).logits  # (B, K, V)
+    offset = L - K  # absolute position of logits[:, 0]
+    # Next-token targets for every kept position (B, K); pad where a position predicts nothing.
+    targets = torch.full((len(seqs), K), pad_id, dtype=torch.long, device=device)
+    targets[:, :-1] = input_ids[:, offset + 1 :]
+    scaled = logits.float() / temperature  # (B, K, V)
+    logps_k = scaled.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - scaled.logsumexp(-1)  # (B, K)
+    # Re-index to completion coordinates: column j of row i is completion token j.
+    idx = torch.zeros(len(seqs), Tc, dtype=torch.long)
+    mask = torch.zeros(len(seqs), Tc)
+    for i, (p, c) in enumerate(zip(lens_p, lens_c, strict=True)):
+        idx[i, :c] = torch.arange(p - 1, p - 1 + c) - offset
+        mask[i, :c] = 1.0
+    idx, mask = idx.to(device), mask.to(device)
+    logps = logps_k.gather(1, idx) * mask  # (B, Tc)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            lp = F.log_softmax(scaled, dim=-1)
+            entropy = (-(lp.exp() * lp).sum(-1)).gather(1, idx) * mask  # (B, Tc)
+    return logps, mask, entropy

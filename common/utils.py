@@ -1,0 +1,98 @@
+"""Process plumbing: user errors, torch.distributed setup, seeding, metrics logging."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+class UserError(Exception):
+    """Bad input from the user (a path, a column, a flag). Printed as one line, no traceback."""
+
+
+def _excepthook(exc_type, exc, tb):
+    if issubclass(exc_type, UserError):
+        rank = os.environ.get("RANK")
+        prefix = f"[rank {rank}] " if rank is not None else ""
+        print(f"{prefix}error: {exc}", file=sys.stderr)
+        sys.exit(2)  # sys.exit inside the hook still sets the exit status
+    sys.__excepthook__(exc_type, exc, tb)
+
+
+# A UserError that escapes a script ends it with one line on stderr and exit status 2; every
+# other exception keeps its full traceback.
+sys.excepthook = _excepthook
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """Join torchrun's process group if there is one. Returns (rank, world_size, device).
+
+    Plain `python script.py` is rank 0 of 1 with no process group. Under torchrun: NCCL on GPUs,
+    gloo on CPUs (what the tests use).
+    """
+    if "RANK" not in os.environ:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(0)
+        return 0, 1, device
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch. Call with the *same* seed on every rank so that model init
+    is identical; per-rank randomness (data shards, sampling) is derived explicitly elsewhere."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Average a dict of floats over ranks (one collective). A no-op without a process group."""
+    if not (dist.is_available() and dist.is_initialized()) or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist(), strict=True))
+
+
+class MetricsLogger:
+    """Appends one JSON object per step to `<output_dir>/metrics.jsonl` and mirrors it to wandb
+    when tracking. Call it on rank 0 only; the line is flushed so a crash loses at most the
+    current step."""
+
+    def __init__(self, output_dir: str | Path, config: dict, track: bool = False,
+                 project: str = "bridging-rl", run_name: str | None = None):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.wandb = None
+        if track:
+            import wandb
+
+            self.wandb = wandb.init(project=project, name=run_name, config=config)
+
+    def log(self, metrics: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=int(metrics["step"]))
+
+    def finish(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny randomly initialised models built on the spot (no downloads) and one
+vLLM engine for the whole session (engine start-up is the slow part on the CPU)."""
+
+import os
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import Qwen2ForCausalLM  # noqa: E402
+
+from embedded.tiny import build_tokenizer, tiny_config  # noqa: E402
+
+# Keep the engine small on the CPU: this is the fraction of the NUMA node's memory vLLM reserves.
+GPU_MEMORY_UTILIZATION = 0.15
+
+
+def make_tiny_model(path, seed=0, layers=2):
+    """Save a random tiny Qwen2 policy + its tokenizer to `path`; returns `path` as str."""
+    tok = build_tokenizer()
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(tiny_config(tok, layers=layers))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_policy"))
+
+
+@pytest.fixture(scope="session")
+def generator(tiny_model_dir):
+    from common.generation import Generator
+
+    gen = Generator(tiny_model_dir, max_model_len=256, gpu_memory_utilization=GPU_MEMORY_UTILIZATION,
+                    dtype=torch.float32, seed=0)
+    yield gen
+    gen.shutdown()
