@@ -1,19 +1,22 @@
 """Plumbing shared by the four training scripts. The algorithms live in the scripts, not here.
 
-- utils:      one-line user errors, torchrun setup, seeding, metric reduction and logging
+- utils:      one-line user errors, torchrun setup, seeding, metric reduction (`all_reduce`) and logging
 - models:     tokenizer / policy / reference loading, FSDP2, full-state-dict stream, logprobs
 - generation: the in-process vLLM engine with weight reload (`Generator`)
 - rewards:    `math_reward` (Math-Verify) and `RewardModel` (scalar reward model)
 - data:       prompt datasets (local files or hub) normalised to {task, prompt, answer}
+- evaluation: held-out math accuracy with its standard error
 
 Importing `common` installs an excepthook that prints a `UserError` as one line (exit 2).
 """
 
+from common.evaluation import eval_math, mean_and_se
 from common.data import PAPER_MATH_TEMPLATE, last_boxed, load_prompts, shuffled_indices
 from common.generation import Completion, Generator
 from common.models import (
     completion_logprobs,
     default_dtype,
+    encode_prompts,
     fsdp_wrap,
     full_state_dict,
     load_model,
@@ -23,14 +26,14 @@ from common.rewards import RewardModel, math_reward, math_rewards
 from common.utils import (
     MetricsLogger,
     UserError,
-    all_reduce_mean,
+    all_reduce,
     seed_everything,
     setup_distributed,
 )
 
 __all__ = [
-    "PAPER_MATH_TEMPLATE", "last_boxed", "load_prompts", "shuffled_indices",
-    "Completion", "Generator", "completion_logprobs", "default_dtype", "fsdp_wrap", "full_state_dict", "load_model",
+    "eval_math", "mean_and_se", "PAPER_MATH_TEMPLATE", "last_boxed", "load_prompts", "shuffled_indices",
+    "Completion", "Generator", "completion_logprobs", "default_dtype", "encode_prompts", "fsdp_wrap", "full_state_dict", "load_model",
     "load_tokenizer", "RewardModel", "math_reward", "math_rewards", "MetricsLogger", "UserError",
-    "all_reduce_mean", "seed_everything", "setup_distributed",
+    "all_reduce", "seed_everything", "setup_distributed",
 ]

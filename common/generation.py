@@ -41,6 +41,14 @@ class Generator:
         from vllm import LLM
 
         kwargs = {}
+        if not torch.cuda.is_available():
+            # CRUCIAL (CPU backend): a seeded request whose prompt is split across scheduler steps
+            # (chunked prefill) makes vLLM rewind its torch.Generator, which CPU generators do not
+            # support ("CPU Generator does not use offset"). Whole-prompt scheduling avoids it.
+            kwargs["enable_chunked_prefill"] = False
+            # vLLM drops this process's torch threads to 1 "for serving" unless OMP_NUM_THREADS
+            # is set; in-process, that would also halve the trainer's speed on a 2-core machine.
+            os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             kwargs["distributed_executor_backend"] = "external_launcher"
         self.enable_sleep_mode = enable_sleep_mode

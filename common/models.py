@@ -45,14 +45,28 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedToke
     return tok
 
 
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> list[list[int]]:
+    """Token ids of each prompt as a single user turn, chat template applied, ready for the
+    assistant's reply. The template already holds any BOS token, so none is added again."""
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True) for p in prompts]
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
 def load_model(name: str, device: torch.device, dtype: torch.dtype | None = None,
                trust_remote_code: bool = False, trainable: bool = True) -> torch.nn.Module:
-    """A causal LM from a hub id or local folder, on `device`. `trainable=False` gives a frozen
-    eval-mode copy (the reference model)."""
+    """A causal LM from a hub id or local folder, on `device`.
+
+    `trainable=True` (the policy) keeps fp32 master weights: at the paper's lr of 1e-6, Adam
+    updates vanish in bf16 weights. The GPU computes in bf16 all the same (FSDP2's mixed
+    precision, or autocast on one GPU). `trainable=False` gives a frozen eval-mode copy (the
+    reference model) in `default_dtype`."""
     _check_exists(name)
+    if dtype is None:
+        dtype = torch.float32 if trainable else default_dtype(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            name, dtype=dtype or default_dtype(device), trust_remote_code=trust_remote_code)
+            name, dtype=dtype, trust_remote_code=trust_remote_code)
     except OSError as e:
         raise UserError(f"cannot load model '{name}': not a local folder and not a reachable hub "
                         f"id ({str(e).splitlines()[0]})") from None
@@ -71,14 +85,18 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype | None = None
 
 def fsdp_wrap(model: torch.nn.Module) -> torch.nn.Module:
     """FSDP2: shard every decoder layer, then the root (embeddings, final norm, lm_head).
+    On GPUs, parameters are all-gathered in bf16 and gradients reduced in fp32.
     A no-op without a multi-rank process group."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return model
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    mp = MixedPrecisionPolicy()
+    if next(model.parameters()).is_cuda:
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for layer in model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
     return model
 
 

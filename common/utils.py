@@ -61,14 +61,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Average a dict of floats over ranks (one collective). A no-op without a process group."""
+def all_reduce(values: dict[str, float], op: str = "sum") -> dict[str, float]:
+    """Reduce a dict of floats over ranks in one collective: op is "sum" or "max".
+    Without a process group it returns the values unchanged."""
     if not (dist.is_available() and dist.is_initialized()) or not values:
-        return values
+        return dict(values)
     keys = sorted(values)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    t /= dist.get_world_size()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return dict(zip(keys, t.tolist(), strict=True))
 
 

@@ -16,8 +16,12 @@ from embedded.tiny import build_tokenizer, tiny_config  # noqa: E402
 GPU_MEMORY_UTILIZATION = 0.15
 
 
-def make_tiny_model(path, seed=0, layers=2):
-    """Save a random tiny Qwen2 policy + its tokenizer to `path`; returns `path` as str."""
+EMBEDDED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "embedded")
+
+
+def make_tiny_model(path, seed=0, layers=4):
+    """Save a random tiny Qwen2 policy + its tokenizer to `path` (the shipped seed's shapes by
+    default, so its weights can be synced into the shared engine); returns `path` as str."""
     tok = build_tokenizer()
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(tiny_config(tok, layers=layers))
@@ -32,10 +36,12 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def generator(tiny_model_dir):
+def generator():
+    """One engine for the session, started from the shipped seed policy on disk. Tests that need
+    other weights of the same shapes push them with `sync_weights` first."""
     from common.generation import Generator
 
-    gen = Generator(tiny_model_dir, max_model_len=256, gpu_memory_utilization=GPU_MEMORY_UTILIZATION,
+    gen = Generator(os.path.join(EMBEDDED, "policy"), max_model_len=256, gpu_memory_utilization=GPU_MEMORY_UTILIZATION,
                     dtype=torch.float32, seed=0)
     yield gen
     gen.shutdown()

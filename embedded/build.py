@@ -1,0 +1,360 @@
+"""Build the embedded default: a tiny seed policy, a tiny reward model and their tasks' data.
+
+    python embedded/build.py                      # rebuild embedded/ in place (~10 min, 2 CPU cores)
+    python embedded/build.py --out /tmp/e --quick # a few steps of each stage (what the tests run)
+
+What it does, deterministically (fixed seeds, CPU, fp32):
+1. Writes a byte-level tokenizer with a chat template (embedded/tiny.py).
+2. Writes the data: the 900 problems "What is a+b?" (a, b <= 29) split 500 train / 100 val /
+   300 test; "copy / capitalise this word" instruction prompts, 2,000 train / 200 test; and a
+   mixed train file (math + chat, one row each in turn).
+3. Supervises a Qwen2 policy from scratch (4 layers, hidden 128, ~1M parameters): first on
+   instruction responses alone (`--chat-warmup-steps`), then on correct math solutions and
+   instruction responses of graded quality (0-3 random edits) half and half, and stops
+   the first time held-out accuracy on the *val* problems, sampled with vLLM at the paper's eval
+   settings (T=0.6, top-p 0.9), reaches `--target-accuracy`: a seed with room for RL to climb.
+   The vLLM engine follows the training weights through `Generator.sync_weights`, the same
+   in-process reload the training scripts use.
+4. Trains a reward model (Qwen2ForSequenceClassification, initialised from the seed's backbone,
+   as RMs usually start from the SFT model) with a Bradley-Terry loss on pairs of responses of
+   different true quality (edit similarity to the ideal response): half of them two of the
+   seed's own samples (the distribution RL will query), half graded edits and off-task text.
+5. Measures the seed on the *test* files (math accuracy with standard error; chat true quality
+   and RM score) and the RM's held-out pairwise accuracy, and writes each artifact's card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+import common  # noqa: E402
+from common.generation import Generator  # noqa: E402
+from embedded.tiny import (  # noqa: E402
+    build_tokenizer,
+    chat_ideal,
+    chat_prompt,
+    chat_quality,
+    corrupt,
+    math_problems,
+    math_row,
+    math_solution,
+    tiny_config,
+)
+
+EVAL = dict(temperature=0.6, top_p=0.9, max_tokens=48)  # the paper's eval sampling
+CHAT_EDITS = ([0, 1, 2, 3], [0.35, 0.30, 0.20, 0.15])  # edits in SFT chat responses
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def make_data(out: Path, seed: int) -> dict[str, list[dict]]:
+    rng = random.Random(seed)
+    problems = math_problems()
+    rng.shuffle(problems)
+    math = [math_row(a, b) for a, b in problems]
+    chat_rng = random.Random(seed + 1)
+    chat = [{"task": "chat", "prompt": chat_prompt(chat_rng), "answer": None} for _ in range(2200)]
+    data = {
+        "math_train": math[:500], "math_val": math[500:600], "math_test": math[600:],
+        "chat_train": chat[:2000], "chat_test": chat[2000:],
+    }
+    data["mix_train"] = [r for pair in zip(data["math_train"], data["chat_train"][:500]) for r in pair]
+    for name, rows in data.items():
+        write_jsonl(out / "data" / f"{name}.jsonl", rows)
+    return data
+
+
+def sft_batch(tok, data, rng, n_math, n_chat):
+    """(prompt ids, completion ids) pairs: correct math solutions, graded chat responses."""
+    prompts, targets = [], []
+    for r in rng.sample(data["math_train"], n_math):
+        a, b = map(int, r["prompt"].removeprefix("What is ").removesuffix("?").split("+"))
+        prompts.append(r["prompt"])
+        targets.append(math_solution(a, b))
+    for r in rng.sample(data["chat_train"], n_chat):
+        prompts.append(r["prompt"])
+        targets.append(corrupt(chat_ideal(r["prompt"]), rng, rng.choices(*CHAT_EDITS)[0]))
+    p_ids = common.encode_prompts(tok, prompts)
+    c_ids = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in targets]
+    return p_ids, c_ids
+
+
+def train_policy(args, tok, data, policy_dir: Path):
+    torch.manual_seed(args.seed)
+    model = common.load_model(str(policy_dir), torch.device("cpu"))
+    gen = Generator(str(policy_dir), max_model_len=256, gpu_memory_utilization=0.15,
+                    dtype=torch.float32, seed=args.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, betas=(0.9, 0.98), weight_decay=0.0)
+    rng = random.Random(args.seed + 2)
+    history, t0 = [], time.time()
+    for step in range(1, args.sft_max_steps + 1):
+        for g in opt.param_groups:
+            g["lr"] = args.sft_lr * min(1.0, step / 50)  # short warm-up, then constant
+        # Chat-only warm-up first: copying is learned in a sudden phase change that mixed batches
+        # reach only after math has overshot its target; then math and chat half and half.
+        n_math = 0 if step <= args.chat_warmup_steps else args.batch_size // 2
+        p_ids, c_ids = sft_batch(tok, data, rng, n_math, args.batch_size - n_math)
+        logps, mask, _ = common.completion_logprobs(model, p_ids, c_ids, 1.0, tok.pad_token_id)
+        loss = -(logps * mask).sum() / mask.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % args.eval_every == 0 and step >= args.chat_warmup_steps + args.sft_min_steps:
+            gen.sync_weights(model)
+            acc, se = common.mean_and_se(common.eval_math(gen, tok, data["math_val"], k=4, seed=step, **EVAL))
+            history.append({"step": step, "loss": round(loss.item(), 4), "val_accuracy": round(acc, 4)})
+            print(f"sft step {step:5d}  loss {loss.item():.3f}  val acc {acc:.3f} ± {se:.3f}  "
+                  f"({time.time() - t0:.0f}s)", flush=True)
+            if acc >= args.target_accuracy:
+                break
+        elif step % 50 == 0:
+            print(f"sft step {step:5d}  loss {loss.item():.3f}  ({time.time() - t0:.0f}s)", flush=True)
+    gen.sync_weights(model)
+    return model, gen, {"steps": step, "seconds": round(time.time() - t0), "history": history}
+
+
+def seed_samples(gen, tok, rows, seed, n=4):
+    """The seed's own responses to chat prompts (T=1): the distribution RL will ask the RM about."""
+    prompts = [r["prompt"] for r in rows]
+    outs = gen.generate(common.encode_prompts(tok, prompts), n=n, temperature=1.0, top_p=1.0,
+                        max_tokens=EVAL["max_tokens"], seed=seed)
+    return {p: [c.text for c in o] for p, o in zip(prompts, outs, strict=True)}
+
+
+def rm_pairs(tok, rows, rng, n, samples=None):
+    """n (prompt, chosen, rejected) with chosen of strictly higher true quality. Half the pairs
+    (when `samples` is given) are two of the seed's own responses; the rest are graded edits of
+    the ideal response, some against off-task text (empty, doubled, halved, a math answer)."""
+    chosen, rejected, prompts = [], [], []
+    while len(prompts) < n:
+        p = rng.choice(rows)["prompt"]
+        ideal = chat_ideal(p)
+        if samples is not None and rng.random() < 0.5:
+            a, b = rng.sample(samples[p], 2)
+        else:
+            a = corrupt(ideal, rng, rng.choice([0, 0, 1, 1, 2, 3]))
+            if rng.random() < 0.15:
+                b = rng.choice(["", ideal + ideal, ideal[: len(ideal) // 2],
+                                "1+2=3, so the answer is \\boxed{3}.", corrupt(ideal, rng, 6)])
+            else:
+                b = corrupt(ideal, rng, rng.choice([1, 2, 3, 4, 5]))
+        qa, qb = chat_quality(p, a), chat_quality(p, b)
+        if qa == qb:
+            continue
+        prompts.append(p)
+        chosen.append(a if qa > qb else b)
+        rejected.append(b if qa > qb else a)
+    return prompts, chosen, rejected
+
+
+def rm_forward(rm, tok, prompts, responses):
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}],
+                                     tokenize=False) for p, r in zip(prompts, responses, strict=True)]
+    batch = tok([t for t in texts], add_special_tokens=False, padding=True, return_tensors="pt")
+    return rm(**batch).logits[:, 0]
+
+
+def train_reward_model(args, tok, data, gen, policy_dir: Path, rm_dir: Path):
+    from transformers import Qwen2ForSequenceClassification
+
+    train_samples = seed_samples(gen, tok, data["chat_train"], args.seed + 6)
+    test_samples = seed_samples(gen, tok, data["chat_test"], args.seed + 7)
+    torch.manual_seed(args.seed + 3)
+    rm = Qwen2ForSequenceClassification.from_pretrained(str(policy_dir), num_labels=1, dtype=torch.float32)
+    rm.config.pad_token_id = tok.pad_token_id
+    tok.padding_side = "right"
+    opt = torch.optim.AdamW(rm.parameters(), lr=args.rm_lr, weight_decay=0.0)
+    rng, t0 = random.Random(args.seed + 4), time.time()
+    for step in range(1, args.rm_steps + 1):
+        for g in opt.param_groups:  # warm-up, then cosine to 0: a quiet end for a noisy loss
+            g["lr"] = args.rm_lr * min(step / 50, 0.5 * (1 + math.cos(math.pi * step / args.rm_steps)))
+        prompts, ch, rj = rm_pairs(tok, data["chat_train"], rng, args.batch_size // 2, train_samples)
+        r = rm_forward(rm, tok, prompts + prompts, ch + rj)
+        loss = -F.logsigmoid(r[: len(ch)] - r[len(ch) :]).mean()  # Bradley-Terry
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0:
+            print(f"rm step {step:5d}  loss {loss.item():.3f}  ({time.time() - t0:.0f}s)", flush=True)
+    rm.save_pretrained(rm_dir)
+    tok.save_pretrained(rm_dir)
+    # Held-out pairwise accuracy, through the same RM path the training scripts use.
+    scorer = common.RewardModel(str(rm_dir), torch.device("cpu"), batch_size=64)
+    prompts, ch, rj = rm_pairs(tok, data["chat_test"], random.Random(args.seed + 5), args.rm_eval_pairs,
+                               test_samples)
+    sc, sr = scorer.score(prompts, ch), scorer.score(prompts, rj)
+    acc = sum(a > b for a, b in zip(sc, sr, strict=True)) / len(sc)
+    return scorer, {"steps": args.rm_steps, "seconds": round(time.time() - t0), "pairwise_accuracy": acc,
+                    "eval_pairs": len(sc)}
+
+
+def measure_seed(args, gen, tok, data, scorer):
+    acc, se = common.mean_and_se(common.eval_math(gen, tok, data["math_test"], k=args.eval_k,
+                                                  seed=args.seed, **EVAL))
+    greedy, _ = common.mean_and_se(common.eval_math(gen, tok, data["math_test"], k=1, seed=args.seed,
+                                                    temperature=0.0, top_p=1.0,
+                                                    max_tokens=EVAL["max_tokens"]))
+    prompts = [r["prompt"] for r in data["chat_test"]]
+    outs = gen.generate(common.encode_prompts(tok, prompts), n=4, seed=args.seed, **EVAL)
+    flat_p = [p for p, o in zip(prompts, outs, strict=True) for _ in o]
+    flat_r = [c.text for o in outs for c in o]
+    quality = [chat_quality(p, r) for p, r in zip(flat_p, flat_r, strict=True)]
+    rm_scores = scorer.score(flat_p, flat_r)
+    corr = torch.corrcoef(torch.tensor([quality, rm_scores]))[0, 1].item()
+    return {"math_test_accuracy": acc, "math_test_accuracy_se": se, "math_test_greedy_accuracy": greedy,
+            "math_eval": {"k": args.eval_k, **EVAL, "problems": len(data["math_test"])},
+            "chat_test_quality": sum(quality) / len(quality),
+            "chat_test_rm_score": sum(rm_scores) / len(rm_scores),
+            "chat_quality_rm_correlation": corr}
+
+
+POLICY_CARD = """# Embedded seed policy
+
+A ~{params_k}k-parameter Qwen2 causal LM (4 layers, hidden 128, 2 heads of dim 64, tied
+embeddings) with a byte-level tokenizer (256 bytes + `<|pad|> <|user|> <|assistant|> <|end|>`),
+trained from scratch by `embedded/build.py` ({sft_steps} SFT steps, {sft_seconds} s on {machine}).
+It is the seed (and the frozen reference) of every training script's no-flag run.
+
+Tasks it was supervised on (`embedded/data/`):
+- math: `What is a+b?` (a, b <= 29) -> `a+b=c, so the answer is \\boxed{{c}}.`, scored by the real
+  `common.math_reward` (Math-Verify);
+- chat: `Repeat this word: w` / `Write w in capital letters.` with responses carrying 0-3
+  random edits, so its own samples range in quality and a reward model has something to rank.
+
+SFT stopped at the first check (every {eval_every} steps) where accuracy on the 100 *val*
+problems reached {target:.0%}, so RL has room to climb.
+
+## Measured starting figures (on the test files, vLLM on the CPU)
+| figure | value |
+|---|---|
+| math test accuracy, T=0.6, top-p 0.9, {k} samples x {n} problems | {acc:.3f} ± {se:.3f} (standard error) |
+| math test accuracy, greedy | {greedy:.3f} |
+| chat test true quality (edit similarity to the ideal response), T=0.6 | {quality:.3f} |
+| chat test mean reward-model score | {rm_score:.3f} |
+
+Size: {size_kb} kB. Rebuild: `python embedded/build.py` (reproduces these figures on the same
+software; sampling seeds are fixed).
+"""
+
+RM_CARD = """# Embedded reward model
+
+`Qwen2ForSequenceClassification` (one scalar label) with the seed policy's backbone as its
+initialisation and the same tokenizer and chat template, trained by `embedded/build.py` with a
+Bradley-Terry loss for {steps} steps ({seconds} s on {machine}) on pairs of instruction
+responses of different true quality (edit similarity to the ideal response): half of the pairs
+are two of the seed's own samples (T=1), the distribution RL will ask about; the rest are graded
+edits of the ideal response, some against empty, doubled, halved or off-task text. It plays the part Athene-RM-8B plays in the
+paper and loads through the same path: `common.RewardModel("embedded/reward_model", device)`.
+
+## Measured figures
+| figure | value |
+|---|---|
+| held-out pairwise accuracy ({pairs} pairs, same mix, on the chat *test* prompts) | {acc:.3f} |
+| correlation of RM score with true quality on the seed's own samples | {corr:.3f} |
+
+Size: {size_kb} kB.
+"""
+
+DATA_CARD = """# Embedded data
+
+Made by `embedded/build.py` (seeded). One JSON object per line, in the shape
+`common.load_prompts` reads: `task` (`math` or `chat`), `prompt` (the user turn, verbatim),
+`answer` (gold answer for math, null for chat).
+
+| file | rows | what |
+|---|---|---|
+{rows}
+
+Math problems are the 900 sums a+b with a, b <= 29, shuffled once and split; val is used only
+to stop the seed's SFT, test only to measure. `mix_train.jsonl` alternates math and chat rows
+for multi-task runs.
+"""
+
+
+def dir_kb(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) // 1024
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent))
+    ap.add_argument("--quick", action="store_true", help="a few steps per stage (tests)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--sft-lr", type=float, default=1e-3)
+    ap.add_argument("--chat-warmup-steps", type=int, default=500)
+    ap.add_argument("--sft-min-steps", type=int, default=150)
+    ap.add_argument("--sft-max-steps", type=int, default=3000)
+    ap.add_argument("--eval-every", type=int, default=25)
+    ap.add_argument("--target-accuracy", type=float, default=0.30)
+    ap.add_argument("--rm-lr", type=float, default=5e-4)
+    ap.add_argument("--rm-steps", type=int, default=800)
+    ap.add_argument("--rm-eval-pairs", type=int, default=1000)
+    ap.add_argument("--eval-k", type=int, default=8)
+    args = ap.parse_args()
+    if args.quick:
+        args.chat_warmup_steps, args.sft_min_steps, args.sft_max_steps, args.eval_every = 1, 2, 4, 2
+        args.rm_steps, args.rm_eval_pairs, args.eval_k, args.batch_size = 2, 20, 1, 8
+    torch.set_num_threads(os.cpu_count() or 1)
+    machine = f"{os.cpu_count()} CPU cores"
+    out = Path(args.out)
+    policy_dir, rm_dir = out / "policy", out / "reward_model"
+    t0 = time.time()
+
+    tok = build_tokenizer()
+    data = make_data(out, args.seed)
+    torch.manual_seed(args.seed)
+    from transformers import Qwen2ForCausalLM
+
+    init = Qwen2ForCausalLM(tiny_config(tok))
+    init.generation_config.eos_token_id = tok.eos_token_id
+    init.save_pretrained(policy_dir)
+    tok.save_pretrained(policy_dir)
+
+    model, gen, sft = train_policy(args, tok, data, policy_dir)
+    model.save_pretrained(policy_dir)
+    scorer, rm = train_reward_model(args, tok, data, gen, policy_dir, rm_dir)
+    seed = measure_seed(args, gen, tok, data, scorer)
+    gen.shutdown()
+
+    report = {"sft": sft, "reward_model": rm, "seed": seed, "total_seconds": round(time.time() - t0),
+              "machine": machine, "torch": torch.__version__}
+    (out / "build_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    params_k = sum(p.numel() for p in model.parameters()) // 1000
+    (policy_dir / "README.md").write_text(POLICY_CARD.format(
+        params_k=params_k, sft_steps=sft["steps"], sft_seconds=sft["seconds"], machine=machine,
+        eval_every=args.eval_every, target=args.target_accuracy, k=args.eval_k,
+        n=len(data["math_test"]), acc=seed["math_test_accuracy"], se=seed["math_test_accuracy_se"],
+        greedy=seed["math_test_greedy_accuracy"], quality=seed["chat_test_quality"],
+        rm_score=seed["chat_test_rm_score"], size_kb=dir_kb(policy_dir)))
+    (rm_dir / "README.md").write_text(RM_CARD.format(
+        steps=rm["steps"], seconds=rm["seconds"], machine=machine, pairs=rm["eval_pairs"],
+        acc=rm["pairwise_accuracy"], corr=seed["chat_quality_rm_correlation"], size_kb=dir_kb(rm_dir)))
+    what = {"math_train": "RL training prompts (math)", "math_val": "stops the seed's SFT",
+            "math_test": "held-out math evaluation", "chat_train": "RL training prompts (chat)",
+            "chat_test": "held-out chat evaluation", "mix_train": "math and chat, alternating"}
+    (out / "data" / "README.md").write_text(DATA_CARD.format(rows="\n".join(
+        f"| `{k}.jsonl` | {len(v)} | {what[k]} |" for k, v in data.items())))
+    print(json.dumps(report["seed"] | {"rm_pairwise_accuracy": rm["pairwise_accuracy"]}, indent=1))
+    print(f"built {out} in {report['total_seconds']} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,447 @@
+"""GRPO, the on-policy end of the spectrum (sync interval s = 1), as in Lanchantin et al. 2025.
+
+Every step:
+1. sync: push the trainer's weights into the vLLM generator, before every generation (s = 1);
+2. rollout: sample `samples_per_prompt` completions for each of this rank's prompts;
+3. score: Math-Verify for math prompts, the reward model for chat prompts (1 / 0 / a scalar);
+4. advantages: A_i = r_i - mean(group), divided by std(group) + eps (the authors' code; the
+   paper's formula is mean-only: `--no-std-normalize`); groups with equal rewards get A = 0;
+5. reference logprobs from the fixed seed model (only when `kl_coef` > 0; not even loaded else);
+6. one optimizer step on  -(1/B) Σ_prompts (1/n) Σ_i Σ_t [ρ_t A_i - β KL_t]  with per-sequence
+   token *sums* (no length normalisation: the paper found it biased), B the global number of
+   prompts, ρ_t = exp(logp - logp.detach()) ≡ 1 (purely on-policy: one update per batch of
+   generations, so PPO's clipping would never trigger and is left out), and KL_t the k3
+   estimator exp(ref - logp) - (ref - logp) - 1;
+7. log one metrics dict, evaluate every `eval_every` steps, checkpoint every `save_every`.
+
+Choices where the paper is silent: constant learning rate after a linear warm-up; AdamW
+betas (0.9, 0.95), no weight decay; prompts longer than `max_model_len - max_new_tokens` are
+dropped at start (and counted). Not deterministic: vLLM on GPU (batch-dependent kernels).
+
+Run:
+    python grpo.py                                          # embedded default, CPU, a few minutes
+    torchrun --standalone --nproc_per_node=2 grpo.py        # 2 processes (CPU: gloo; GPU: NCCL)
+    torchrun --nproc_per_node 8 grpo.py \\                  # the paper's math run (Llama-3.1-8B)
+        --model meta-llama/Llama-3.1-8B-Instruct --dataset AI-MO/NuminaMath-CoT \\
+        --eval-dataset HuggingFaceH4/MATH-500 --eval-split test --num-steps 1000 \\
+        --prompts-per-step 64 --samples-per-prompt 8 --max-new-tokens 2048 --max-model-len 4096 \\
+        --learning-rate 1e-6 --adam-eps 1e-8 --max-grad-norm 0.1 --kl-coef 0.001 \\
+        --micro-batch-size 4 --vllm-sleep --reward-model Nexusflow/Athene-RM-8B
+
+Differs from `online_dpo.py` in: the objective (group advantages and a policy-gradient loss on
+every sample instead of one chosen/rejected pair per prompt) and the fixed reference.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+import tyro
+
+import common
+
+
+# ---------------------------------------------------------------------------------------------
+# Args
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (run folder and wandb run name)"""
+    seed: int = 1
+    """seed of the run: model init order, data order and every vLLM sampling seed derive from it"""
+    track: bool = False
+    """log to Weights & Biases (metrics.jsonl is always written)"""
+    wandb_project_name: str = "bridging-rl"
+    """the wandb project"""
+    model: str = "embedded/policy"
+    """seed policy (and reference): a hub id or a local Hugging Face folder"""
+    reward_model: str = "embedded/reward_model"
+    """scalar reward model for chat prompts (loaded only if the data has chat rows)"""
+    dataset: str = "embedded/data/math_train.jsonl"
+    """training prompts: a hub id or a .jsonl / .json / .parquet file (see README: Data)"""
+    dataset_split: str = "train"
+    """split of a hub dataset"""
+    eval_dataset: str = "embedded/data/math_test.jsonl"
+    """held-out math prompts for eval/accuracy ('' to skip)"""
+    eval_split: str = "test"
+    """split of a hub eval dataset"""
+    math_template: str = common.PAPER_MATH_TEMPLATE
+    """user turn for rows that give a `problem` (rows with a `prompt` are used verbatim)"""
+    output_dir: str = ""
+    """where checkpoints and metrics.jsonl go (default: runs/<exp_name>__<seed>)"""
+    resume: bool = False
+    """continue the run in output_dir from its last checkpoint"""
+    trust_remote_code: bool = False
+    """allow model repos to run their own code"""
+    num_steps: int = 200
+    """optimizer steps"""
+    prompts_per_step: int = 8
+    """prompts per optimizer step, over all ranks (the paper: 64 math, 32 chat)"""
+    samples_per_prompt: int = 8
+    """completions per prompt (the paper's GRPO group size: 8)"""
+    max_new_tokens: int = 48
+    """completion length limit (the paper: 2048 math, 1024 chat)"""
+    max_model_len: int = 256
+    """prompt + completion limit of the vLLM engine; longer prompts are dropped at start"""
+    temperature: float = 1.0
+    """sampling temperature of training rollouts (the paper: 1.0)"""
+    top_p: float = 1.0
+    """nucleus sampling of training rollouts (the paper: 1.0)"""
+    learning_rate: float = 5e-5
+    """AdamW learning rate, constant after warm-up (the paper: 1e-6 for an 8B model)"""
+    warmup_steps: int = 10
+    """linear learning-rate warm-up"""
+    adam_eps: float = 1e-8
+    """AdamW epsilon (the paper: 1e-8 chat; 1e-4 stopped DPO divergence on math)"""
+    max_grad_norm: float = 1.0
+    """gradient clipping (the paper: 0.1)"""
+    micro_batch_size: int = 64
+    """sequences per forward/backward pass (gradients accumulate to one step)"""
+    eval_every: int = 25
+    """evaluate every N steps (and at the start and the end; 0 disables)"""
+    eval_samples: int = 4
+    """samples per held-out problem (the paper: 50)"""
+    eval_temperature: float = 0.6
+    """eval sampling temperature (the paper: 0.6)"""
+    eval_top_p: float = 0.9
+    """eval nucleus sampling (the paper: 0.9)"""
+    eval_limit: int = 300
+    """evaluate on at most this many held-out problems"""
+    save_every: int = 100
+    """checkpoint every N steps (and at the end)"""
+    log_samples_every: int = 25
+    """print a few prompt / completion / reward samples every N steps"""
+    gpu_memory_utilization: float = 0.0
+    """memory fraction vLLM reserves (0: 0.3 on GPU; on CPU, of the NUMA node, 0.15)"""
+    vllm_sleep: bool = False
+    """GPU: free vLLM's memory while the trainer updates (sleep mode)"""
+
+    # Algorithm specific arguments
+    kl_coef: float = 0.001
+    """β of the k3 KL penalty to the fixed seed reference (the paper: 0.001; 0 skips the reference)"""
+    std_normalize: bool = True
+    """divide group advantages by std + eps (the authors' code) rather than mean-only (the paper's formula)"""
+    adv_eps: float = 1e-4
+    """eps of the std normalisation"""
+
+    # filled in after parsing
+    world_size: int = 0
+    """number of ranks"""
+    prompts_per_rank: int = 0
+    """prompts_per_step / world_size"""
+
+
+def group_advantages(rewards: torch.Tensor, std_normalize: bool, eps: float) -> torch.Tensor:
+    """(P, n) rewards -> (P, n) advantages: reward minus its group's mean, optionally / (std + eps)."""
+    adv = rewards - rewards.mean(dim=1, keepdim=True)
+    if std_normalize:
+        adv = adv / (rewards.std(dim=1, keepdim=True) + eps)
+    return adv
+
+
+def grpo_loss(logps, ref_logps, mask, advantages, kl_coef: float, num_prompts: int, group_size: int):
+    """-(1/B) Σ_prompts (1/n) Σ_i Σ_t [ρ_t A_i - β KL_t] over the sequences given (a micro-batch).
+
+    logps, ref_logps, mask: (S, T) per token; advantages: (S,). ref_logps may be None (β = 0).
+    B = `num_prompts`, n = `group_size`: normalise by the whole batch, not the micro-batch, so
+    accumulated micro-batches sum to the loss of the step. Returns (loss, kl_sum over tokens).
+    """
+    ratio = torch.exp(logps - logps.detach())  # ≡ 1; its gradient is ∇logp (on-policy)
+    per_token = ratio * advantages[:, None]  # (S, T)
+    kl = torch.zeros_like(logps)
+    if ref_logps is not None:
+        delta = ref_logps - logps
+        kl = torch.exp(delta) - delta - 1  # k3: unbiased, always >= 0
+        per_token = per_token - kl_coef * kl
+    loss = -(per_token * mask).sum() / (num_prompts * group_size)  # per-sequence token sums
+    return loss, (kl * mask).sum().detach()
+
+
+def main(args: Args) -> None:
+    # -----------------------------------------------------------------------------------------
+    # distributed setup & seeding
+    # -----------------------------------------------------------------------------------------
+    rank, world_size, device = common.setup_distributed()
+    args.world_size = world_size
+    assert args.prompts_per_step % world_size == 0, "prompts_per_step must divide by the number of ranks"
+    args.prompts_per_rank = args.prompts_per_step // world_size
+    args.output_dir = args.output_dir or f"runs/{args.exp_name}__{args.seed}"
+    args.gpu_memory_utilization = args.gpu_memory_utilization or (0.3 if device.type == "cuda" else 0.15)
+    if args.samples_per_prompt < 2:
+        raise common.UserError("samples_per_prompt must be >= 2: a group of one has no advantage")
+    common.seed_everything(args.seed)  # CRUCIAL: the same seed on every rank (identical init)
+    ckpt_dir = os.path.join(args.output_dir, "checkpoint")
+    if rank == 0 and not args.resume and os.path.exists(os.path.join(args.output_dir, "metrics.jsonl")):
+        raise common.UserError(f"{args.output_dir} already holds a run; pass --resume or another --output-dir")
+    if args.resume and not os.path.isdir(ckpt_dir):
+        raise common.UserError(f"--resume: no checkpoint in {args.output_dir}")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+    # -----------------------------------------------------------------------------------------
+    # data
+    # -----------------------------------------------------------------------------------------
+    tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
+    rows = common.load_prompts(args.dataset, args.dataset_split, args.math_template)
+    prompt_ids = common.encode_prompts(tokenizer, [r["prompt"] for r in rows])
+    keep = [i for i, p in enumerate(prompt_ids) if len(p) <= args.max_model_len - args.max_new_tokens]
+    if len(keep) < args.prompts_per_step:
+        raise common.UserError(f"only {len(keep)} prompts fit max_model_len - max_new_tokens")
+    dropped = len(rows) - len(keep)
+    rows, prompt_ids = [rows[i] for i in keep], [prompt_ids[i] for i in keep]
+    eval_rows = []
+    if args.eval_dataset and args.eval_every > 0:
+        eval_rows = [r for r in common.load_prompts(args.eval_dataset, args.eval_split, args.math_template)
+                     if r["task"] == "math"][: args.eval_limit]
+
+    def batch_indices(step: int) -> list[int]:
+        """This rank's prompts for `step` (1-based): a slice of a seeded per-epoch permutation, so
+        a resumed run replays exactly the prompts it had not trained on yet."""
+        out = []
+        for j in range((step - 1) * args.prompts_per_step, step * args.prompts_per_step):
+            epoch, pos = divmod(j, len(rows))
+            out.append(common.shuffled_indices(len(rows), args.seed, epoch)[pos])
+        return out[rank * args.prompts_per_rank : (rank + 1) * args.prompts_per_rank]
+
+    # -----------------------------------------------------------------------------------------
+    # models & optimizer
+    # -----------------------------------------------------------------------------------------
+    policy = common.fsdp_wrap(common.load_model(args.model, device, trust_remote_code=args.trust_remote_code))
+    reference = None
+    if args.kl_coef > 0:  # ALGO LOGIC: GRPO's KL is to the fixed seed model
+        reference = common.fsdp_wrap(common.load_model(args.model, device, trainable=False,
+                                                        trust_remote_code=args.trust_remote_code))
+    reward_model = None
+    if any(r["task"] == "chat" for r in rows):
+        reward_model = common.RewardModel(args.reward_model, device, trust_remote_code=args.trust_remote_code)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, betas=(0.9, 0.95),
+                                  eps=args.adam_eps, weight_decay=0.0)
+    start_step = 0
+    if args.resume:
+        start_step = load_checkpoint(ckpt_dir, policy, optimizer)
+        if rank == 0:  # drop metrics logged after the checkpoint: they are about to be redone
+            path = os.path.join(args.output_dir, "metrics.jsonl")
+            lines = open(path).readlines() if os.path.exists(path) else []
+            open(path, "w").writelines(l for l in lines if json.loads(l)["step"] <= start_step)
+
+    # -----------------------------------------------------------------------------------------
+    # generation engine
+    # -----------------------------------------------------------------------------------------
+    generator = common.Generator(args.model, max_model_len=args.max_model_len,
+                                 gpu_memory_utilization=args.gpu_memory_utilization,
+                                 dtype=common.default_dtype(device), seed=args.seed,
+                                 enable_sleep_mode=args.vllm_sleep, trust_remote_code=args.trust_remote_code)
+    logger = common.MetricsLogger(args.output_dir, asdict(args), args.track, args.wandb_project_name,
+                                  f"{args.exp_name}__{args.seed}") if rank == 0 else None
+    if rank == 0:
+        print(f"{args.exp_name}: {len(rows)} prompts ({dropped} too long, dropped), {world_size} rank(s), "
+              f"{args.num_steps} steps of {args.prompts_per_step}x{args.samples_per_prompt} -> {args.output_dir}")
+
+    def evaluate(step: int) -> dict:
+        """eval/accuracy over held-out math problems, sharded over ranks, reduced."""
+        accs = common.eval_math(generator, tokenizer, eval_rows[rank::world_size], k=args.eval_samples,
+                                temperature=args.eval_temperature, top_p=args.eval_top_p,
+                                max_tokens=args.max_new_tokens, seed=args.seed * 7919 + rank * 104729)
+        s = common.all_reduce({"n": len(accs), "sum": sum(accs), "sq": sum(a * a for a in accs)})
+        mean = s["sum"] / s["n"]
+        var = max(s["sq"] / s["n"] - mean**2, 0.0) * s["n"] / max(s["n"] - 1, 1)
+        return {"eval/accuracy": mean, "eval/accuracy_se": (var / s["n"]) ** 0.5}
+
+    # -----------------------------------------------------------------------------------------
+    # training loop
+    # -----------------------------------------------------------------------------------------
+    n, B = args.samples_per_prompt, args.prompts_per_step
+    t_start, steps_done = time.time(), 0
+    eval_metrics = evaluate(start_step) if eval_rows and start_step == 0 else {}
+    if eval_metrics and rank == 0:
+        logger.log({"step": 0, **eval_metrics})
+        print(f"step 0 | eval accuracy {eval_metrics['eval/accuracy']:.3f} ± {eval_metrics['eval/accuracy_se']:.3f}")
+    for step in range(start_step + 1, args.num_steps + 1):
+        t_step = time.time()
+        # ---- sync: ALGO LOGIC: s = 1, the generator gets the weights being trained every step.
+        # CRUCIAL: also the first step after a start or a resume, before any generation.
+        generator.sync_weights(policy)
+        t_sync = time.time() - t_step
+
+        # ---- rollout
+        t0 = time.time()
+        idx = batch_indices(step)
+        batch = [rows[i] for i in idx]
+        prompts = [prompt_ids[i] for i in idx]
+        # CRUCIAL: a distinct sampling seed per (run seed, step, rank); request i adds i.
+        seed = ((args.seed * 1_000_003 + step) * world_size + rank) * args.prompts_per_rank
+        outs = generator.generate(prompts, n=n, temperature=args.temperature, top_p=args.top_p,
+                                  max_tokens=args.max_new_tokens, seed=seed)
+        generator.sleep()
+        completions = [c for o in outs for c in o]  # (P*n), grouped by prompt
+        t_generate = time.time() - t0
+
+        # ---- score
+        t0 = time.time()
+        rewards = torch.zeros(len(batch), n)  # (P, n)
+        for j, (row, o) in enumerate(zip(batch, outs, strict=True)):
+            texts = [c.text for c in o]
+            if row["task"] == "math":
+                rewards[j] = torch.tensor(common.math_rewards(texts, [row["answer"]] * n))
+            else:
+                rewards[j] = torch.tensor(reward_model.score([row["prompt"]] * n, texts))
+        t_score = time.time() - t0
+
+        # ---- build batch: ALGO LOGIC: group-relative advantages, one per completion
+        advantages = group_advantages(rewards, args.std_normalize, args.adv_eps).flatten()  # (P*n,)
+        flat_prompts = [p for p in prompts for _ in range(n)]
+        flat_completions = [c.token_ids for c in completions]
+        micro_batches = [slice(i, i + args.micro_batch_size) for i in range(0, len(completions), args.micro_batch_size)]
+
+        # ---- reference logprobs
+        t0 = time.time()
+        ref_logps = [None] * len(micro_batches)
+        if reference is not None:
+            with torch.no_grad(), autocast:
+                for k, mb in enumerate(micro_batches):
+                    ref_logps[k] = common.completion_logprobs(reference, flat_prompts[mb], flat_completions[mb],
+                                                              args.temperature, tokenizer.pad_token_id)[0]
+
+        # ---- update: one optimizer step, gradients accumulated over micro-batches
+        lr = args.learning_rate * min(1.0, step / max(args.warmup_steps, 1))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        stats = {"loss": 0.0, "kl_sum": 0.0, "tokens": 0.0, "entropy_sum": 0.0, "gap_sum": 0.0}
+        gap_max = 0.0
+        for k, mb in enumerate(micro_batches):
+            with autocast:
+                logps, mask, entropy = common.completion_logprobs(policy, flat_prompts[mb], flat_completions[mb],
+                                                                  args.temperature, tokenizer.pad_token_id,
+                                                                  with_entropy=True)
+            loss, kl_sum = grpo_loss(logps, ref_logps[k], mask, advantages[mb].to(device), args.kl_coef,
+                                     args.prompts_per_rank, n)
+            loss.backward()
+            # vLLM's logprob of each sampled token vs the trainer's, same weights: the sync's proof
+            vllm_logps = torch.zeros_like(logps)
+            for i, c in enumerate(completions[mb]):
+                vllm_logps[i, : len(c.logprobs)] = torch.tensor(c.logprobs)
+            gap = (logps.detach() - vllm_logps).abs() * mask
+            gap_max = max(gap_max, gap.max().item())
+            stats["loss"] += loss.item()
+            stats["kl_sum"] += kl_sum.item()
+            stats["tokens"] += mask.sum().item()
+            stats["entropy_sum"] += entropy.sum().item()
+            stats["gap_sum"] += gap.sum().item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        t_train = time.time() - t0
+
+        # ---- log: sums over ranks, then ratios (ranks may hold different numbers of math rows)
+        is_math = torch.tensor([r["task"] == "math" for r in batch])
+        local = {
+            "loss": stats["loss"], "kl_sum": stats["kl_sum"], "tokens": stats["tokens"],
+            "entropy_sum": stats["entropy_sum"], "gap_sum": stats["gap_sum"],
+            "reward_sum": rewards.sum().item(), "reward_sq": (rewards**2).sum().item(), "samples": rewards.numel(),
+            "math_correct": rewards[is_math].sum().item(), "math_samples": rewards[is_math].numel(),
+            "zero_std": (rewards.std(dim=1) == 0).sum().item(), "groups": len(batch),
+            "truncated": sum(c.finish_reason == "length" for c in completions),
+        }
+        s = common.all_reduce(local)
+        s_max = common.all_reduce({"gap_max": gap_max}, op="max")
+        reward_mean = s["reward_sum"] / s["samples"]
+        step_s = time.time() - t_step
+        metrics = {
+            "step": step,
+            "train/loss": s["loss"] / world_size,  # each rank's loss is already / its prompts
+            "train/kl": s["kl_sum"] / s["tokens"],
+            "train/grad_norm": grad_norm.item() if hasattr(grad_norm, "item") else float(grad_norm),
+            "train/lr": lr,
+            "rollout/reward_mean": reward_mean,
+            "rollout/reward_std": max(s["reward_sq"] / s["samples"] - reward_mean**2, 0.0) ** 0.5,
+            "rollout/accuracy": s["math_correct"] / s["math_samples"] if s["math_samples"] else float("nan"),
+            "rollout/zero_std_frac": s["zero_std"] / s["groups"],
+            "rollout/length_mean": s["tokens"] / s["samples"],
+            "rollout/truncated_frac": s["truncated"] / s["samples"],
+            "rollout/entropy": s["entropy_sum"] / s["tokens"],
+            "rollout/logprob_gap_max": s_max["gap_max"],
+            "rollout/logprob_gap_mean": s["gap_sum"] / s["tokens"],
+            "perf/generate_s": t_generate, "perf/score_s": t_score, "perf/train_s": t_train,
+            "perf/sync_s": t_sync, "perf/step_s": step_s,
+            "perf/tokens_per_s": s["tokens"] / step_s,
+        }
+        if eval_rows and (step % args.eval_every == 0 or step == args.num_steps):
+            metrics.update(evaluate(step))
+        steps_done += 1
+        if rank == 0:
+            logger.log(metrics)
+            eta = (time.time() - t_start) / steps_done * (args.num_steps - step)
+            line = (f"step {step}/{args.num_steps} | loss {metrics['train/loss']:+.4f} | reward {reward_mean:.3f} | "
+                    f"kl {metrics['train/kl']:.2e} | len {metrics['rollout/length_mean']:.1f} | "
+                    f"gap {metrics['rollout/logprob_gap_max']:.1e} | {step_s:.2f} s/step | eta {eta / 60:.1f} min")
+            if "eval/accuracy" in metrics:
+                line += f" | eval accuracy {metrics['eval/accuracy']:.3f} ± {metrics['eval/accuracy_se']:.3f}"
+            print(line, flush=True)
+            if args.log_samples_every and step % args.log_samples_every == 0:
+                for j in range(min(2, len(batch))):
+                    print(f"    prompt: {batch[j]['prompt'][:200]!r}\n    completion: {outs[j][0].text[:300]!r}"
+                          f"\n    reward: {rewards[j, 0].item():.3f}", flush=True)
+
+        # ---- checkpoint
+        if step % args.save_every == 0 or step == args.num_steps:
+            save_checkpoint(ckpt_dir, step, policy, optimizer, tokenizer, rank)
+
+    # -----------------------------------------------------------------------------------------
+    # final save
+    # -----------------------------------------------------------------------------------------
+    if rank == 0:
+        logger.finish()
+        print(f"done: {args.output_dir}/checkpoint holds the final model ({(time.time() - t_start) / 60:.1f} min)")
+    generator.shutdown()  # CRUCIAL: before destroy_process_group
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def save_checkpoint(ckpt_dir: str, step: int, policy, optimizer, tokenizer, rank: int) -> None:
+    """Hugging Face model folder (safetensors + tokenizer: transformers and vLLM load it as is) plus
+    the trainer state (DCP: model and optimizer shards, no pickle). Written aside, then renamed,
+    so a crash mid-save leaves the previous checkpoint whole."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    tmp = ckpt_dir + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    full = {name: t.cpu() for name, t in common.full_state_dict(policy)}  # collective on every rank
+    model_sd, optim_sd = get_state_dict(policy, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(tmp, "trainer_state"))
+    if rank == 0:
+        unwrapped = getattr(policy, "module", policy)
+        unwrapped.save_pretrained(tmp, state_dict=full)
+        tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, "step.json"), "w") as f:
+            json.dump({"step": step}, f)
+        shutil.rmtree(ckpt_dir + ".old", ignore_errors=True)
+        if os.path.exists(ckpt_dir):
+            os.rename(ckpt_dir, ckpt_dir + ".old")
+        os.rename(tmp, ckpt_dir)
+        shutil.rmtree(ckpt_dir + ".old", ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_checkpoint(ckpt_dir: str, policy, optimizer) -> int:
+    """Restore model and optimizer state in place; returns the step to continue after."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(policy, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=os.path.join(ckpt_dir, "trainer_state"))
+    set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    with open(os.path.join(ckpt_dir, "step.json")) as f:
+        return json.load(f)["step"]
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,25 @@
+"""The quick start's main job until the training scripts land: `python -m common.demo`."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_demo_samples_scores_and_syncs():
+    r = subprocess.run([sys.executable, "-m", "common.demo"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout
+    assert "[math] What is" in out and "[chat]" in out
+    gaps = [float(x) for x in re.findall(r"(?:same weights|before sync|after sync_weights):\s+([0-9.e+-]+)", out)]
+    same, stale, synced = gaps
+    assert same < 1e-4 and synced < 1e-4  # the engine holds the trainer's weights
+    assert stale > 1e-3  # ...and really did not before the sync
+    rewards = [float(x) for x in re.findall(r"reward ([+-][0-9.]+)", out)]
+    assert len(rewards) == 8 * 4

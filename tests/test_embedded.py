@@ -1,0 +1,92 @@
+"""The embedded default: shipped artifacts load everywhere they must, and match their cards."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import common
+from embedded.build import EVAL, rm_pairs
+from embedded.tiny import chat_quality, math_solution
+from tests.conftest import EMBEDDED
+
+REPORT = json.load(open(os.path.join(EMBEDDED, "build_report.json")))
+POLICY, RM, DATA = (os.path.join(EMBEDDED, p) for p in ("policy", "reward_model", "data"))
+
+
+def test_sizes_are_small():
+    total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(EMBEDDED) for f in fs
+                if "__pycache__" not in d)
+    assert total < 20 * 2**20
+
+
+def test_data_files_load_and_gold_answers_verify():
+    math_test = common.load_prompts(os.path.join(DATA, "math_test.jsonl"))
+    assert len(math_test) == 300 and {r["task"] for r in math_test} == {"math"}
+    # the format the seed was taught scores 1 through the real Math-Verify path
+    for r in math_test[:50]:
+        a, b = map(int, r["prompt"].removeprefix("What is ").removesuffix("?").split("+"))
+        assert common.math_reward(math_solution(a, b), r["answer"]) == 1.0
+        assert common.math_reward(math_solution(a, b + 1), r["answer"]) == 0.0
+    mix = common.load_prompts(os.path.join(DATA, "mix_train.jsonl"))
+    assert {r["task"] for r in mix} == {"math", "chat"}
+    train = {r["prompt"] for r in common.load_prompts(os.path.join(DATA, "math_train.jsonl"))}
+    assert not train & {r["prompt"] for r in math_test}  # held out
+
+
+def test_shipped_policy_loads_in_transformers():
+    tok = common.load_tokenizer(POLICY)
+    model = AutoModelForCausalLM.from_pretrained(POLICY)
+    ids = common.encode_prompts(tok, ["What is 2+3?"])[0]
+    assert tok.decode(ids) == "<|user|>What is 2+3?<|end|><|assistant|>"  # spaces survive the round trip
+    out = model.generate(torch.tensor([ids]), max_new_tokens=30, do_sample=False)
+    assert "\\boxed{" in tok.decode(out[0, len(ids):])
+
+
+def test_shipped_seed_matches_its_card(generator):
+    """Re-measure the card's figure with vLLM (the engine loaded the shipped policy from disk)."""
+    tok = common.load_tokenizer(POLICY)
+    generator.sync_weights(common.load_model(POLICY, torch.device("cpu")))  # other tests swap weights
+    seed = REPORT["seed"]
+    acc, se = common.mean_and_se(common.eval_math(
+        generator, tok, common.load_prompts(os.path.join(DATA, "math_test.jsonl")),
+        k=seed["math_eval"]["k"], seed=0, **EVAL))
+    assert abs(acc - seed["math_test_accuracy"]) <= 2 * seed["math_test_accuracy_se"], (acc, seed)
+    assert 0.20 <= acc <= 0.45  # RL has room to climb
+
+
+def test_shipped_reward_model_ranks_held_out_pairs():
+    rm = common.RewardModel(RM, torch.device("cpu"), batch_size=64)
+    tok = common.load_tokenizer(RM)
+    chat_test = common.load_prompts(os.path.join(DATA, "chat_test.jsonl"))
+    prompts, chosen, rejected = rm_pairs(tok, chat_test, random.Random(5), 300)
+    sc, sr = rm.score(prompts, chosen), rm.score(prompts, rejected)
+    assert all(chat_quality(p, c) > chat_quality(p, r) for p, c, r in zip(prompts, chosen, rejected))
+    acc = sum(a > b for a, b in zip(sc, sr)) / len(sc)
+    assert acc >= 0.9
+    assert REPORT["reward_model"]["pairwise_accuracy"] >= 0.9
+
+
+@pytest.mark.slow
+def test_builder_quick_mode(tmp_path, generator):
+    r = subprocess.run([sys.executable, os.path.join(EMBEDDED, "build.py"), "--out", str(tmp_path), "--quick"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for f in ("math_train", "math_val", "math_test", "chat_train", "chat_test", "mix_train"):
+        assert common.load_prompts(str(tmp_path / "data" / f"{f}.jsonl"))
+    report = json.load(open(tmp_path / "build_report.json"))
+    assert report["sft"]["steps"] == 4 and report["reward_model"]["steps"] == 2
+    # loads in transformers, through the RM path, and into vLLM (same shapes as the shipped seed)
+    model = common.load_model(str(tmp_path / "policy"), torch.device("cpu"))
+    common.RewardModel(str(tmp_path / "reward_model"), torch.device("cpu")).score(["Hi"], ["there"])
+    generator.sync_weights(model)
+    tok = common.load_tokenizer(str(tmp_path / "policy"))
+    out = generator.generate(common.encode_prompts(tok, ["What is 1+1?"]), n=2, temperature=1.0,
+                             top_p=1.0, max_tokens=8, seed=0)
+    assert len(out[0]) == 2
+    assert (tmp_path / "policy" / "README.md").read_text().startswith("# Embedded seed policy")
