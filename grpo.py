@@ -174,7 +174,7 @@ def main(args: Args) -> None:
     args.output_dir = args.output_dir or f"runs/{args.exp_name}__{args.seed}"
     args.gpu_memory_utilization = args.gpu_memory_utilization or (0.3 if device.type == "cuda" else 0.15)
     if args.samples_per_prompt < 2:
-        raise common.UserError("samples_per_prompt must be >= 2: a group of one has no advantage")
+        raise common.UserError("samples_per_prompt must be >= 2: one sample per prompt gives nothing to compare")
     common.seed_everything(args.seed)  # CRUCIAL: the same seed on every rank (identical init)
     ckpt_dir = os.path.join(args.output_dir, "checkpoint")
     if rank == 0 and not args.resume and os.path.exists(os.path.join(args.output_dir, "metrics.jsonl")):
@@ -208,6 +208,11 @@ def main(args: Args) -> None:
             out.append(common.shuffled_indices(len(rows), args.seed, epoch)[pos])
         return out[rank * args.prompts_per_rank : (rank + 1) * args.prompts_per_rank]
 
+    def sampling_seeds(step: int) -> list[int]:
+        """CRUCIAL: one vLLM seed per prompt, distinct across (run seed, step, rank, prompt)."""
+        base = ((args.seed * 1_000_003 + step) * world_size + rank) * args.prompts_per_rank
+        return [base + j for j in range(args.prompts_per_rank)]
+
     # -----------------------------------------------------------------------------------------
     # models & optimizer
     # -----------------------------------------------------------------------------------------
@@ -227,7 +232,7 @@ def main(args: Args) -> None:
         if rank == 0:  # drop metrics logged after the checkpoint: they are about to be redone
             path = os.path.join(args.output_dir, "metrics.jsonl")
             lines = open(path).readlines() if os.path.exists(path) else []
-            open(path, "w").writelines(l for l in lines if json.loads(l)["step"] <= start_step)
+            open(path, "w").writelines(line for line in lines if json.loads(line)["step"] <= start_step)
 
     # -----------------------------------------------------------------------------------------
     # generation engine
@@ -255,7 +260,7 @@ def main(args: Args) -> None:
     # -----------------------------------------------------------------------------------------
     # training loop
     # -----------------------------------------------------------------------------------------
-    n, B = args.samples_per_prompt, args.prompts_per_step
+    n = args.samples_per_prompt
     t_start, steps_done = time.time(), 0
     eval_metrics = evaluate(start_step) if eval_rows and start_step == 0 else {}
     if eval_metrics and rank == 0:
@@ -273,10 +278,8 @@ def main(args: Args) -> None:
         idx = batch_indices(step)
         batch = [rows[i] for i in idx]
         prompts = [prompt_ids[i] for i in idx]
-        # CRUCIAL: a distinct sampling seed per (run seed, step, rank); request i adds i.
-        seed = ((args.seed * 1_000_003 + step) * world_size + rank) * args.prompts_per_rank
         outs = generator.generate(prompts, n=n, temperature=args.temperature, top_p=args.top_p,
-                                  max_tokens=args.max_new_tokens, seed=seed)
+                                  max_tokens=args.max_new_tokens, seed=sampling_seeds(step))
         generator.sleep()
         completions = [c for o in outs for c in o]  # (P*n), grouped by prompt
         t_generate = time.time() - t0
@@ -295,35 +298,33 @@ def main(args: Args) -> None:
         # ---- build batch: ALGO LOGIC: group-relative advantages, one per completion
         advantages = group_advantages(rewards, args.std_normalize, args.adv_eps).flatten()  # (P*n,)
         flat_prompts = [p for p in prompts for _ in range(n)]
-        flat_completions = [c.token_ids for c in completions]
-        micro_batches = [slice(i, i + args.micro_batch_size) for i in range(0, len(completions), args.micro_batch_size)]
+        flat_completions = completions
+        micro_batches = [slice(i, i + args.micro_batch_size) for i in range(0, len(flat_completions), args.micro_batch_size)]
 
-        # ---- reference logprobs
+        # ---- reference logprobs, update: one optimizer step, gradients accumulated over micro-batches
         t0 = time.time()
-        ref_logps = [None] * len(micro_batches)
-        if reference is not None:
-            with torch.no_grad(), autocast:
-                for k, mb in enumerate(micro_batches):
-                    ref_logps[k] = common.completion_logprobs(reference, flat_prompts[mb], flat_completions[mb],
-                                                              args.temperature, tokenizer.pad_token_id)[0]
-
-        # ---- update: one optimizer step, gradients accumulated over micro-batches
         lr = args.learning_rate * min(1.0, step / max(args.warmup_steps, 1))
         for group in optimizer.param_groups:
             group["lr"] = lr
         stats = {"loss": 0.0, "kl_sum": 0.0, "tokens": 0.0, "entropy_sum": 0.0, "gap_sum": 0.0}
         gap_max = 0.0
-        for k, mb in enumerate(micro_batches):
+        for mb in micro_batches:
+            mb_prompts, mb_completions = flat_prompts[mb], flat_completions[mb]
+            mb_tokens = [c.token_ids for c in mb_completions]
+            ref_logps = None
+            if reference is not None:
+                with torch.no_grad(), autocast:
+                    ref_logps = common.completion_logprobs(reference, mb_prompts, mb_tokens, args.temperature,
+                                                           tokenizer.pad_token_id)[0]
             with autocast:
-                logps, mask, entropy = common.completion_logprobs(policy, flat_prompts[mb], flat_completions[mb],
-                                                                  args.temperature, tokenizer.pad_token_id,
-                                                                  with_entropy=True)
-            loss, kl_sum = grpo_loss(logps, ref_logps[k], mask, advantages[mb].to(device), args.kl_coef,
+                logps, mask, entropy = common.completion_logprobs(policy, mb_prompts, mb_tokens, args.temperature,
+                                                                  tokenizer.pad_token_id, with_entropy=True)
+            loss, kl_sum = grpo_loss(logps, ref_logps, mask, advantages[mb].to(device), args.kl_coef,
                                      args.prompts_per_rank, n)
             loss.backward()
             # vLLM's logprob of each sampled token vs the trainer's, same weights: the sync's proof
             vllm_logps = torch.zeros_like(logps)
-            for i, c in enumerate(completions[mb]):
+            for i, c in enumerate(mb_completions):
                 vllm_logps[i, : len(c.logprobs)] = torch.tensor(c.logprobs)
             gap = (logps.detach() - vllm_logps).abs() * mask
             gap_max = max(gap_max, gap.max().item())
@@ -346,6 +347,7 @@ def main(args: Args) -> None:
             "math_correct": rewards[is_math].sum().item(), "math_samples": rewards[is_math].numel(),
             "zero_std": (rewards.std(dim=1) == 0).sum().item(), "groups": len(batch),
             "truncated": sum(c.finish_reason == "length" for c in completions),
+            "completion_tokens": sum(len(c.token_ids) for c in completions),
         }
         s = common.all_reduce(local)
         s_max = common.all_reduce({"gap_max": gap_max}, op="max")
@@ -361,7 +363,7 @@ def main(args: Args) -> None:
             "rollout/reward_std": max(s["reward_sq"] / s["samples"] - reward_mean**2, 0.0) ** 0.5,
             "rollout/accuracy": s["math_correct"] / s["math_samples"] if s["math_samples"] else float("nan"),
             "rollout/zero_std_frac": s["zero_std"] / s["groups"],
-            "rollout/length_mean": s["tokens"] / s["samples"],
+            "rollout/length_mean": s["completion_tokens"] / s["samples"],
             "rollout/truncated_frac": s["truncated"] / s["samples"],
             "rollout/entropy": s["entropy_sum"] / s["tokens"],
             "rollout/logprob_gap_max": s_max["gap_max"],

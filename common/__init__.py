@@ -10,8 +10,8 @@
 Importing `common` installs an excepthook that prints a `UserError` as one line (exit 2).
 """
 
-from common.evaluation import eval_math, mean_and_se
 from common.data import PAPER_MATH_TEMPLATE, last_boxed, load_prompts, shuffled_indices
+from common.evaluation import eval_math, mean_and_se
 from common.generation import Completion, Generator
 from common.models import (
     completion_logprobs,

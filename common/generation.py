@@ -69,19 +69,22 @@ class Generator:
         )
 
     def generate(self, prompts: list[list[int]], *, n: int, temperature: float, top_p: float,
-                 max_tokens: int, seed: int) -> list[list[Completion]]:
+                 max_tokens: int, seed: int | list[int]) -> list[list[Completion]]:
         """`n` completions for each prompt (token ids, chat template already applied).
 
-        Request i is seeded with `seed + i`: pass a seed that differs per rank and per step
-        (and per run seed) so ranks never draw the same samples and two runs differ.
+        `seed`: one sampling seed per prompt, or an int s meaning s, s+1, ... Give seeds that
+        differ per rank and per step (and per run seed) so ranks never draw the same samples
+        and two runs differ; a prompt's samples depend only on its seed and the weights, not
+        on what else is in the batch.
         """
+        seeds = seed if isinstance(seed, list) else [seed + i for i in range(len(prompts))]
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         params = [
             SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                           logprobs=0, seed=seed + i)
-            for i in range(len(prompts))
+                           logprobs=0, seed=s)
+            for s in seeds
         ]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
                                     use_tqdm=False)

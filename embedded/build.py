@@ -74,7 +74,7 @@ def make_data(out: Path, seed: int) -> dict[str, list[dict]]:
         "math_train": math[:500], "math_val": math[500:600], "math_test": math[600:],
         "chat_train": chat[:2000], "chat_test": chat[2000:],
     }
-    data["mix_train"] = [r for pair in zip(data["math_train"], data["chat_train"][:500]) for r in pair]
+    data["mix_train"] = [r for pair in zip(data["math_train"], data["chat_train"][:500], strict=True) for r in pair]
     for name, rows in data.items():
         write_jsonl(out / "data" / f"{name}.jsonl", rows)
     return data
@@ -138,7 +138,7 @@ def seed_samples(gen, tok, rows, seed, n=4):
     return {p: [c.text for c in o] for p, o in zip(prompts, outs, strict=True)}
 
 
-def rm_pairs(tok, rows, rng, n, samples=None):
+def rm_pairs(tok, rows, rng, n, samples=None, min_gap=0.0):
     """n (prompt, chosen, rejected) with chosen of strictly higher true quality. Half the pairs
     (when `samples` is given) are two of the seed's own responses; the rest are graded edits of
     the ideal response, some against off-task text (empty, doubled, halved, a math answer)."""
@@ -156,7 +156,7 @@ def rm_pairs(tok, rows, rng, n, samples=None):
             else:
                 b = corrupt(ideal, rng, rng.choice([1, 2, 3, 4, 5]))
         qa, qb = chat_quality(p, a), chat_quality(p, b)
-        if qa == qb:
+        if qa == qb or abs(qa - qb) < min_gap:
             continue
         prompts.append(p)
         chosen.append(a if qa > qb else b)
@@ -185,7 +185,8 @@ def train_reward_model(args, tok, data, gen, policy_dir: Path, rm_dir: Path):
     for step in range(1, args.rm_steps + 1):
         for g in opt.param_groups:  # warm-up, then cosine to 0: a quiet end for a noisy loss
             g["lr"] = args.rm_lr * min(step / 50, 0.5 * (1 + math.cos(math.pi * step / args.rm_steps)))
-        prompts, ch, rj = rm_pairs(tok, data["chat_train"], rng, args.batch_size // 2, train_samples)
+        prompts, ch, rj = rm_pairs(tok, data["chat_train"], rng, args.batch_size // 2, train_samples,
+                                   args.rm_min_gap)
         r = rm_forward(rm, tok, prompts + prompts, ch + rj)
         loss = -F.logsigmoid(r[: len(ch)] - r[len(ch) :]).mean()  # Bradley-Terry
         opt.zero_grad(set_to_none=True)
@@ -195,14 +196,17 @@ def train_reward_model(args, tok, data, gen, policy_dir: Path, rm_dir: Path):
             print(f"rm step {step:5d}  loss {loss.item():.3f}  ({time.time() - t0:.0f}s)", flush=True)
     rm.save_pretrained(rm_dir)
     tok.save_pretrained(rm_dir)
-    # Held-out pairwise accuracy, through the same RM path the training scripts use.
+    # Held-out pairwise accuracy, through the same RM path the training scripts use: on pairs
+    # whose true quality differs by at least rm_min_gap (the headline), and on all unequal pairs.
     scorer = common.RewardModel(str(rm_dir), torch.device("cpu"), batch_size=64)
-    prompts, ch, rj = rm_pairs(tok, data["chat_test"], random.Random(args.seed + 5), args.rm_eval_pairs,
-                               test_samples)
-    sc, sr = scorer.score(prompts, ch), scorer.score(prompts, rj)
-    acc = sum(a > b for a, b in zip(sc, sr, strict=True)) / len(sc)
-    return scorer, {"steps": args.rm_steps, "seconds": round(time.time() - t0), "pairwise_accuracy": acc,
-                    "eval_pairs": len(sc)}
+    result = {"steps": args.rm_steps, "seconds": round(time.time() - t0), "min_gap": args.rm_min_gap}
+    for key, gap in (("pairwise_accuracy", args.rm_min_gap), ("pairwise_accuracy_any_gap", 0.0)):
+        prompts, ch, rj = rm_pairs(tok, data["chat_test"], random.Random(args.seed + 5), args.rm_eval_pairs,
+                                   test_samples, gap)
+        sc, sr = scorer.score(prompts, ch), scorer.score(prompts, rj)
+        result[key] = sum(a > b for a, b in zip(sc, sr, strict=True)) / len(sc)
+    result["eval_pairs"] = args.rm_eval_pairs
+    return scorer, result
 
 
 def measure_seed(args, gen, tok, data, scorer):
@@ -266,7 +270,8 @@ paper and loads through the same path: `common.RewardModel("embedded/reward_mode
 ## Measured figures
 | figure | value |
 |---|---|
-| held-out pairwise accuracy ({pairs} pairs, same mix, on the chat *test* prompts) | {acc:.3f} |
+| held-out pairwise accuracy: {pairs} pairs (same mix) on the chat *test* prompts, true quality differing by >= {gap} | {acc:.3f} |
+| the same over pairs of any quality difference (near-ties included) | {acc_any:.3f} |
 | correlation of RM score with true quality on the seed's own samples | {corr:.3f} |
 
 Size: {size_kb} kB.
@@ -304,9 +309,10 @@ def main():
     ap.add_argument("--sft-max-steps", type=int, default=3000)
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--target-accuracy", type=float, default=0.30)
-    ap.add_argument("--rm-lr", type=float, default=5e-4)
+    ap.add_argument("--rm-lr", type=float, default=2e-4)
     ap.add_argument("--rm-steps", type=int, default=800)
     ap.add_argument("--rm-eval-pairs", type=int, default=1000)
+    ap.add_argument("--rm-min-gap", type=float, default=0.1)
     ap.add_argument("--eval-k", type=int, default=8)
     args = ap.parse_args()
     if args.quick:
@@ -346,7 +352,8 @@ def main():
         rm_score=seed["chat_test_rm_score"], size_kb=dir_kb(policy_dir)))
     (rm_dir / "README.md").write_text(RM_CARD.format(
         steps=rm["steps"], seconds=rm["seconds"], machine=machine, pairs=rm["eval_pairs"],
-        acc=rm["pairwise_accuracy"], corr=seed["chat_quality_rm_correlation"], size_kb=dir_kb(rm_dir)))
+        acc=rm["pairwise_accuracy"], acc_any=rm["pairwise_accuracy_any_gap"], gap=rm["min_gap"],
+        corr=seed["chat_quality_rm_correlation"], size_kb=dir_kb(rm_dir)))
     what = {"math_train": "RL training prompts (math)", "math_val": "stops the seed's SFT",
             "math_test": "held-out math evaluation", "chat_train": "RL training prompts (chat)",
             "chat_test": "held-out chat evaluation", "mix_train": "math and chat, alternating"}

@@ -4,6 +4,7 @@ trainer's recomputed ones after a sync, and differ without it (real vLLM CPU eng
 import torch
 
 import common
+from common.demo import logprob_gap as _max_gap  # max |vLLM - trainer| over sampled tokens
 
 
 def _prompts(tok):
@@ -11,18 +12,6 @@ def _prompts(tok):
     return [tok(tok.apply_chat_template([{"role": "user", "content": m}], tokenize=False,
                                         add_generation_prompt=True), add_special_tokens=False)["input_ids"]
             for m in msgs]
-
-
-def _max_gap(model, tok, prompts, outs, temperature):
-    flat_p = [p for p, o in zip(prompts, outs) for _ in o]
-    flat_c = [c for o in outs for c in o]
-    with torch.no_grad():
-        logps, mask, _ = common.completion_logprobs(model, flat_p, [c.token_ids for c in flat_c],
-                                                    temperature, tok.pad_token_id)
-    vllm = torch.zeros_like(logps)
-    for i, c in enumerate(flat_c):
-        vllm[i, : len(c.logprobs)] = torch.tensor(c.logprobs)
-    return ((logps - vllm).abs() * mask).max().item()
 
 
 def test_generate_returns_tokens_text_logprobs(generator, tiny_model_dir):

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from grpo import grpo_loss, group_advantages
+from grpo import group_advantages, grpo_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ["step", "train/loss", "train/kl", "train/grad_norm", "train/lr", "rollout/reward_mean",

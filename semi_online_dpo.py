@@ -1,0 +1,524 @@
+"""Semi-online DPO (sync interval s > 1), as in Lanchantin et al. 2025 (arXiv 2506.21495).
+
+Every step:
+1. sync, every `sync_interval` steps only: push the trainer's weights into the vLLM generator;
+   for verifiable (math) data the reference model is re-synced to the policy at the same time.
+   Between syncs the generator samples with weights up to s - 1 optimizer steps old;
+2. rollout: at a sync, sample the completions of the whole window of s steps in one vLLM call
+   (the paper's efficiency argument: one large batch per window); each step then takes its own
+   prompts' `samples_per_prompt` completions;
+3. score: Math-Verify for math prompts, the reward model for chat prompts;
+4. pairs, one per prompt at most: math -> a random correct vs a random incorrect completion
+   (prompts with all-correct or all-wrong completions are skipped); chat -> highest vs lowest
+   reward-model score (skipped when all equal);
+5. reference logprobs of the chosen and rejected completions;
+6. one optimizer step on  Σ_pairs -log σ(β [(log π(y_c) - log π_ref(y_c)) - (log π(y_r) - log π_ref(y_r))]) / B
+   with log-probs *summed* over completion tokens and B the global number of prompts (skipped
+   prompts still count), plus `nll_scale` × the chosen completion's per-token NLL (default 0);
+7. log one metrics dict, evaluate every `eval_every` steps, checkpoint every `save_every`.
+
+Choices where the paper is silent: 8 samples per prompt; constant learning rate after a linear
+warm-up; AdamW betas (0.9, 0.95), no weight decay; each step's completions are scored at that
+step (Math-Verify and the reward model are a small share of a step; generation is the part that
+gains from one large call); `rollout/entropy` and the logprob gap are
+measured on the chosen and rejected completions (the ones the trainer runs on). With mixed
+math + chat data `--ref-sync auto` keeps one fixed reference (the chat rule), since a batch
+holds both tasks. Not deterministic: vLLM on GPU (batch-dependent kernels).
+
+Run:
+    python semi_online_dpo.py                                    # embedded default, s = 10
+    torchrun --standalone --nproc_per_node=2 semi_online_dpo.py  # 2 processes (CPU: gloo; GPU: NCCL)
+    torchrun --nproc_per_node 8 semi_online_dpo.py --sync-interval 100 \\  # the paper's math run
+        --model meta-llama/Llama-3.1-8B-Instruct --dataset AI-MO/NuminaMath-CoT \\
+        --eval-dataset HuggingFaceH4/MATH-500 --eval-split test --num-steps 1000 \\
+        --prompts-per-step 64 --samples-per-prompt 8 --max-new-tokens 2048 --max-model-len 4096 \\
+        --learning-rate 1e-6 --adam-eps 1e-4 --max-grad-norm 0.1 --beta 0.1 \\
+        --micro-batch-size 4 --vllm-sleep
+    # the paper's chat run: --dataset allenai/WildChat-1M --reward-model Nexusflow/Athene-RM-8B
+    #   --prompts-per-step 32 --max-new-tokens 1024 --beta 0.01 --adam-eps 1e-8 (reference fixed)
+
+Differs from `online_dpo.py` in: the sync interval (s here, 1 there) and so the rollouts of a
+whole window generated at its sync. `--sync-interval 1` reproduces online_dpo.py exactly (tested);
+s = ∞ (no sync after the first) is offline DPO on freshly sampled prompts.
+"""
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import tyro
+
+import common
+
+
+# ---------------------------------------------------------------------------------------------
+# Args
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (run folder and wandb run name)"""
+    seed: int = 1
+    """seed of the run: model init order, data order and every vLLM sampling seed derive from it"""
+    track: bool = False
+    """log to Weights & Biases (metrics.jsonl is always written)"""
+    wandb_project_name: str = "bridging-rl"
+    """the wandb project"""
+    model: str = "embedded/policy"
+    """seed policy (and reference): a hub id or a local Hugging Face folder"""
+    reward_model: str = "embedded/reward_model"
+    """scalar reward model for chat prompts (loaded only if the data has chat rows)"""
+    dataset: str = "embedded/data/math_train.jsonl"
+    """training prompts: a hub id or a .jsonl / .json / .parquet file (see README: Data)"""
+    dataset_split: str = "train"
+    """split of a hub dataset"""
+    eval_dataset: str = "embedded/data/math_test.jsonl"
+    """held-out math prompts for eval/accuracy ('' to skip)"""
+    eval_split: str = "test"
+    """split of a hub eval dataset"""
+    math_template: str = common.PAPER_MATH_TEMPLATE
+    """user turn for rows that give a `problem` (rows with a `prompt` are used verbatim)"""
+    output_dir: str = ""
+    """where checkpoints and metrics.jsonl go (default: runs/<exp_name>__<seed>)"""
+    resume: bool = False
+    """continue the run in output_dir from its last checkpoint"""
+    trust_remote_code: bool = False
+    """allow model repos to run their own code"""
+    num_steps: int = 200
+    """optimizer steps"""
+    prompts_per_step: int = 8
+    """prompts per optimizer step, over all ranks (the paper: 64 math, 32 chat)"""
+    samples_per_prompt: int = 8
+    """completions per prompt (the paper's GRPO group size: 8)"""
+    max_new_tokens: int = 48
+    """completion length limit (the paper: 2048 math, 1024 chat)"""
+    max_model_len: int = 256
+    """prompt + completion limit of the vLLM engine; longer prompts are dropped at start"""
+    temperature: float = 1.0
+    """sampling temperature of training rollouts (the paper: 1.0)"""
+    top_p: float = 1.0
+    """nucleus sampling of training rollouts (the paper: 1.0)"""
+    learning_rate: float = 5e-5
+    """AdamW learning rate, constant after warm-up (the paper: 1e-6 for an 8B model)"""
+    warmup_steps: int = 10
+    """linear learning-rate warm-up"""
+    adam_eps: float = 1e-8
+    """AdamW epsilon (the paper: 1e-8 chat; 1e-4 stopped DPO divergence on math)"""
+    max_grad_norm: float = 1.0
+    """gradient clipping (the paper: 0.1)"""
+    micro_batch_size: int = 64
+    """sequences per forward/backward pass (gradients accumulate to one step)"""
+    eval_every: int = 25
+    """evaluate every N steps (and at the start and the end; 0 disables)"""
+    eval_samples: int = 4
+    """samples per held-out problem (the paper: 50)"""
+    eval_temperature: float = 0.6
+    """eval sampling temperature (the paper: 0.6)"""
+    eval_top_p: float = 0.9
+    """eval nucleus sampling (the paper: 0.9)"""
+    eval_limit: int = 300
+    """evaluate on at most this many held-out problems"""
+    save_every: int = 100
+    """checkpoint every N steps (and at the end)"""
+    log_samples_every: int = 25
+    """print a few prompt / completion / reward samples every N steps"""
+    gpu_memory_utilization: float = 0.0
+    """memory fraction vLLM reserves (0: 0.3 on GPU; on CPU, of the NUMA node, 0.15)"""
+    vllm_sleep: bool = False
+    """GPU: free vLLM's memory while the trainer updates (sleep mode)"""
+
+    # Algorithm specific arguments
+    sync_interval: int = 10
+    """s: optimizer steps between generator syncs (the paper: 5, 10, 100; 1 = online DPO)"""
+    beta: float = 0.1
+    """DPO β (the paper: 0.1 math, 0.01 chat)"""
+    nll_scale: float = 0.0
+    """weight of the chosen completion's per-token NLL (the paper's ablation: 1.0, no gain)"""
+    ref_sync: Literal["auto", "yes", "no"] = "auto"
+    """re-sync the reference to the policy with the generator; auto: yes for math-only data"""
+
+    # filled in after parsing
+    world_size: int = 0
+    """number of ranks"""
+    prompts_per_rank: int = 0
+    """prompts_per_step / world_size"""
+    resync_reference: bool = False
+    """ref_sync resolved against the data"""
+
+
+def select_pairs(rewards: torch.Tensor, tasks: list[str], rng: random.Random) -> list[tuple[int, int, int]]:
+    """(prompt j, chosen i, rejected i) for each prompt that yields a pair, from (P, n) rewards.
+
+    math: a random correct (reward 1) vs a random incorrect (reward 0) completion; all-correct or
+    all-wrong prompts are skipped. chat: the highest vs the lowest reward-model score (first of
+    ties); skipped when every score is equal.
+    """
+    pairs = []
+    for j, (r, task) in enumerate(zip(rewards.tolist(), tasks, strict=True)):
+        if task == "math":
+            correct = [i for i, x in enumerate(r) if x > 0.5]
+            wrong = [i for i, x in enumerate(r) if x <= 0.5]
+            if correct and wrong:
+                pairs.append((j, rng.choice(correct), rng.choice(wrong)))
+        elif max(r) > min(r):
+            pairs.append((j, r.index(max(r)), r.index(min(r))))
+    return pairs
+
+
+def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths,
+             beta: float, nll_scale: float, num_prompts: int):
+    """Σ_pairs [-log σ(β (Δ_chosen - Δ_rejected)) + nll_scale · NLL_chosen] / num_prompts.
+
+    Inputs are (K,) per-pair *summed* log-probs (Δ = log π - log π_ref) and chosen lengths in
+    tokens; NLL_chosen is per token. Dividing by the whole batch's prompts, not the pairs, keeps
+    a step with few valid pairs from being up-weighted. Returns (loss, chosen Δ, rejected Δ, NLL).
+    """
+    chosen_logratio = chosen_logps - ref_chosen_logps
+    rejected_logratio = rejected_logps - ref_rejected_logps
+    losses = -F.logsigmoid(beta * (chosen_logratio - rejected_logratio))
+    nll = -chosen_logps / chosen_lengths
+    loss = (losses + nll_scale * nll).sum() / num_prompts
+    return loss, chosen_logratio.detach(), rejected_logratio.detach(), nll.detach()
+
+
+def main(args: Args) -> None:
+    # -----------------------------------------------------------------------------------------
+    # distributed setup & seeding
+    # -----------------------------------------------------------------------------------------
+    rank, world_size, device = common.setup_distributed()
+    args.world_size = world_size
+    assert args.prompts_per_step % world_size == 0, "prompts_per_step must divide by the number of ranks"
+    args.prompts_per_rank = args.prompts_per_step // world_size
+    args.output_dir = args.output_dir or f"runs/{args.exp_name}__{args.seed}"
+    args.gpu_memory_utilization = args.gpu_memory_utilization or (0.3 if device.type == "cuda" else 0.15)
+    if args.sync_interval < 1:
+        raise common.UserError("sync_interval must be >= 1 (1 is online DPO)")
+    if args.samples_per_prompt < 2:
+        raise common.UserError("samples_per_prompt must be >= 2: one sample per prompt gives nothing to compare")
+    common.seed_everything(args.seed)  # CRUCIAL: the same seed on every rank (identical init)
+    ckpt_dir = os.path.join(args.output_dir, "checkpoint")
+    if rank == 0 and not args.resume and os.path.exists(os.path.join(args.output_dir, "metrics.jsonl")):
+        raise common.UserError(f"{args.output_dir} already holds a run; pass --resume or another --output-dir")
+    if args.resume and not os.path.isdir(ckpt_dir):
+        raise common.UserError(f"--resume: no checkpoint in {args.output_dir}")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+    # -----------------------------------------------------------------------------------------
+    # data
+    # -----------------------------------------------------------------------------------------
+    tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
+    rows = common.load_prompts(args.dataset, args.dataset_split, args.math_template)
+    prompt_ids = common.encode_prompts(tokenizer, [r["prompt"] for r in rows])
+    keep = [i for i, p in enumerate(prompt_ids) if len(p) <= args.max_model_len - args.max_new_tokens]
+    if len(keep) < args.prompts_per_step:
+        raise common.UserError(f"only {len(keep)} prompts fit max_model_len - max_new_tokens")
+    dropped = len(rows) - len(keep)
+    rows, prompt_ids = [rows[i] for i in keep], [prompt_ids[i] for i in keep]
+    # ALGO LOGIC: the paper re-syncs the reference for verifiable rewards only
+    args.resync_reference = args.ref_sync == "yes" or (args.ref_sync == "auto" and all(r["task"] == "math" for r in rows))
+    eval_rows = []
+    if args.eval_dataset and args.eval_every > 0:
+        eval_rows = [r for r in common.load_prompts(args.eval_dataset, args.eval_split, args.math_template)
+                     if r["task"] == "math"][: args.eval_limit]
+
+    def batch_indices(step: int) -> list[int]:
+        """This rank's prompts for `step` (1-based): a slice of a seeded per-epoch permutation, so
+        a resumed run replays exactly the prompts it had not trained on yet."""
+        out = []
+        for j in range((step - 1) * args.prompts_per_step, step * args.prompts_per_step):
+            epoch, pos = divmod(j, len(rows))
+            out.append(common.shuffled_indices(len(rows), args.seed, epoch)[pos])
+        return out[rank * args.prompts_per_rank : (rank + 1) * args.prompts_per_rank]
+
+    def sampling_seeds(step: int) -> list[int]:
+        """CRUCIAL: one vLLM seed per prompt, distinct across (run seed, step, rank, prompt)."""
+        base = ((args.seed * 1_000_003 + step) * world_size + rank) * args.prompts_per_rank
+        return [base + j for j in range(args.prompts_per_rank)]
+
+    # -----------------------------------------------------------------------------------------
+    # models & optimizer
+    # -----------------------------------------------------------------------------------------
+    policy = common.fsdp_wrap(common.load_model(args.model, device, trust_remote_code=args.trust_remote_code))
+    reference = common.fsdp_wrap(common.load_model(args.model, device, trainable=False,
+                                                    trust_remote_code=args.trust_remote_code))
+    reward_model = None
+    if any(r["task"] == "chat" for r in rows):
+        reward_model = common.RewardModel(args.reward_model, device, trust_remote_code=args.trust_remote_code)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, betas=(0.9, 0.95),
+                                  eps=args.adam_eps, weight_decay=0.0)
+    start_step = 0
+    if args.resume:
+        start_step = load_checkpoint(ckpt_dir, policy, optimizer)
+        if rank == 0:  # drop metrics logged after the checkpoint: they are about to be redone
+            path = os.path.join(args.output_dir, "metrics.jsonl")
+            lines = open(path).readlines() if os.path.exists(path) else []
+            open(path, "w").writelines(line for line in lines if json.loads(line)["step"] <= start_step)
+
+    # -----------------------------------------------------------------------------------------
+    # generation engine
+    # -----------------------------------------------------------------------------------------
+    generator = common.Generator(args.model, max_model_len=args.max_model_len,
+                                 gpu_memory_utilization=args.gpu_memory_utilization,
+                                 dtype=common.default_dtype(device), seed=args.seed,
+                                 enable_sleep_mode=args.vllm_sleep, trust_remote_code=args.trust_remote_code)
+    logger = common.MetricsLogger(args.output_dir, asdict(args), args.track, args.wandb_project_name,
+                                  f"{args.exp_name}__{args.seed}") if rank == 0 else None
+    if rank == 0:
+        print(f"{args.exp_name}: {len(rows)} prompts ({dropped} too long, dropped), {world_size} rank(s), "
+              f"{args.num_steps} steps of {args.prompts_per_step}x{args.samples_per_prompt} -> {args.output_dir}")
+
+    def evaluate(step: int) -> dict:
+        """eval/accuracy over held-out math problems, sharded over ranks, reduced."""
+        accs = common.eval_math(generator, tokenizer, eval_rows[rank::world_size], k=args.eval_samples,
+                                temperature=args.eval_temperature, top_p=args.eval_top_p,
+                                max_tokens=args.max_new_tokens, seed=args.seed * 7919 + rank * 104729)
+        s = common.all_reduce({"n": len(accs), "sum": sum(accs), "sq": sum(a * a for a in accs)})
+        mean = s["sum"] / s["n"]
+        var = max(s["sq"] / s["n"] - mean**2, 0.0) * s["n"] / max(s["n"] - 1, 1)
+        return {"eval/accuracy": mean, "eval/accuracy_se": (var / s["n"]) ** 0.5}
+
+    # -----------------------------------------------------------------------------------------
+    # training loop
+    # -----------------------------------------------------------------------------------------
+    n = args.samples_per_prompt
+    t_start, steps_done = time.time(), 0
+    eval_metrics = evaluate(start_step) if eval_rows and start_step == 0 else {}
+    if eval_metrics and rank == 0:
+        logger.log({"step": 0, **eval_metrics})
+        print(f"step 0 | eval accuracy {eval_metrics['eval/accuracy']:.3f} ± {eval_metrics['eval/accuracy_se']:.3f}")
+    for step in range(start_step + 1, args.num_steps + 1):
+        t_step = time.time()
+        # ---- sync: ALGO LOGIC: every s steps the generator gets the weights being trained.
+        # CRUCIAL: also the first step after a start or a resume, before any generation.
+        t_sync, t_window = 0.0, 0.0
+        if (step - 1) % args.sync_interval == 0 or step == start_step + 1:
+            generator.sync_weights(policy)
+            if args.resync_reference:  # ALGO LOGIC: the reference moves with the generator
+                copy_weights(policy, reference)
+            last_sync = step - 1  # the generator holds the weights of `last_sync` optimizer steps
+            t_sync = time.time() - t_step
+            # ALGO LOGIC: the rollouts of every step up to the next sync, in one vLLM call, with
+            # each step's own seeds (so s = 1 is exactly online_dpo.py)
+            t0 = time.time()
+            window = range(step, min(((step - 1) // args.sync_interval + 1) * args.sync_interval, args.num_steps) + 1)
+            flat = generator.generate([prompt_ids[i] for t in window for i in batch_indices(t)], n=n,
+                                      temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_new_tokens,
+                                      seed=[x for t in window for x in sampling_seeds(t)])
+            generator.sleep()
+            P = args.prompts_per_rank
+            window_outs = {t: flat[k * P : (k + 1) * P] for k, t in enumerate(window)}
+            t_window = time.time() - t0
+
+        # ---- rollout
+        t0 = time.time()
+        idx = batch_indices(step)
+        batch = [rows[i] for i in idx]
+        prompts = [prompt_ids[i] for i in idx]
+        outs = window_outs.pop(step)  # sampled at the last sync, by weights `step - 1 - last_sync` steps old
+        completions = [c for o in outs for c in o]  # (P*n), grouped by prompt
+        t_generate = time.time() - t0 + t_window
+
+        # ---- score
+        t0 = time.time()
+        rewards = torch.zeros(len(batch), n)  # (P, n)
+        for j, (row, o) in enumerate(zip(batch, outs, strict=True)):
+            texts = [c.text for c in o]
+            if row["task"] == "math":
+                rewards[j] = torch.tensor(common.math_rewards(texts, [row["answer"]] * n))
+            else:
+                rewards[j] = torch.tensor(reward_model.score([row["prompt"]] * n, texts))
+        t_score = time.time() - t0
+
+        # ---- build batch: ALGO LOGIC: one (chosen, rejected) pair per prompt at most
+        pairs = select_pairs(rewards, [r["task"] for r in batch], random.Random(sampling_seeds(step)[0]))
+        flat_prompts = [prompts[j] for j, _, _ in pairs for _ in (0, 1)]  # chosen, rejected, chosen, ...
+        flat_completions = [outs[j][i] for j, c, r in pairs for i in (c, r)]
+        # CRUCIAL: FSDP needs every rank to run the same number of passes; a rank with fewer pairs
+        # (or none) runs padding passes whose loss is multiplied by 0.
+        pairs_per_mb = max(args.micro_batch_size // 2, 1)
+        n_mb = int(common.all_reduce({"n": math.ceil(len(pairs) / pairs_per_mb)}, op="max")["n"])
+        micro_batches = [slice(2 * k * pairs_per_mb, 2 * (k + 1) * pairs_per_mb) for k in range(n_mb)]
+
+        # ---- reference logprobs, update: one optimizer step, gradients accumulated over micro-batches
+        t0 = time.time()
+        lr = args.learning_rate * min(1.0, step / max(args.warmup_steps, 1))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        stats = {"loss": 0.0, "kl_sum": 0.0, "tokens": 0.0, "entropy_sum": 0.0, "gap_sum": 0.0,
+                 "chosen_logratio": 0.0, "rejected_logratio": 0.0, "nll": 0.0, "pair_correct": 0.0}
+        gap_max = 0.0
+        for mb in micro_batches:
+            mb_prompts, mb_completions, weight = flat_prompts[mb], flat_completions[mb], 1.0
+            if not mb_completions:  # padding pass: same collectives, no gradient, no stats
+                mb_prompts, mb_completions, weight = [prompts[0]] * 2, [outs[0][0]] * 2, 0.0
+            mb_tokens = [c.token_ids for c in mb_completions]
+            with torch.no_grad(), autocast:
+                ref_logps = common.completion_logprobs(reference, mb_prompts, mb_tokens, args.temperature,
+                                                       tokenizer.pad_token_id)[0]
+            with autocast:
+                logps, mask, entropy = common.completion_logprobs(policy, mb_prompts, mb_tokens, args.temperature,
+                                                                  tokenizer.pad_token_id, with_entropy=True)
+            seq, ref_seq = (logps * mask).sum(-1), (ref_logps * mask).sum(-1)  # (2K,) summed over tokens
+            loss, chosen_logratio, rejected_logratio, nll = dpo_loss(
+                seq[0::2], seq[1::2], ref_seq[0::2], ref_seq[1::2], mask[0::2].sum(-1), args.beta,
+                args.nll_scale, args.prompts_per_rank)
+            (loss * weight).backward()
+            # vLLM's logprob of each sampled token vs the trainer's: ~0 right after a sync, then
+            # growing with the policy lag: how stale the generator's samples are
+            vllm_logps = torch.zeros_like(logps)
+            for i, c in enumerate(mb_completions):
+                vllm_logps[i, : len(c.logprobs)] = torch.tensor(c.logprobs)
+            gap = (logps.detach() - vllm_logps).abs() * mask * weight
+            gap_max = max(gap_max, gap.max().item())
+            delta = ref_logps - logps.detach()
+            stats["loss"] += loss.item() * weight
+            stats["kl_sum"] += ((torch.exp(delta) - delta - 1) * mask).sum().item() * weight  # k3, as in grpo.py
+            stats["tokens"] += mask.sum().item() * weight
+            stats["entropy_sum"] += entropy.sum().item() * weight
+            stats["gap_sum"] += gap.sum().item()
+            stats["chosen_logratio"] += chosen_logratio.sum().item() * weight
+            stats["rejected_logratio"] += rejected_logratio.sum().item() * weight
+            stats["nll"] += nll.sum().item() * weight
+            stats["pair_correct"] += (chosen_logratio > rejected_logratio).sum().item() * weight
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        t_train = time.time() - t0
+
+        # ---- log: sums over ranks, then ratios (ranks may hold different numbers of math rows)
+        is_math = torch.tensor([r["task"] == "math" for r in batch])
+        local = {
+            "loss": stats["loss"], "kl_sum": stats["kl_sum"], "tokens": stats["tokens"],
+            "entropy_sum": stats["entropy_sum"], "gap_sum": stats["gap_sum"],
+            "reward_sum": rewards.sum().item(), "reward_sq": (rewards**2).sum().item(), "samples": rewards.numel(),
+            "math_correct": rewards[is_math].sum().item(), "math_samples": rewards[is_math].numel(),
+            "zero_std": (rewards.std(dim=1) == 0).sum().item(), "groups": len(batch),
+            "truncated": sum(c.finish_reason == "length" for c in completions),
+            "pairs": len(pairs), "reward_margin": sum(rewards[j, c] - rewards[j, r] for j, c, r in pairs),
+            "chosen_logratio": stats["chosen_logratio"], "rejected_logratio": stats["rejected_logratio"],
+            "nll": stats["nll"], "pair_correct": stats["pair_correct"],
+            "completion_tokens": sum(len(c.token_ids) for c in completions),
+        }
+        s = common.all_reduce(local)
+        s_max = common.all_reduce({"gap_max": gap_max}, op="max")
+        reward_mean = s["reward_sum"] / s["samples"]
+        step_s = time.time() - t_step
+        metrics = {
+            "step": step,
+            "train/loss": s["loss"] / world_size,  # each rank's loss is already / its prompts
+            "train/kl": s["kl_sum"] / max(s["tokens"], 1),
+            "train/grad_norm": grad_norm.item() if hasattr(grad_norm, "item") else float(grad_norm),
+            "train/lr": lr,
+            "train/pairs": s["pairs"],
+            "train/reward_margin": s["reward_margin"] / max(s["pairs"], 1),
+            "train/pair_accuracy": s["pair_correct"] / max(s["pairs"], 1),
+            "train/chosen_logratio": s["chosen_logratio"] / max(s["pairs"], 1),
+            "train/rejected_logratio": s["rejected_logratio"] / max(s["pairs"], 1),
+            "train/nll": s["nll"] / max(s["pairs"], 1),
+            "rollout/reward_mean": reward_mean,
+            "rollout/reward_std": max(s["reward_sq"] / s["samples"] - reward_mean**2, 0.0) ** 0.5,
+            "rollout/accuracy": s["math_correct"] / s["math_samples"] if s["math_samples"] else float("nan"),
+            "rollout/zero_std_frac": s["zero_std"] / s["groups"],
+            "rollout/length_mean": s["completion_tokens"] / s["samples"],
+            "rollout/truncated_frac": s["truncated"] / s["samples"],
+            "rollout/entropy": s["entropy_sum"] / max(s["tokens"], 1),
+            "rollout/logprob_gap_max": s_max["gap_max"],
+            "rollout/logprob_gap_mean": s["gap_sum"] / max(s["tokens"], 1),
+            "rollout/policy_lag": step - 1 - last_sync,
+            "perf/generate_s": t_generate, "perf/score_s": t_score, "perf/train_s": t_train,
+            "perf/sync_s": t_sync, "perf/step_s": step_s,
+            "perf/tokens_per_s": s["completion_tokens"] / step_s,
+        }
+        if eval_rows and (step % args.eval_every == 0 or step == args.num_steps):
+            metrics.update(evaluate(step))
+        steps_done += 1
+        if rank == 0:
+            logger.log(metrics)
+            eta = (time.time() - t_start) / steps_done * (args.num_steps - step)
+            line = (f"step {step}/{args.num_steps} | loss {metrics['train/loss']:+.4f} | reward {reward_mean:.3f} | "
+                    f"pairs {int(s['pairs'])} | "
+                    f"kl {metrics['train/kl']:.2e} | len {metrics['rollout/length_mean']:.1f} | "
+                    f"gap {metrics['rollout/logprob_gap_max']:.1e} | {step_s:.2f} s/step | eta {eta / 60:.1f} min")
+            if "eval/accuracy" in metrics:
+                line += f" | eval accuracy {metrics['eval/accuracy']:.3f} ± {metrics['eval/accuracy_se']:.3f}"
+            print(line, flush=True)
+            if args.log_samples_every and step % args.log_samples_every == 0:
+                for j in range(min(2, len(batch))):
+                    print(f"    prompt: {batch[j]['prompt'][:200]!r}\n    completion: {outs[j][0].text[:300]!r}"
+                          f"\n    reward: {rewards[j, 0].item():.3f}", flush=True)
+
+        # ---- checkpoint
+        if step % args.save_every == 0 or step == args.num_steps:
+            save_checkpoint(ckpt_dir, step, policy, optimizer, tokenizer, rank)
+
+    # -----------------------------------------------------------------------------------------
+    # final save
+    # -----------------------------------------------------------------------------------------
+    if rank == 0:
+        logger.finish()
+        print(f"done: {args.output_dir}/checkpoint holds the final model ({(time.time() - t_start) / 60:.1f} min)")
+    generator.shutdown()  # CRUCIAL: before destroy_process_group
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@torch.no_grad()
+def copy_weights(src: torch.nn.Module, dst: torch.nn.Module) -> None:
+    """dst <- src, parameter by parameter (same architecture; under FSDP2 the same sharding, so
+    each rank copies its own shard; a bf16 reference takes the fp32 policy's values rounded)."""
+    for p_dst, p_src in zip(dst.parameters(), src.parameters(), strict=True):
+        p_dst.copy_(p_src)
+
+
+def save_checkpoint(ckpt_dir: str, step: int, policy, optimizer, tokenizer, rank: int) -> None:
+    """Hugging Face model folder (safetensors + tokenizer: transformers and vLLM load it as is) plus
+    the trainer state (DCP: model and optimizer shards, no pickle). Written aside, then renamed,
+    so a crash mid-save leaves the previous checkpoint whole."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    tmp = ckpt_dir + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    full = {name: t.cpu() for name, t in common.full_state_dict(policy)}  # collective on every rank
+    model_sd, optim_sd = get_state_dict(policy, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(tmp, "trainer_state"))
+    if rank == 0:
+        unwrapped = getattr(policy, "module", policy)
+        unwrapped.save_pretrained(tmp, state_dict=full)
+        tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, "step.json"), "w") as f:
+            json.dump({"step": step}, f)
+        shutil.rmtree(ckpt_dir + ".old", ignore_errors=True)
+        if os.path.exists(ckpt_dir):
+            os.rename(ckpt_dir, ckpt_dir + ".old")
+        os.rename(tmp, ckpt_dir)
+        shutil.rmtree(ckpt_dir + ".old", ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_checkpoint(ckpt_dir: str, policy, optimizer) -> int:
+    """Restore model and optimizer state in place; returns the step to continue after."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(policy, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=os.path.join(ckpt_dir, "trainer_state"))
+    set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    with open(os.path.join(ckpt_dir, "step.json")) as f:
+        return json.load(f)["step"]
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

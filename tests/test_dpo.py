@@ -1,0 +1,151 @@
+"""online_dpo.py and semi_online_dpo.py: pair selection and the DPO loss by hand; end-to-end runs;
+s = 1 reproduces online DPO; s = 3 makes the generator stale between syncs; resume."""
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from online_dpo import dpo_loss, select_pairs
+from tests.test_grpo import KEYS, ROOT, SMALL, metrics
+
+DPO_KEYS = KEYS + ["train/pairs", "train/reward_margin", "train/pair_accuracy", "train/chosen_logratio",
+                   "train/rejected_logratio", "train/nll", "rollout/policy_lag"]
+
+
+def test_select_pairs_by_hand():
+    rewards = torch.tensor([
+        [1.0, 0.0, 1.0, 0.0],  # math, mixed -> a correct vs an incorrect
+        [1.0, 1.0, 1.0, 1.0],  # math, all correct -> skipped
+        [0.0, 0.0, 0.0, 0.0],  # math, all wrong -> skipped
+        [0.3, 2.0, -1.0, 2.0],  # chat -> highest (first of ties) vs lowest
+        [0.5, 0.5, 0.5, 0.5],  # chat, all equal -> skipped
+    ])
+    pairs = select_pairs(rewards, ["math", "math", "math", "chat", "chat"], random.Random(0))
+    assert [p[0] for p in pairs] == [0, 3]
+    j, c, r = pairs[0]
+    assert rewards[j, c] == 1.0 and rewards[j, r] == 0.0
+    assert pairs[1] == (3, 1, 2)
+    # the random choice covers every correct / incorrect completion
+    seen = {select_pairs(rewards[:1], ["math"], random.Random(s))[0][1:] for s in range(50)}
+    assert seen == {(0, 1), (0, 3), (2, 1), (2, 3)}
+
+
+def test_dpo_loss_by_hand():
+    chosen = torch.tensor([-5.0, -2.0], requires_grad=True)
+    rejected = torch.tensor([-4.0, -6.0], requires_grad=True)
+    ref_c, ref_r = torch.tensor([-5.5, -2.0]), torch.tensor([-4.0, -5.0])
+    lengths = torch.tensor([5.0, 4.0])
+    beta, nll_scale, B = 0.1, 0.5, 4  # 4 prompts in the batch, 2 valid pairs
+    loss, c_lr, r_lr, nll = dpo_loss(chosen, rejected, ref_c, ref_r, lengths, beta, nll_scale, B)
+    logsig = lambda x: -math.log1p(math.exp(-x))
+    m0, m1 = (0.5 - 0.0), (0.0 - (-1.0))  # Δc - Δr per pair
+    expected = (-logsig(beta * m0) - logsig(beta * m1) + nll_scale * (5 / 5 + 2 / 4)) / B
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert c_lr.tolist() == [0.5, 0.0] and r_lr.tolist() == [0.0, -1.0]
+    assert nll.tolist() == pytest.approx([1.0, 0.5])
+    loss.backward()
+    sig = lambda x: 1 / (1 + math.exp(-x))
+    # d/dchosen_0 = [-β σ(-β m0) - nll_scale / len0] / B ; d/drejected_0 = β σ(-β m0) / B
+    assert chosen.grad[0].item() == pytest.approx((-beta * sig(-beta * m0) - nll_scale / 5) / B, rel=1e-6)
+    assert rejected.grad[0].item() == pytest.approx(beta * sig(-beta * m0) / B, rel=1e-6)
+
+
+def test_dpo_loss_at_the_reference_is_log2():
+    x = torch.tensor([-3.0])
+    loss, *_ = dpo_loss(x, x - 1, x, x - 1, torch.tensor([3.0]), 0.1, 0.0, 1)
+    assert loss.item() == pytest.approx(math.log(2))
+
+
+def run(script, args, nproc=1, timeout=900):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    cmd = [sys.executable, script, *args]
+    if nproc > 1:
+        env["OMP_NUM_THREADS"] = "1"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+    return r
+
+
+def check_dpo_run(out_dir, steps):
+    m = metrics(out_dir)
+    assert [x["step"] for x in m] == list(range(0, steps + 1))
+    for x in m[1:]:
+        assert set(DPO_KEYS) <= set(x), set(DPO_KEYS) - set(x)
+        assert 0 <= x["train/pairs"] <= 8 and math.isfinite(x["train/loss"])
+    return m
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["online_dpo.py", "semi_online_dpo.py"])
+def test_end_to_end_one_process(tmp_path, script):
+    out = tmp_path / "run"
+    run(script, ["--num-steps", "3", "--eval-every", "3", "--output-dir", str(out), *SMALL])
+    m = check_dpo_run(out, 3)
+    if script == "online_dpo.py":
+        assert all(x["rollout/logprob_gap_max"] < 1e-3 and x["rollout/policy_lag"] == 0 for x in m[1:])
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(str(out / "checkpoint"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["online_dpo.py", "semi_online_dpo.py"])
+def test_end_to_end_torchrun_two_processes(tmp_path, script):
+    out = tmp_path / "run"
+    run(script, ["--num-steps", "2", "--eval-every", "2", "--sync-interval", "2", "--output-dir", str(out), *SMALL]
+        if script == "semi_online_dpo.py" else
+        ["--num-steps", "2", "--eval-every", "2", "--output-dir", str(out), *SMALL], nproc=2)
+    check_dpo_run(out, 2)
+
+
+@pytest.mark.slow
+def test_sync_interval_one_reproduces_online(tmp_path):
+    args = ["--num-steps", "3", "--eval-every", "0", *SMALL]
+    run("online_dpo.py", [*args, "--output-dir", str(tmp_path / "online")])
+    run("semi_online_dpo.py", [*args, "--sync-interval", "1", "--output-dir", str(tmp_path / "semi")])
+    for a, b in zip(metrics(tmp_path / "online"), metrics(tmp_path / "semi")):
+        for k in DPO_KEYS:
+            if not k.startswith("perf/"):
+                assert a[k] == pytest.approx(b[k], abs=1e-6), k
+
+
+@pytest.mark.slow
+def test_sync_interval_three_is_stale_between_syncs(tmp_path):
+    """With s = 3 the generator is exact right after each sync (steps 1, 4) and stale at the
+    steps in between; the reference (math data: re-synced) follows the same schedule."""
+    out = tmp_path / "run"
+    run("semi_online_dpo.py", ["--num-steps", "5", "--sync-interval", "3", "--eval-every", "0",
+                               "--learning-rate", "1e-3", "--output-dir", str(out), *SMALL])
+    m = {x["step"]: x for x in metrics(out)}
+    assert [m[t]["rollout/policy_lag"] for t in range(1, 6)] == [0, 1, 2, 0, 1]
+    for t in (1, 4):
+        assert m[t]["rollout/logprob_gap_max"] < 1e-3, m[t]
+    assert max(m[t]["rollout/logprob_gap_max"] for t in (2, 3, 5)) > 1e-3
+    assert abs(m[1]["train/chosen_logratio"]) < 1e-5 and abs(m[4]["train/chosen_logratio"]) < 1e-5  # ref == policy at a sync
+
+
+@pytest.mark.slow
+def test_resume_replays_exactly(tmp_path):
+    args = ["--eval-every", "0", "--save-every", "2", "--sync-interval", "2", *SMALL]
+    run("semi_online_dpo.py", ["--num-steps", "4", "--output-dir", str(tmp_path / "a"), *args])
+    run("semi_online_dpo.py", ["--num-steps", "2", "--output-dir", str(tmp_path / "b"), *args])
+    run("semi_online_dpo.py", ["--num-steps", "4", "--output-dir", str(tmp_path / "b"), "--resume", *args])
+    a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    assert [x["step"] for x in b] == [1, 2, 3, 4]
+    for x, y in zip(a[2:], b[2:]):
+        assert x["rollout/reward_mean"] == y["rollout/reward_mean"]
+        assert x["train/loss"] == pytest.approx(y["train/loss"], abs=1e-5)
+
+
+def test_bad_sync_interval_is_one_line():
+    r = subprocess.run([sys.executable, "semi_online_dpo.py", "--sync-interval", "0"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().endswith("sync_interval must be >= 1 (1 is online DPO)")
+    assert "Traceback" not in r.stderr
