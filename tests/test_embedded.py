@@ -44,7 +44,7 @@ def test_shipped_policy_loads_in_transformers():
     model = AutoModelForCausalLM.from_pretrained(POLICY)
     ids = common.encode_prompts(tok, ["What is 2+3?"])[0]
     assert tok.decode(ids) == "<|user|>What is 2+3?<|end|><|assistant|>"  # spaces survive the round trip
-    out = model.generate(torch.tensor([ids]), max_new_tokens=30, do_sample=False)
+    out = model.generate(torch.tensor([ids]), max_new_tokens=48, do_sample=False)
     assert "\\boxed{" in tok.decode(out[0, len(ids):])
 
 
