@@ -249,6 +249,7 @@ def main(args: Args) -> None:
 
     def evaluate(step: int) -> dict:
         """eval/accuracy over held-out math problems, sharded over ranks, reduced."""
+        generator.sync_weights(policy)  # evaluate the weights being trained, not a stale generator
         accs = common.eval_math(generator, tokenizer, eval_rows[rank::world_size], k=args.eval_samples,
                                 temperature=args.eval_temperature, top_p=args.eval_top_p,
                                 max_tokens=args.max_new_tokens, seed=args.seed * 7919 + rank * 104729)

@@ -51,7 +51,7 @@ class Generator:
             os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             kwargs["distributed_executor_backend"] = "external_launcher"
-        self.enable_sleep_mode = enable_sleep_mode
+        self.enable_sleep_mode, self.sleeping = enable_sleep_mode, False
         self.llm = LLM(
             model=model,
             dtype=dtype,
@@ -78,6 +78,7 @@ class Generator:
         on what else is in the batch.
         """
         seeds = seed if isinstance(seed, list) else [seed + i for i in range(len(prompts))]
+        self.wake_up()
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -112,8 +113,7 @@ class Generator:
         `load_weights` path that TRL's colocate mode uses fails on the CPU backend.
         CRUCIAL: the prefix cache holds KV computed with the old weights; reset it.
         """
-        if self.enable_sleep_mode:
-            self.llm.wake_up()
+        self.wake_up()  # CRUCIAL: wake first, then push the weights, then generate
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": full_state_dict(model)})
         self.llm.reset_prefix_cache()
 
@@ -122,8 +122,14 @@ class Generator:
         Level 1 parks the weights in CPU memory; level 2 would drop them (and, depending on the
         vLLM version, non-parameter buffers such as rotary caches that a reload does not restore).
         `sync_weights` wakes the engine before it pushes the new weights."""
-        if self.enable_sleep_mode:
+        if self.enable_sleep_mode and not self.sleeping:
             self.llm.sleep(level=1)
+            self.sleeping = True
+
+    def wake_up(self) -> None:
+        if self.sleeping:
+            self.llm.wake_up()
+            self.sleeping = False
 
     def shutdown(self) -> None:
         """Shut the engine down; call before `destroy_process_group` (vLLM's exit-time cleanup
