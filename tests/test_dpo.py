@@ -1,7 +1,6 @@
 """online_dpo.py and semi_online_dpo.py: pair selection and the DPO loss by hand; end-to-end runs;
 s = 1 reproduces online DPO; s = 3 makes the generator stale between syncs; resume."""
 
-import json
 import math
 import os
 import random
