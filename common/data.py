@@ -14,6 +14,7 @@ Column mapping (first match wins):
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from pathlib import Path
@@ -128,9 +129,11 @@ def load_prompts(spec: str, split: str = "train", math_template: str = PAPER_MAT
     return rows
 
 
-def shuffled_indices(n: int, seed: int, epoch: int) -> list[int]:
+@functools.lru_cache(maxsize=4)
+def shuffled_indices(n: int, seed: int, epoch: int) -> tuple[int, ...]:
     """The dataset order for one epoch: a pure function of (seed, epoch), so a resumed run
-    replays exactly the same order and can skip what it has already consumed."""
+    replays exactly the same order and can skip what it has already consumed. Cached: the
+    scripts ask for it once per prompt, and a shuffle of 261k rows is not free."""
     order = list(range(n))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order
+    return tuple(order)

@@ -18,9 +18,10 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).exists()
 
 
-def _check_exists(name: str) -> None:
+def check_model_path(name: str, what: str = "model") -> None:
+    """A name that looks like a local path must be an existing folder (not a hub id to try)."""
     if _looks_local(name) and not Path(name).expanduser().is_dir():
-        raise UserError(f"model folder '{name}' does not exist")
+        raise UserError(f"{what} folder '{name}' does not exist")
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -31,7 +32,7 @@ def default_dtype(device: torch.device) -> torch.dtype:
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Tokenizer of a hub id or local folder. It must carry a chat template: every prompt in this
     project is a chat turn, and guessing a template silently changes what the model sees."""
-    _check_exists(name)
+    check_model_path(name)
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except OSError as e:
@@ -61,7 +62,7 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype | None = None
     updates vanish in bf16 weights. The GPU computes in bf16 all the same (FSDP2's mixed
     precision, or autocast on one GPU). `trainable=False` gives a frozen eval-mode copy (the
     reference model) in `default_dtype`."""
-    _check_exists(name)
+    check_model_path(name)
     if dtype is None:
         dtype = torch.float32 if trainable else default_dtype(device)
     try:

@@ -6,11 +6,11 @@ import concurrent.futures as cf
 import logging
 import multiprocessing as mp
 import threading
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from common.models import check_model_path
 from common.utils import UserError
 
 # Math-Verify logs every timeout and unparsable answer at ERROR/WARNING; in RL that is the
@@ -107,8 +107,7 @@ class RewardModel:
 
     def __init__(self, name: str, device: torch.device, dtype: torch.dtype | None = None,
                  max_length: int = 4096, batch_size: int = 8, trust_remote_code: bool = False):
-        if name.startswith((".", "/", "~")) and not Path(name).expanduser().is_dir():
-            raise UserError(f"reward model folder '{name}' does not exist")
+        check_model_path(name, "reward model")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
             self.model = AutoModelForSequenceClassification.from_pretrained(
