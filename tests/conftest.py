@@ -2,6 +2,8 @@
 vLLM engine for the whole session (engine start-up is the slow part on the CPU)."""
 
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -16,7 +18,21 @@ from embedded.tiny import build_tokenizer, tiny_config  # noqa: E402
 GPU_MEMORY_UTILIZATION = 0.15
 
 
-EMBEDDED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "embedded")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EMBEDDED = os.path.join(ROOT, "embedded")
+
+
+def run_script(script, args, nproc=1, timeout=900):
+    """Run `script` from the repo root, on one process or under `torchrun --nproc_per_node`;
+    fail the test with the output's tail unless it exits 0."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    cmd = [sys.executable, script, *args]
+    if nproc > 1:
+        env["OMP_NUM_THREADS"] = "1"  # two ranks on two cores
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+    return r
 
 
 def make_tiny_model(path, seed=0, layers=4):

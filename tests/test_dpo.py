@@ -2,7 +2,6 @@
 s = 1 reproduces online DPO; s = 3 makes the generator stale between syncs; resume."""
 
 import math
-import os
 import random
 import subprocess
 import sys
@@ -11,7 +10,8 @@ import pytest
 import torch
 
 from online_dpo import dpo_loss, select_pairs
-from tests.test_grpo import KEYS, ROOT, SMALL, metrics
+from tests.conftest import ROOT, run_script
+from tests.test_grpo import KEYS, SMALL, metrics
 
 DPO_KEYS = KEYS + ["train/pairs", "train/reward_margin", "train/pair_accuracy", "train/chosen_logratio",
                    "train/rejected_logratio", "train/nll", "rollout/policy_lag"]
@@ -61,17 +61,6 @@ def test_dpo_loss_at_the_reference_is_log2():
     assert loss.item() == pytest.approx(math.log(2))
 
 
-def run(script, args, nproc=1, timeout=900):
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    cmd = [sys.executable, script, *args]
-    if nproc > 1:
-        env["OMP_NUM_THREADS"] = "1"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
-    return r
-
-
 def check_dpo_run(out_dir, steps):
     m = metrics(out_dir)
     assert [x["step"] for x in m] == list(range(0, steps + 1))
@@ -85,7 +74,7 @@ def check_dpo_run(out_dir, steps):
 @pytest.mark.parametrize("script", ["online_dpo.py", "semi_online_dpo.py"])
 def test_end_to_end_one_process(tmp_path, script):
     out = tmp_path / "run"
-    run(script, ["--num-steps", "3", "--eval-every", "3", "--output-dir", str(out), *SMALL])
+    run_script(script, ["--num-steps", "3", "--eval-every", "3", "--output-dir", str(out), *SMALL])
     m = check_dpo_run(out, 3)
     if script == "online_dpo.py":
         assert all(x["rollout/logprob_gap_max"] < 1e-3 and x["rollout/policy_lag"] == 0 for x in m[1:])
@@ -98,7 +87,7 @@ def test_end_to_end_one_process(tmp_path, script):
 @pytest.mark.parametrize("script", ["online_dpo.py", "semi_online_dpo.py"])
 def test_end_to_end_torchrun_two_processes(tmp_path, script):
     out = tmp_path / "run"
-    run(script, ["--num-steps", "2", "--eval-every", "2", "--sync-interval", "2", "--output-dir", str(out), *SMALL]
+    run_script(script, ["--num-steps", "2", "--eval-every", "2", "--sync-interval", "2", "--output-dir", str(out), *SMALL]
         if script == "semi_online_dpo.py" else
         ["--num-steps", "2", "--eval-every", "2", "--output-dir", str(out), *SMALL], nproc=2)
     check_dpo_run(out, 2)
@@ -107,8 +96,8 @@ def test_end_to_end_torchrun_two_processes(tmp_path, script):
 @pytest.mark.slow
 def test_sync_interval_one_reproduces_online(tmp_path):
     args = ["--num-steps", "3", "--eval-every", "0", *SMALL]
-    run("online_dpo.py", [*args, "--output-dir", str(tmp_path / "online")])
-    run("semi_online_dpo.py", [*args, "--sync-interval", "1", "--output-dir", str(tmp_path / "semi")])
+    run_script("online_dpo.py", [*args, "--output-dir", str(tmp_path / "online")])
+    run_script("semi_online_dpo.py", [*args, "--sync-interval", "1", "--output-dir", str(tmp_path / "semi")])
     for a, b in zip(metrics(tmp_path / "online"), metrics(tmp_path / "semi")):
         for k in DPO_KEYS:
             if not k.startswith("perf/"):
@@ -120,7 +109,7 @@ def test_sync_interval_three_is_stale_between_syncs(tmp_path):
     """With s = 3 the generator is exact right after each sync (steps 1, 4) and stale at the
     steps in between; the reference (math data: re-synced) follows the same schedule."""
     out = tmp_path / "run"
-    run("semi_online_dpo.py", ["--num-steps", "5", "--sync-interval", "3", "--eval-every", "0",
+    run_script("semi_online_dpo.py", ["--num-steps", "5", "--sync-interval", "3", "--eval-every", "0",
                                "--learning-rate", "1e-3", "--output-dir", str(out), *SMALL])
     m = {x["step"]: x for x in metrics(out)}
     assert [m[t]["rollout/policy_lag"] for t in range(1, 6)] == [0, 1, 2, 0, 1]
@@ -133,9 +122,9 @@ def test_sync_interval_three_is_stale_between_syncs(tmp_path):
 @pytest.mark.slow
 def test_resume_replays_exactly(tmp_path):
     args = ["--eval-every", "0", "--save-every", "2", "--sync-interval", "2", *SMALL]
-    run("semi_online_dpo.py", ["--num-steps", "4", "--output-dir", str(tmp_path / "a"), *args])
-    run("semi_online_dpo.py", ["--num-steps", "2", "--output-dir", str(tmp_path / "b"), *args])
-    run("semi_online_dpo.py", ["--num-steps", "4", "--output-dir", str(tmp_path / "b"), "--resume", *args])
+    run_script("semi_online_dpo.py", ["--num-steps", "4", "--output-dir", str(tmp_path / "a"), *args])
+    run_script("semi_online_dpo.py", ["--num-steps", "2", "--output-dir", str(tmp_path / "b"), *args])
+    run_script("semi_online_dpo.py", ["--num-steps", "4", "--output-dir", str(tmp_path / "b"), "--resume", *args])
     a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
     assert [x["step"] for x in b] == [1, 2, 3, 4]
     for x, y in zip(a[2:], b[2:]):

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from grpo import group_advantages, grpo_loss
+from tests.conftest import ROOT, run_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ["step", "train/loss", "train/kl", "train/grad_norm", "train/lr", "rollout/reward_mean",
         "rollout/reward_std", "rollout/accuracy", "rollout/zero_std_frac", "rollout/length_mean",
         "rollout/truncated_frac", "rollout/entropy", "rollout/logprob_gap_max", "rollout/logprob_gap_mean",
@@ -58,18 +58,6 @@ def test_all_equal_group_leaves_only_kl():
     assert without_ref.item() == 0.0
 
 
-def run(args, nproc=1, timeout=900):
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    if nproc == 1:
-        cmd = [sys.executable, "grpo.py", *args]
-    else:
-        env["OMP_NUM_THREADS"] = "1"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "grpo.py", *args]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
-    return r
-
-
 def metrics(out_dir):
     return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
 
@@ -94,7 +82,7 @@ def check_run(out_dir, steps, world):
 @pytest.mark.slow
 def test_end_to_end_one_process(tmp_path, generator):
     out = tmp_path / "run"
-    r = run(["--num-steps", "3", "--eval-every", "3", "--save-every", "2", "--output-dir", str(out), *SMALL])
+    r = run_script("grpo.py", ["--num-steps", "3", "--eval-every", "3", "--save-every", "2", "--output-dir", str(out), *SMALL])
     check_run(out, 3, 1)
     assert "eta" in r.stdout and "completion:" in r.stdout
     # the checkpoint is a Hugging Face folder that transformers and vLLM load as they are
@@ -117,7 +105,7 @@ def test_end_to_end_one_process(tmp_path, generator):
 @pytest.mark.slow
 def test_end_to_end_torchrun_two_processes(tmp_path):
     out = tmp_path / "run"
-    run(["--num-steps", "2", "--eval-every", "2", "--output-dir", str(out), *SMALL], nproc=2)
+    run_script("grpo.py", ["--num-steps", "2", "--eval-every", "2", "--output-dir", str(out), *SMALL], nproc=2)
     check_run(out, 2, 2)
     from transformers import AutoModelForCausalLM
 
@@ -129,9 +117,9 @@ def test_resume_replays_exactly(tmp_path):
     """4 steps straight vs 2 steps + resume to 4: identical metrics for steps 3-4 (CPU, fixed
     seeds: data order, sampling seeds and optimizer state are all restored or derived)."""
     common_args = ["--eval-every", "0", "--save-every", "2", *SMALL]
-    run(["--num-steps", "4", "--output-dir", str(tmp_path / "a"), *common_args])
-    run(["--num-steps", "2", "--output-dir", str(tmp_path / "b"), *common_args])
-    run(["--num-steps", "4", "--output-dir", str(tmp_path / "b"), "--resume", *common_args])
+    run_script("grpo.py", ["--num-steps", "4", "--output-dir", str(tmp_path / "a"), *common_args])
+    run_script("grpo.py", ["--num-steps", "2", "--output-dir", str(tmp_path / "b"), *common_args])
+    run_script("grpo.py", ["--num-steps", "4", "--output-dir", str(tmp_path / "b"), "--resume", *common_args])
     a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
     assert [x["step"] for x in b] == [1, 2, 3, 4]  # nothing lost, nothing repeated
     for x, y in zip(a[2:], b[2:]):
