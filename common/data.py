@@ -10,6 +10,15 @@ Column mapping (first match wins):
   shape: `problem`, `solution`).
 - chat rows: `prompt` (a string), or the first user turn of `messages` / `conversation` (a list
   of `{"role", "content"}`: WildChat's shape).
+
+Preference data (`load_pairs`, for offline DPO) becomes `{"task", "prompt", "chosen", "rejected",
+"chosen_eos", "rejected_eos"}`: `prompt` a user turn (str) or a list of messages; `chosen` /
+`rejected` the assistant's reply text; `*_eos` whether the reply ended (False for a reply cut at
+max_new_tokens, so the trainer does not teach the model to stop where it was cut). Accepted:
+- the standard shape: `prompt`, `chosen`, `rejected` strings (what offline_dpo.py writes);
+- the conversational shape: `chosen` / `rejected` lists of messages ending with the assistant's
+  reply, the prompt from `prompt` (a string or messages) or else the messages before the reply
+  (HuggingFaceH4/ultrafeedback_binarized, Anthropic-style chat pairs).
 """
 
 from __future__ import annotations
@@ -127,6 +136,47 @@ def load_prompts(spec: str, split: str = "train", math_template: str = PAPER_MAT
         raise UserError(f"dataset '{spec}' has no rows")
     rows = [normalize_row(r, f"{spec} row {i}", math_template) for i, r in enumerate(raw[:limit])]
     return rows
+
+
+def _reply(x, where: str, col: str) -> tuple[str, list | None]:
+    """(reply text, the messages before it or None) of a `chosen` / `rejected` cell."""
+    if isinstance(x, str):
+        return x, None
+    if isinstance(x, list) and x and isinstance(x[-1], dict) and x[-1].get("role") == "assistant" \
+            and isinstance(x[-1].get("content"), str):
+        return x[-1]["content"], x[:-1]
+    raise UserError(f"{where}: column '{col}' must be a string or a list of messages ending with "
+                    "the assistant's reply")
+
+
+def normalize_pair(raw: dict, where: str) -> dict:
+    """Map one raw preference row to {task, prompt, chosen, rejected, chosen_eos, rejected_eos}."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: expected an object, got {type(raw).__name__}")
+    if "chosen" not in raw or "rejected" not in raw:
+        raise UserError(f"{where}: a preference row needs 'chosen' and 'rejected' columns (row has {sorted(raw)})")
+    chosen, context = _reply(raw["chosen"], where, "chosen")
+    rejected, _ = _reply(raw["rejected"], where, "rejected")
+    prompt = raw.get("prompt")
+    if isinstance(prompt, list):  # conversational prompt: keep every turn
+        prompt = prompt if all(isinstance(m, dict) and "role" in m for m in prompt) else None
+    elif not isinstance(prompt, str):
+        prompt = context or None
+    if not prompt or (isinstance(prompt, str) and not prompt.strip()):
+        raise UserError(f"{where}: no prompt (need a 'prompt' column or 'chosen' given as messages)")
+    task = raw.get("task") or "chat"
+    if task not in ("math", "chat"):
+        raise UserError(f"{where}: column 'task' is '{task}', expected 'math' or 'chat'")
+    return {"task": task, "prompt": prompt, "chosen": chosen, "rejected": rejected,
+            "chosen_eos": bool(raw.get("chosen_eos", True)), "rejected_eos": bool(raw.get("rejected_eos", True))}
+
+
+def load_pairs(spec: str, split: str = "train", limit: int | None = None) -> list[dict]:
+    """Load and normalise a preference dataset (see the module docstring for the accepted shapes)."""
+    raw = _read_raw(spec, split)
+    if not raw:
+        raise UserError(f"dataset '{spec}' has no rows")
+    return [normalize_pair(r, f"{spec} row {i}") for i, r in enumerate(raw[:limit])]
 
 
 @functools.lru_cache(maxsize=4)

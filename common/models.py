@@ -46,11 +46,12 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedToke
     return tok
 
 
-def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> list[list[int]]:
-    """Token ids of each prompt as a single user turn, chat template applied, ready for the
-    assistant's reply. The template already holds any BOS token, so none is added again."""
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                           add_generation_prompt=True) for p in prompts]
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str | list[dict]]) -> list[list[int]]:
+    """Token ids of each prompt, chat template applied, ready for the assistant's reply. A prompt
+    is a single user turn (str) or a list of messages. The template already holds any BOS token,
+    so none is added again."""
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}] if isinstance(p, str) else p,
+                                           tokenize=False, add_generation_prompt=True) for p in prompts]
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 

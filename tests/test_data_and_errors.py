@@ -100,3 +100,24 @@ def test_user_error_is_one_line_without_traceback():
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr == "error: dataset file 'missing.jsonl' does not exist\n"
+
+
+def test_preference_shapes_are_normalised(tmp_path):
+    from common import load_pairs
+
+    user = {"role": "user", "content": "Hi"}
+    pairs = load_pairs(_jsonl(tmp_path / "p.jsonl", [
+        {"prompt": "Hi", "chosen": "a", "rejected": "b"},  # standard
+        {"chosen": [user, {"role": "assistant", "content": "a"}], "rejected": [user, {"role": "assistant", "content": "b"}]},
+        {"prompt": [user], "chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]},
+        {"task": "math", "prompt": "1+1?", "chosen": "2", "rejected": "3", "chosen_eos": True, "rejected_eos": False},
+    ]))
+    assert pairs[0] == {"task": "chat", "prompt": "Hi", "chosen": "a", "rejected": "b", "chosen_eos": True, "rejected_eos": True}
+    assert pairs[1]["prompt"] == [user] and pairs[1]["chosen"] == "a" and pairs[1]["rejected"] == "b"
+    assert pairs[2]["prompt"] == [user] and pairs[2]["chosen"] == "a"
+    assert pairs[3]["task"] == "math" and pairs[3]["rejected_eos"] is False
+    for bad, msg in [({"prompt": "Hi", "chosen": "a"}, "needs 'chosen' and 'rejected'"),
+                     ({"chosen": "a", "rejected": "b"}, "no prompt"),
+                     ({"prompt": "Hi", "chosen": 3, "rejected": "b"}, "must be a string or a list of messages")]:
+        with pytest.raises(UserError, match=msg):
+            load_pairs(_jsonl(tmp_path / "bad.jsonl", [bad]))
