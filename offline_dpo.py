@@ -82,12 +82,16 @@ class Args:
     """seed policy (and reference): a hub id or a local Hugging Face folder"""
     reward_model: str = "embedded/reward_model"
     """scalar reward model for chat prompts (loaded only if the data has chat rows)"""
+    rm_offload: bool = False
+    """keep the reward model in CPU memory between uses, on the device only while it scores"""
     dataset: str = "embedded/data/math_train.jsonl"
-    """training prompts: a hub id or a .jsonl / .json / .parquet file (see README: Data)"""
+    """training prompts: a hub id or a .jsonl / .json / .parquet file, or several mixed with weights
+    (`a.jsonl:2,b.jsonl:1`); rows are math or chat, each scored by its own reward (README: Data)"""
     dataset_split: str = "train"
     """split of a hub dataset"""
     eval_dataset: str = "embedded/data/math_test.jsonl"
-    """held-out math prompts for eval/accuracy ('' to skip)"""
+    """held-out prompts ('' to skip): math rows give eval/accuracy, chat rows eval/chat/* (mix as
+    for `dataset`, e.g. `embedded/data/math_test.jsonl,embedded/data/chat_test.jsonl`)"""
     eval_split: str = "test"
     """split of a hub eval dataset"""
     math_template: str = common.PAPER_MATH_TEMPLATE
@@ -132,7 +136,7 @@ class Args:
     eval_top_p: float = 0.9
     """eval nucleus sampling (the paper: 0.9)"""
     eval_limit: int = 300
-    """evaluate on at most this many held-out problems"""
+    """evaluate on at most this many held-out prompts per task"""
     save_every: int = 100
     """checkpoint every N steps (and at the end)"""
     log_samples_every: int = 25
@@ -239,8 +243,7 @@ def main(args: Args) -> None:
         pairs = common.load_pairs(pairs_path, args.pairs_split)
     eval_rows = []
     if args.eval_dataset and args.eval_every > 0:
-        eval_rows = [r for r in common.load_prompts(args.eval_dataset, args.eval_split, args.math_template)
-                     if r["task"] == "math"][: args.eval_limit]
+        eval_rows = common.load_prompts(args.eval_dataset, args.eval_split, args.math_template)
 
     def batch_indices(step: int) -> list[int]:
         """This rank's pairs for `step` (1-based): a slice of a seeded per-epoch permutation, so
@@ -263,8 +266,9 @@ def main(args: Args) -> None:
     reference = common.fsdp_wrap(common.load_model(args.model, device, trainable=False,
                                                     trust_remote_code=args.trust_remote_code))
     reward_model = None
-    if any(r["task"] == "chat" for r in rows):
-        reward_model = common.RewardModel(args.reward_model, device, trust_remote_code=args.trust_remote_code)
+    if any(r["task"] == "chat" for r in rows + eval_rows):
+        reward_model = common.RewardModel(args.reward_model, device, offload=args.rm_offload,
+                                          trust_remote_code=args.trust_remote_code)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, betas=(0.9, 0.95),
                                   eps=args.adam_eps, weight_decay=0.0)
     start_step = 0
@@ -295,8 +299,8 @@ def main(args: Args) -> None:
         t_build, t_generate, t_score = time.time(), 0.0, 0.0
         mine = list(range(rank, len(rows), world_size))  # this rank's prompts
         built = []
-        local = {"reward_sum": 0.0, "reward_sq": 0.0, "samples": 0, "math_correct": 0.0, "math_samples": 0,
-                 "zero_std": 0, "groups": 0, "truncated": 0, "completion_tokens": 0}
+        local = {"reward_sum": 0.0, "reward_sq": 0.0, "samples": 0, "zero_std": 0, "groups": 0, "truncated": 0,
+                 "completion_tokens": 0, **{f"{task}_{x}": 0.0 for task in ("math", "chat") for x in ("reward", "samples", "tokens")}}
         chunk = 256  # prompts per vLLM call: bounds memory and shows progress; results do not depend on it
         for k in range(0, len(mine), chunk):
             # ---- rollout
@@ -329,12 +333,15 @@ def main(args: Args) -> None:
                                   "chosen_reward": rewards[j, c].item(), "rejected_reward": rewards[j, r].item(),
                                   "chosen_eos": outs[j][c].finish_reason == "stop",
                                   "rejected_eos": outs[j][r].finish_reason == "stop"})
-            is_math = torch.tensor([r["task"] == "math" for r in batch])
+            lengths = torch.tensor([[len(c.token_ids) for c in o] for o in outs], dtype=torch.float)  # (P, n)
             local["reward_sum"] += rewards.sum().item()
             local["reward_sq"] += (rewards**2).sum().item()
             local["samples"] += rewards.numel()
-            local["math_correct"] += rewards[is_math].sum().item()
-            local["math_samples"] += rewards[is_math].numel()
+            for task in ("math", "chat"):  # ALGO LOGIC: per task: a mixed batch's rewards are on different scales
+                rows_t = torch.tensor([r["task"] == task for r in batch], dtype=torch.bool)
+                local[f"{task}_reward"] += rewards[rows_t].sum().item()
+                local[f"{task}_samples"] += rewards[rows_t].numel()
+                local[f"{task}_tokens"] += lengths[rows_t].sum().item()
             local["zero_std"] += (rewards.std(dim=1) == 0).sum().item()
             local["groups"] += len(batch)
             local["truncated"] += sum(c.finish_reason == "length" for c in completions)
@@ -361,7 +368,7 @@ def main(args: Args) -> None:
         build_metrics = {
             "rollout/reward_mean": reward_mean,
             "rollout/reward_std": max(s["reward_sq"] / s["samples"] - reward_mean**2, 0.0) ** 0.5,
-            "rollout/accuracy": s["math_correct"] / s["math_samples"] if s["math_samples"] else float("nan"),
+            "rollout/accuracy": s["math_reward"] / s["math_samples"] if s["math_samples"] else float("nan"),
             "rollout/zero_std_frac": s["zero_std"] / s["groups"],
             "rollout/length_mean": s["completion_tokens"] / s["samples"],
             "rollout/truncated_frac": s["truncated"] / s["samples"],
@@ -369,8 +376,12 @@ def main(args: Args) -> None:
             "perf/generate_s": t_generate, "perf/score_s": t_score,
             "perf/tokens_per_s": s["completion_tokens"] / max(t_generate, 1e-9),
         }
-        if reward_model is not None:
-            reward_model.offload()  # not needed again
+        for task, key in (("math", "accuracy"), ("chat", "reward_mean")):  # keys only for tasks in the data
+            if s[f"{task}_samples"]:
+                build_metrics[f"rollout/{task}/{key}"] = s[f"{task}_reward"] / s[f"{task}_samples"]
+                build_metrics[f"rollout/{task}/length_mean"] = s[f"{task}_tokens"] / s[f"{task}_samples"]
+        if s["chat_samples"]:  # the paper picked chat checkpoints by this: its reward model favours length
+            build_metrics["rollout/chat/reward_per_token"] = build_metrics["rollout/chat/reward_mean"] / max(build_metrics["rollout/chat/length_mean"], 1)
 
     # ---- the training data: prompt and reply token ids of every pair
     if build:  # train on exactly what was saved: a rerun with --pairs trains the same
@@ -398,15 +409,17 @@ def main(args: Args) -> None:
               f"({args.num_steps * args.pairs_per_step / len(pairs):.1f} epochs) -> {args.output_dir}")
 
     def evaluate(step: int) -> dict:
-        """eval/accuracy over held-out math problems, sharded over ranks, reduced."""
+        """eval/* on the held-out prompts (math accuracy, chat reward), sharded over ranks, reduced."""
         generator.sync_weights(policy)  # evaluate the weights being trained, not a stale generator
-        accs = common.eval_math(generator, tokenizer, eval_rows[rank::world_size], k=args.eval_samples,
-                                temperature=args.eval_temperature, top_p=args.eval_top_p,
-                                max_tokens=args.max_new_tokens, seed=args.seed * 7919 + rank * 104729)
-        s = common.all_reduce({"n": len(accs), "sum": sum(accs), "sq": sum(a * a for a in accs)})
-        mean = s["sum"] / s["n"]
-        var = max(s["sq"] / s["n"] - mean**2, 0.0) * s["n"] / max(s["n"] - 1, 1)
-        return {"eval/accuracy": mean, "eval/accuracy_se": (var / s["n"]) ** 0.5}
+        return common.evaluate(generator, tokenizer, reward_model, eval_rows, k=args.eval_samples,
+                               temperature=args.eval_temperature, top_p=args.eval_top_p,
+                               max_tokens=args.max_new_tokens, seed=args.seed, limit=args.eval_limit)
+
+    def eval_line(m: dict) -> str:
+        parts = [f"eval accuracy {m['eval/accuracy']:.3f} ± {m['eval/accuracy_se']:.3f}"] if "eval/accuracy" in m else []
+        if "eval/chat/reward_mean" in m:
+            parts.append(f"eval chat reward {m['eval/chat/reward_mean']:.3f} (len {m['eval/chat/length_mean']:.1f})")
+        return " | ".join(parts)
 
     # -----------------------------------------------------------------------------------------
     # training loop
@@ -416,7 +429,7 @@ def main(args: Args) -> None:
     if (eval_metrics or build_metrics) and rank == 0:
         logger.log({"step": 0, **build_metrics, **eval_metrics})
         if eval_metrics:
-            print(f"step 0 | eval accuracy {eval_metrics['eval/accuracy']:.3f} ± {eval_metrics['eval/accuracy_se']:.3f}")
+            print("step 0 | " + eval_line(eval_metrics))
     for step in range(start_step + 1, args.num_steps + 1):
         t_step = time.time()
         # ---- build batch: ALGO LOGIC: ready-made pairs; no sync, no rollout, no scoring
@@ -467,6 +480,7 @@ def main(args: Args) -> None:
         local = {
             "loss": stats["loss"], "kl_sum": stats["kl_sum"], "tokens": stats["tokens"],
             "entropy_sum": stats["entropy_sum"], "pairs": len(batch),
+            **{f"{task}_pairs": sum(p["task"] == task for p in batch) for task in ("math", "chat")},
             "chosen_logratio": stats["chosen_logratio"], "rejected_logratio": stats["rejected_logratio"],
             "nll": stats["nll"], "pair_correct": stats["pair_correct"],
         }
@@ -479,6 +493,7 @@ def main(args: Args) -> None:
             "train/grad_norm": grad_norm.item() if hasattr(grad_norm, "item") else float(grad_norm),
             "train/lr": lr,
             "train/pairs": s["pairs"],
+            "train/math/pairs": s["math_pairs"], "train/chat/pairs": s["chat_pairs"],
             "train/pair_accuracy": s["pair_correct"] / max(s["pairs"], 1),
             "train/chosen_logratio": s["chosen_logratio"] / max(s["pairs"], 1),
             "train/rejected_logratio": s["rejected_logratio"] / max(s["pairs"], 1),
@@ -498,8 +513,8 @@ def main(args: Args) -> None:
             line = (f"step {step}/{args.num_steps} | loss {metrics['train/loss']:+.4f} | "
                     f"epoch {metrics['train/epoch']:.2f} | pair acc {metrics['train/pair_accuracy']:.2f} | "
                     f"kl {metrics['train/kl']:.2e} | {step_s:.2f} s/step | eta {eta / 60:.1f} min")
-            if "eval/accuracy" in metrics:
-                line += f" | eval accuracy {metrics['eval/accuracy']:.3f} ± {metrics['eval/accuracy_se']:.3f}"
+            if any(k.startswith("eval/") for k in metrics):
+                line += " | " + eval_line(metrics)
             print(line, flush=True)
             if args.log_samples_every and step % args.log_samples_every == 0:
                 for p in batch[:2]:

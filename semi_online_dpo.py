@@ -21,9 +21,12 @@ Choices where the paper is silent: 8 samples per prompt; constant learning rate 
 warm-up; AdamW betas (0.9, 0.95), no weight decay; each step's completions are scored at that
 step (Math-Verify and the reward model are a small share of a step; generation is the part that
 gains from one large call); `rollout/entropy` and the logprob gap are
-measured on the chosen and rejected completions (the ones the trainer runs on). With mixed
-math + chat data `--ref-sync auto` keeps one fixed reference (the chat rule), since a batch
-holds both tasks. Not deterministic: vLLM on GPU (batch-dependent kernels).
+measured on the chosen and rejected completions (the ones the trainer runs on). A mixed math +
+chat batch follows each prompt's task: its own reward, its own pair rule, and with `--ref-sync
+auto` its own reference (math pairs against a reference re-synced with the generator, chat
+pairs against the fixed seed: two frozen copies, both run on every micro-batch so that FSDP
+ranks stay in step, each row keeping its task's). Not deterministic: vLLM on GPU
+(batch-dependent kernels).
 
 Run:
     python semi_online_dpo.py                                    # embedded default, s = 10
@@ -77,12 +80,16 @@ class Args:
     """seed policy (and reference): a hub id or a local Hugging Face folder"""
     reward_model: str = "embedded/reward_model"
     """scalar reward model for chat prompts (loaded only if the data has chat rows)"""
+    rm_offload: bool = False
+    """keep the reward model in CPU memory between uses, on the device only while it scores"""
     dataset: str = "embedded/data/math_train.jsonl"
-    """training prompts: a hub id or a .jsonl / .json / .parquet file (see README: Data)"""
+    """training prompts: a hub id or a .jsonl / .json / .parquet file, or several mixed with weights
+    (`a.jsonl:2,b.jsonl:1`); rows are math or chat, each scored by its own reward (README: Data)"""
     dataset_split: str = "train"
     """split of a hub dataset"""
     eval_dataset: str = "embedded/data/math_test.jsonl"
-    """held-out math prompts for eval/accuracy ('' to skip)"""
+    """held-out prompts ('' to skip): math rows give eval/accuracy, chat rows eval/chat/* (mix as
+    for `dataset`, e.g. `embedded/data/math_test.jsonl,embedded/data/chat_test.jsonl`)"""
     eval_split: str = "test"
     """split of a hub eval dataset"""
     math_template: str = common.PAPER_MATH_TEMPLATE
@@ -126,7 +133,7 @@ class Args:
     eval_top_p: float = 0.9
     """eval nucleus sampling (the paper: 0.9)"""
     eval_limit: int = 300
-    """evaluate on at most this many held-out problems"""
+    """evaluate on at most this many held-out prompts per task"""
     save_every: int = 100
     """checkpoint every N steps (and at the end)"""
     log_samples_every: int = 25
@@ -144,15 +151,15 @@ class Args:
     nll_scale: float = 0.0
     """weight of the chosen completion's per-token NLL (the paper's ablation: 1.0, no gain)"""
     ref_sync: Literal["auto", "yes", "no"] = "auto"
-    """re-sync the reference to the policy with the generator; auto: yes for math-only data"""
+    """re-sync the reference to the policy with the generator; auto: for math prompts, not for chat (the paper)"""
 
     # filled in after parsing
     world_size: int = 0
     """number of ranks"""
     prompts_per_rank: int = 0
     """prompts_per_step / world_size"""
-    resync_reference: bool = False
-    """ref_sync resolved against the data"""
+    synced_tasks: tuple[str, ...] = ()
+    """tasks whose reference re-syncs with the generator (ref_sync resolved)"""
 
 
 def select_pairs(rewards: torch.Tensor, tasks: list[str], rng: random.Random) -> list[tuple[int, int, int]]:
@@ -224,11 +231,10 @@ def main(args: Args) -> None:
     dropped = len(rows) - len(keep)
     rows, prompt_ids = [rows[i] for i in keep], [prompt_ids[i] for i in keep]
     # ALGO LOGIC: the paper re-syncs the reference for verifiable rewards only
-    args.resync_reference = args.ref_sync == "yes" or (args.ref_sync == "auto" and all(r["task"] == "math" for r in rows))
+    args.synced_tasks = {"auto": ("math",), "yes": ("math", "chat"), "no": ()}[args.ref_sync]
     eval_rows = []
     if args.eval_dataset and args.eval_every > 0:
-        eval_rows = [r for r in common.load_prompts(args.eval_dataset, args.eval_split, args.math_template)
-                     if r["task"] == "math"][: args.eval_limit]
+        eval_rows = common.load_prompts(args.eval_dataset, args.eval_split, args.math_template)
 
     def batch_indices(step: int) -> list[int]:
         """This rank's prompts for `step` (1-based): a slice of a seeded per-epoch permutation, so
@@ -248,11 +254,14 @@ def main(args: Args) -> None:
     # models & optimizer
     # -----------------------------------------------------------------------------------------
     policy = common.fsdp_wrap(common.load_model(args.model, device, trust_remote_code=args.trust_remote_code))
-    reference = common.fsdp_wrap(common.load_model(args.model, device, trainable=False,
-                                                    trust_remote_code=args.trust_remote_code))
+    # one frozen reference per kind the data needs: "synced" (moves with the generator), "fixed" (the seed)
+    references = {kind: common.fsdp_wrap(common.load_model(args.model, device, trainable=False,
+                                                            trust_remote_code=args.trust_remote_code))
+                  for kind in sorted({"synced" if r["task"] in args.synced_tasks else "fixed" for r in rows})}
     reward_model = None
-    if any(r["task"] == "chat" for r in rows):
-        reward_model = common.RewardModel(args.reward_model, device, trust_remote_code=args.trust_remote_code)
+    if any(r["task"] == "chat" for r in rows + eval_rows):
+        reward_model = common.RewardModel(args.reward_model, device, offload=args.rm_offload,
+                                          trust_remote_code=args.trust_remote_code)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, betas=(0.9, 0.95),
                                   eps=args.adam_eps, weight_decay=0.0)
     start_step = 0
@@ -277,15 +286,17 @@ def main(args: Args) -> None:
               f"{args.num_steps} steps of {args.prompts_per_step}x{args.samples_per_prompt} -> {args.output_dir}")
 
     def evaluate(step: int) -> dict:
-        """eval/accuracy over held-out math problems, sharded over ranks, reduced."""
+        """eval/* on the held-out prompts (math accuracy, chat reward), sharded over ranks, reduced."""
         generator.sync_weights(policy)  # evaluate the weights being trained, not a stale generator
-        accs = common.eval_math(generator, tokenizer, eval_rows[rank::world_size], k=args.eval_samples,
-                                temperature=args.eval_temperature, top_p=args.eval_top_p,
-                                max_tokens=args.max_new_tokens, seed=args.seed * 7919 + rank * 104729)
-        s = common.all_reduce({"n": len(accs), "sum": sum(accs), "sq": sum(a * a for a in accs)})
-        mean = s["sum"] / s["n"]
-        var = max(s["sq"] / s["n"] - mean**2, 0.0) * s["n"] / max(s["n"] - 1, 1)
-        return {"eval/accuracy": mean, "eval/accuracy_se": (var / s["n"]) ** 0.5}
+        return common.evaluate(generator, tokenizer, reward_model, eval_rows, k=args.eval_samples,
+                               temperature=args.eval_temperature, top_p=args.eval_top_p,
+                               max_tokens=args.max_new_tokens, seed=args.seed, limit=args.eval_limit)
+
+    def eval_line(m: dict) -> str:
+        parts = [f"eval accuracy {m['eval/accuracy']:.3f} ± {m['eval/accuracy_se']:.3f}"] if "eval/accuracy" in m else []
+        if "eval/chat/reward_mean" in m:
+            parts.append(f"eval chat reward {m['eval/chat/reward_mean']:.3f} (len {m['eval/chat/length_mean']:.1f})")
+        return " | ".join(parts)
 
     # -----------------------------------------------------------------------------------------
     # training loop
@@ -295,7 +306,7 @@ def main(args: Args) -> None:
     eval_metrics = evaluate(start_step) if eval_rows and start_step == 0 else {}
     if eval_metrics and rank == 0:
         logger.log({"step": 0, **eval_metrics})
-        print(f"step 0 | eval accuracy {eval_metrics['eval/accuracy']:.3f} ± {eval_metrics['eval/accuracy_se']:.3f}")
+        print("step 0 | " + eval_line(eval_metrics))
     for step in range(start_step + 1, args.num_steps + 1):
         t_step = time.time()
         # ---- sync: ALGO LOGIC: every s steps the generator gets the weights being trained.
@@ -303,8 +314,8 @@ def main(args: Args) -> None:
         t_sync, t_window = 0.0, 0.0
         if (step - 1) % args.sync_interval == 0 or step == start_step + 1:
             generator.sync_weights(policy)
-            if args.resync_reference:  # ALGO LOGIC: the reference moves with the generator
-                copy_weights(policy, reference)
+            if "synced" in references:  # ALGO LOGIC: the (math) reference moves with the generator
+                copy_weights(policy, references["synced"])
             last_sync = step - 1  # the generator holds the weights of `last_sync` optimizer steps
             t_sync = time.time() - t_step
             # ALGO LOGIC: the rollouts of every step up to the next sync, in one vLLM call, with
@@ -343,6 +354,7 @@ def main(args: Args) -> None:
         pairs = select_pairs(rewards, [r["task"] for r in batch], random.Random(sampling_seeds(step)[0]))
         flat_prompts = [prompts[j] for j, _, _ in pairs for _ in (0, 1)]  # chosen, rejected, chosen, ...
         flat_completions = [outs[j][i] for j, c, r in pairs for i in (c, r)]
+        flat_refs = ["synced" if batch[j]["task"] in args.synced_tasks else "fixed" for j, _, _ in pairs for _ in (0, 1)]
         # CRUCIAL: FSDP needs every rank to run the same number of passes; a rank with fewer pairs
         # (or none) runs padding passes whose loss is multiplied by 0.
         pairs_per_mb = max(args.micro_batch_size // 2, 1)
@@ -358,13 +370,14 @@ def main(args: Args) -> None:
                  "chosen_logratio": 0.0, "rejected_logratio": 0.0, "nll": 0.0, "pair_correct": 0.0}
         gap_max = 0.0
         for mb in micro_batches:
-            mb_prompts, mb_completions, weight = flat_prompts[mb], flat_completions[mb], 1.0
+            mb_prompts, mb_completions, mb_refs, weight = flat_prompts[mb], flat_completions[mb], flat_refs[mb], 1.0
             if not mb_completions:  # padding pass: same collectives, no gradient, no stats
-                mb_prompts, mb_completions, weight = [prompts[0]] * 2, [outs[0][0]] * 2, 0.0
+                mb_prompts, mb_completions, mb_refs, weight = [prompts[0]] * 2, [outs[0][0]] * 2, [min(references)] * 2, 0.0
             mb_tokens = [c.token_ids for c in mb_completions]
-            with torch.no_grad(), autocast:
-                ref_logps = common.completion_logprobs(reference, mb_prompts, mb_tokens, args.temperature,
-                                                       tokenizer.pad_token_id)[0]
+            with torch.no_grad(), autocast:  # CRUCIAL: every reference runs on every rank (FSDP); each row keeps its task's
+                ref_logps = {kind: common.completion_logprobs(ref, mb_prompts, mb_tokens, args.temperature,
+                                                              tokenizer.pad_token_id)[0] for kind, ref in references.items()}
+            ref_logps = torch.stack([ref_logps[kind][i] for i, kind in enumerate(mb_refs)])  # (2K, T)
             with autocast:
                 logps, mask, entropy = common.completion_logprobs(policy, mb_prompts, mb_tokens, args.temperature,
                                                                   tokenizer.pad_token_id, with_entropy=True)
@@ -396,12 +409,11 @@ def main(args: Args) -> None:
         t_train = time.time() - t0
 
         # ---- log: sums over ranks, then ratios (ranks may hold different numbers of math rows)
-        is_math = torch.tensor([r["task"] == "math" for r in batch])
+        lengths = torch.tensor([[len(c.token_ids) for c in o] for o in outs], dtype=torch.float)  # (P, n)
         local = {
             "loss": stats["loss"], "kl_sum": stats["kl_sum"], "tokens": stats["tokens"],
             "entropy_sum": stats["entropy_sum"], "gap_sum": stats["gap_sum"],
             "reward_sum": rewards.sum().item(), "reward_sq": (rewards**2).sum().item(), "samples": rewards.numel(),
-            "math_correct": rewards[is_math].sum().item(), "math_samples": rewards[is_math].numel(),
             "zero_std": (rewards.std(dim=1) == 0).sum().item(), "groups": len(batch),
             "truncated": sum(c.finish_reason == "length" for c in completions),
             "pairs": len(pairs), "reward_margin": sum(rewards[j, c] - rewards[j, r] for j, c, r in pairs),
@@ -409,6 +421,11 @@ def main(args: Args) -> None:
             "nll": stats["nll"], "pair_correct": stats["pair_correct"],
             "completion_tokens": sum(len(c.token_ids) for c in completions),
         }
+        for task in ("math", "chat"):  # ALGO LOGIC: per task: a mixed batch's rewards are on different scales
+            rows_t = torch.tensor([r["task"] == task for r in batch], dtype=torch.bool)
+            local |= {f"{task}_reward": rewards[rows_t].sum().item(), f"{task}_samples": rewards[rows_t].numel(),
+                      f"{task}_tokens": lengths[rows_t].sum().item()}
+            local[f"{task}_pairs"] = sum(batch[j]["task"] == task for j, _, _ in pairs)
         s = common.all_reduce(local)
         s_max = common.all_reduce({"gap_max": gap_max}, op="max")
         reward_mean = s["reward_sum"] / s["samples"]
@@ -427,7 +444,7 @@ def main(args: Args) -> None:
             "train/nll": s["nll"] / max(s["pairs"], 1),
             "rollout/reward_mean": reward_mean,
             "rollout/reward_std": max(s["reward_sq"] / s["samples"] - reward_mean**2, 0.0) ** 0.5,
-            "rollout/accuracy": s["math_correct"] / s["math_samples"] if s["math_samples"] else float("nan"),
+            "rollout/accuracy": s["math_reward"] / s["math_samples"] if s["math_samples"] else float("nan"),
             "rollout/zero_std_frac": s["zero_std"] / s["groups"],
             "rollout/length_mean": s["completion_tokens"] / s["samples"],
             "rollout/truncated_frac": s["truncated"] / s["samples"],
@@ -439,6 +456,13 @@ def main(args: Args) -> None:
             "perf/sync_s": t_sync, "perf/step_s": step_s,
             "perf/tokens_per_s": s["completion_tokens"] / step_s,
         }
+        for task, key in (("math", "accuracy"), ("chat", "reward_mean")):  # keys only for tasks in the step
+            if s[f"{task}_samples"]:
+                metrics[f"rollout/{task}/{key}"] = s[f"{task}_reward"] / s[f"{task}_samples"]
+                metrics[f"rollout/{task}/length_mean"] = s[f"{task}_tokens"] / s[f"{task}_samples"]
+                metrics[f"train/{task}/pairs"] = s[f"{task}_pairs"]
+        if s["chat_samples"]:  # the paper picked chat checkpoints by this: its reward model favours length
+            metrics["rollout/chat/reward_per_token"] = metrics["rollout/chat/reward_mean"] / max(metrics["rollout/chat/length_mean"], 1)
         if eval_rows and (step % args.eval_every == 0 or step == args.num_steps):
             metrics.update(evaluate(step))
         steps_done += 1
@@ -449,8 +473,8 @@ def main(args: Args) -> None:
                     f"pairs {int(s['pairs'])} | "
                     f"kl {metrics['train/kl']:.2e} | len {metrics['rollout/length_mean']:.1f} | "
                     f"gap {metrics['rollout/logprob_gap_max']:.1e} | {step_s:.2f} s/step | eta {eta / 60:.1f} min")
-            if "eval/accuracy" in metrics:
-                line += f" | eval accuracy {metrics['eval/accuracy']:.3f} ± {metrics['eval/accuracy_se']:.3f}"
+            if any(k.startswith("eval/") for k in metrics):
+                line += " | " + eval_line(metrics)
             print(line, flush=True)
             if args.log_samples_every and step % args.log_samples_every == 0:
                 for j in range(min(2, len(batch))):

@@ -6,13 +6,13 @@
 - rewards:    `math_reward` (Math-Verify) and `RewardModel` (scalar reward model)
 - data:       prompt datasets (local files or hub) normalised to {task, prompt, answer}, and
                 preference datasets (chosen / rejected) for offline DPO
-- evaluation: held-out math accuracy with its standard error
+- evaluation: held-out math accuracy and chat reward with standard errors, over ranks
 
 Importing `common` installs an excepthook that prints a `UserError` as one line (exit 2).
 """
 
 from common.data import PAPER_MATH_TEMPLATE, last_boxed, load_pairs, load_prompts, shuffled_indices
-from common.evaluation import eval_math, mean_and_se
+from common.evaluation import eval_math, evaluate, mean_and_se
 from common.generation import Completion, Generator
 from common.models import (
     completion_logprobs,
@@ -33,7 +33,7 @@ from common.utils import (
 )
 
 __all__ = [
-    "eval_math", "mean_and_se", "PAPER_MATH_TEMPLATE", "last_boxed", "load_pairs", "load_prompts", "shuffled_indices",
+    "eval_math", "evaluate", "mean_and_se", "PAPER_MATH_TEMPLATE", "last_boxed", "load_pairs", "load_prompts", "shuffled_indices",
     "Completion", "Generator", "completion_logprobs", "default_dtype", "encode_prompts", "fsdp_wrap", "full_state_dict", "load_model",
     "load_tokenizer", "RewardModel", "math_reward", "math_rewards", "MetricsLogger", "UserError",
     "all_reduce", "seed_everything", "setup_distributed",

@@ -5,6 +5,8 @@ Every row becomes `{"task": "math" | "chat", "prompt": str, "answer": str | None
 
 Column mapping (first match wins):
 - task: a `task` column (`math` or `chat`); otherwise `math` when the row has a gold answer.
+  Several datasets mix into one list (comma-separated, optional weights: see `load_prompts`), so
+  a batch can hold both tasks, each scored by its own reward.
 - math rows: `prompt` (used verbatim) or `problem` (wrapped in `math_template`, by default the
   paper's), and `answer`; without `answer`, the last `\\boxed{...}` of `solution` (NuminaMath's
   shape: `problem`, `solution`).
@@ -130,12 +132,36 @@ def normalize_row(raw: dict, where: str, math_template: str = PAPER_MATH_TEMPLAT
 
 def load_prompts(spec: str, split: str = "train", math_template: str = PAPER_MATH_TEMPLATE,
                  limit: int | None = None) -> list[dict]:
-    """Load and normalise a prompt dataset (see the module docstring for the accepted shapes)."""
-    raw = _read_raw(spec, split)
-    if not raw:
-        raise UserError(f"dataset '{spec}' has no rows")
-    rows = [normalize_row(r, f"{spec} row {i}", math_template) for i, r in enumerate(raw[:limit])]
-    return rows
+    """Load and normalise a prompt dataset (see the module docstring for the accepted shapes).
+
+    `spec` may name several datasets, comma-separated, each with an optional mixing weight:
+    `a.jsonl,b.jsonl` concatenates them; `AI-MO/NuminaMath-CoT:2,allenai/WildChat-1M:1` gives each
+    a share of the mixture proportional to its weight (the mixture keeps the concatenation's size;
+    a dataset is subsampled, or repeated, in a fixed seeded order). `limit` applies per dataset."""
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    weighted = []
+    for part in parts:
+        name, _, weight = part.rpartition(":")
+        try:
+            weighted.append((name, float(weight)) if name else (part, None))
+        except ValueError:  # a colon that is not a weight
+            weighted.append((part, None))
+    loaded = []
+    for name, _ in weighted:
+        raw = _read_raw(name, split)
+        if not raw:
+            raise UserError(f"dataset '{name}' has no rows")
+        loaded.append([normalize_row(r, f"{name} row {i}", math_template) for i, r in enumerate(raw[:limit])])
+    if all(w is None for _, w in weighted):
+        return [r for rows in loaded for r in rows]
+    if any(w is None or w < 0 for _, w in weighted) or not sum(w for _, w in weighted):
+        raise UserError(f"dataset '{spec}': give every dataset a weight >= 0 (name:weight), or none")
+    total, weight_sum = sum(len(rows) for rows in loaded), sum(w for _, w in weighted)
+    mixed = []
+    for i, (rows, (_, w)) in enumerate(zip(loaded, weighted, strict=True)):
+        order = shuffled_indices(len(rows), 0, i)
+        mixed += [rows[order[j % len(rows)]] for j in range(round(total * w / weight_sum))]
+    return mixed
 
 
 def _reply(x, where: str, col: str) -> tuple[str, list | None]:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import math
 
+import torch.distributed as dist
+
 from common.models import encode_prompts
 from common.rewards import math_rewards
+from common.utils import all_reduce
 
 
 def mean_and_se(xs: list[float]) -> tuple[float, float]:
@@ -28,3 +31,41 @@ def eval_math(generator, tokenizer, rows: list[dict], *, k: int, temperature: fl
         scores = math_rewards([c.text for c in completions], [row["answer"]] * len(completions))
         per_problem.append(sum(scores) / len(scores))
     return per_problem
+
+
+def evaluate(generator, tokenizer, reward_model, rows: list[dict], *, k: int, temperature: float,
+             top_p: float, max_tokens: int, seed: int, limit: int) -> dict[str, float]:
+    """The `eval/*` metrics of held-out rows (at most `limit` per task), sharded over ranks and
+    reduced, from `k` samples per prompt with the generator's current weights:
+    math -> `eval/accuracy` (mean per-problem accuracy) and `eval/accuracy_se`;
+    chat -> `eval/chat/reward_mean` (reward-model score) with `_se`, `eval/chat/length_mean`
+    (tokens) and `eval/chat/reward_per_token` (mean reward / mean length: the paper picked chat
+    checkpoints by it, because the RM rewards length)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    math_rows = [r for r in rows if r["task"] == "math"][:limit][rank::world]
+    chat_rows = [r for r in rows if r["task"] == "chat"][:limit][rank::world]
+    seed = seed * 7919 + rank * 104729  # distinct per rank; fixed across evaluations
+    accs = eval_math(generator, tokenizer, math_rows, k=k, temperature=temperature, top_p=top_p,
+                     max_tokens=max_tokens, seed=seed) if math_rows else []
+    chat_rewards, chat_tokens = [], 0
+    if chat_rows:
+        outs = generator.generate(encode_prompts(tokenizer, [r["prompt"] for r in chat_rows]), n=k,
+                                  temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed + 1)
+        for row, completions in zip(chat_rows, outs, strict=True):
+            scores = reward_model.score([row["prompt"]] * k, [c.text for c in completions])
+            chat_rewards.append(sum(scores) / k)
+            chat_tokens += sum(len(c.token_ids) for c in completions) / k
+    s = all_reduce({"n": len(accs), "sum": sum(accs), "sq": sum(a * a for a in accs),
+                    "chat_n": len(chat_rewards), "chat_sum": sum(chat_rewards),
+                    "chat_sq": sum(x * x for x in chat_rewards), "chat_tokens": chat_tokens})
+    out = {}
+    for key, n, total, sq in [("eval/accuracy", s["n"], s["sum"], s["sq"]),
+                              ("eval/chat/reward_mean", s["chat_n"], s["chat_sum"], s["chat_sq"])]:
+        if n:
+            mean = total / n
+            var = max(sq / n - mean**2, 0.0) * n / max(n - 1, 1)
+            out[key], out[key + "_se"] = mean, (var / n) ** 0.5
+    if s["chat_n"]:
+        out["eval/chat/length_mean"] = s["chat_tokens"] / s["chat_n"]
+        out["eval/chat/reward_per_token"] = out["eval/chat/reward_mean"] / max(out["eval/chat/length_mean"], 1)
+    return out

@@ -106,7 +106,8 @@ class RewardModel:
     """
 
     def __init__(self, name: str, device: torch.device, dtype: torch.dtype | None = None,
-                 max_length: int = 4096, batch_size: int = 8, trust_remote_code: bool = False):
+                 max_length: int = 4096, batch_size: int = 8, offload: bool = False,
+                 trust_remote_code: bool = False):
         check_model_path(name, "reward model")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
@@ -122,10 +123,13 @@ class RewardModel:
         # The sequence-classification head reads the last non-pad token of each row.
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.tokenizer.padding_side = "right"
-        self.model.to(device).eval().requires_grad_(False)
-        self.device, self.max_length, self.batch_size = device, max_length, batch_size
+        self.model.eval().requires_grad_(False)
+        self.device, self.max_length, self.batch_size, self.offload_between = device, max_length, batch_size, offload
+        if not offload:
+            self.model.to(device)
 
     def offload(self) -> None:
+        """Park the weights in CPU memory (an 8B RM frees ~16 GB of GPU memory between uses)."""
         self.model.to("cpu")
 
     def onload(self) -> None:
@@ -145,6 +149,8 @@ class RewardModel:
                               max_length=self.max_length)["input_ids"] for t in texts]
         order = sorted(range(len(enc)), key=lambda i: len(enc[i]))  # similar lengths, less padding
         scores = [0.0] * len(enc)
+        if self.offload_between:  # `offload=True`: on the device only while scoring
+            self.onload()
         device = next(self.model.parameters()).device
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
@@ -153,4 +159,6 @@ class RewardModel:
                              attention_mask=batch["attention_mask"].to(device)).logits
             for i, s in zip(idx, out[:, 0].float().tolist(), strict=True):
                 scores[i] = s
+        if self.offload_between:
+            self.offload()
         return scores

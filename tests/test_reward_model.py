@@ -76,3 +76,12 @@ def test_truncation(rm_dirs):
 def test_missing_rm_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         RewardModel(str(tmp_path / "nope"), torch.device("cpu"))
+
+
+def test_offload_scores_the_same(rm_dirs):
+    """`offload=True` keeps the RM in CPU memory between calls and moves it only to score
+    (on this CPU machine the move is trivial; the scores and the resting place are checked)."""
+    kept = RewardModel(rm_dirs[0], torch.device("cpu"))
+    parked = RewardModel(rm_dirs[0], torch.device("cpu"), offload=True)
+    assert parked.score(PROMPTS, RESPONSES) == kept.score(PROMPTS, RESPONSES)
+    assert next(parked.model.parameters()).device.type == "cpu"
