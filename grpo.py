@@ -33,9 +33,7 @@ every sample instead of one chosen/rejected pair per prompt) and the fixed refer
 """
 
 import contextlib
-import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 
@@ -183,7 +181,7 @@ def main(args: Args) -> None:
     ckpt_dir = os.path.join(args.output_dir, "checkpoint")
     if rank == 0 and not args.resume and os.path.exists(os.path.join(args.output_dir, "metrics.jsonl")):
         raise common.UserError(f"{args.output_dir} already holds a run; pass --resume or another --output-dir")
-    if args.resume and not os.path.isdir(ckpt_dir):
+    if args.resume and not common.find_checkpoint(ckpt_dir):
         raise common.UserError(f"--resume: no checkpoint in {args.output_dir}")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
@@ -232,11 +230,7 @@ def main(args: Args) -> None:
                                   eps=args.adam_eps, weight_decay=0.0)
     start_step = 0
     if args.resume:
-        start_step = load_checkpoint(ckpt_dir, policy, optimizer)
-        if rank == 0:  # drop metrics logged after the checkpoint: they are about to be redone
-            path = os.path.join(args.output_dir, "metrics.jsonl")
-            lines = open(path).readlines() if os.path.exists(path) else []
-            open(path, "w").writelines(line for line in lines if json.loads(line)["step"] <= start_step)
+        start_step = common.load_checkpoint(ckpt_dir, policy, optimizer)
 
     # -----------------------------------------------------------------------------------------
     # generation engine
@@ -246,7 +240,7 @@ def main(args: Args) -> None:
                                  dtype=common.default_dtype(device), seed=args.seed,
                                  enable_sleep_mode=args.vllm_sleep, trust_remote_code=args.trust_remote_code)
     logger = common.MetricsLogger(args.output_dir, asdict(args), args.track, args.wandb_project_name,
-                                  f"{args.exp_name}__{args.seed}") if rank == 0 else None
+                                  f"{args.exp_name}__{args.seed}", resume_step=start_step) if rank == 0 else None
     if rank == 0:
         print(f"{args.exp_name}: {len(rows)} prompts ({dropped} too long, dropped), {world_size} rank(s), "
               f"{args.num_steps} steps of {args.prompts_per_step}x{args.samples_per_prompt} -> {args.output_dir}")
@@ -300,6 +294,10 @@ def main(args: Args) -> None:
                 rewards[j] = torch.tensor(common.math_rewards(texts, [row["answer"]] * n))
             else:
                 rewards[j] = torch.tensor(reward_model.score([row["prompt"]] * n, texts))
+        # CRUCIAL: a NaN / inf from the reward model is counted and never trained on: its group becomes
+        # all-equal (no pair, no advantage)
+        nonfinite = ~torch.isfinite(rewards).all(dim=1)  # (P,)
+        rewards[nonfinite] = 0.0
         t_score = time.time() - t0
 
         # ---- build batch: ALGO LOGIC: group-relative advantages, one per completion
@@ -351,7 +349,7 @@ def main(args: Args) -> None:
             "loss": stats["loss"], "kl_sum": stats["kl_sum"], "tokens": stats["tokens"],
             "entropy_sum": stats["entropy_sum"], "gap_sum": stats["gap_sum"],
             "reward_sum": rewards.sum().item(), "reward_sq": (rewards**2).sum().item(), "samples": rewards.numel(),
-            "zero_std": (rewards.std(dim=1) == 0).sum().item(), "groups": len(batch),
+            "zero_std": (rewards.std(dim=1) == 0).sum().item(), "groups": len(batch), "nonfinite": nonfinite.sum().item(),
             "truncated": sum(c.finish_reason == "length" for c in completions),
             "completion_tokens": sum(len(c.token_ids) for c in completions),
         }
@@ -373,6 +371,7 @@ def main(args: Args) -> None:
             "rollout/reward_std": max(s["reward_sq"] / s["samples"] - reward_mean**2, 0.0) ** 0.5,
             "rollout/accuracy": s["math_reward"] / s["math_samples"] if s["math_samples"] else float("nan"),
             "rollout/zero_std_frac": s["zero_std"] / s["groups"],
+            "rollout/nonfinite_groups": s["nonfinite"],
             "rollout/length_mean": s["completion_tokens"] / s["samples"],
             "rollout/truncated_frac": s["truncated"] / s["samples"],
             "rollout/entropy": s["entropy_sum"] / s["tokens"],
@@ -407,7 +406,7 @@ def main(args: Args) -> None:
 
         # ---- checkpoint
         if step % args.save_every == 0 or step == args.num_steps:
-            save_checkpoint(ckpt_dir, step, policy, optimizer, tokenizer, rank)
+            common.save_checkpoint(ckpt_dir, step, policy, optimizer, tokenizer)
 
     # -----------------------------------------------------------------------------------------
     # final save
@@ -418,47 +417,6 @@ def main(args: Args) -> None:
     generator.shutdown()  # CRUCIAL: before destroy_process_group
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def save_checkpoint(ckpt_dir: str, step: int, policy, optimizer, tokenizer, rank: int) -> None:
-    """Hugging Face model folder (safetensors + tokenizer: transformers and vLLM load it as is) plus
-    the trainer state (DCP: model and optimizer shards, no pickle). Written aside, then renamed,
-    so a crash mid-save leaves the previous checkpoint whole."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    tmp = ckpt_dir + ".tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-    full = {name: t.cpu() for name, t in common.full_state_dict(policy)}  # collective on every rank
-    model_sd, optim_sd = get_state_dict(policy, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(tmp, "trainer_state"))
-    if rank == 0:
-        unwrapped = getattr(policy, "module", policy)
-        unwrapped.save_pretrained(tmp, state_dict=full)
-        tokenizer.save_pretrained(tmp)
-        with open(os.path.join(tmp, "step.json"), "w") as f:
-            json.dump({"step": step}, f)
-        shutil.rmtree(ckpt_dir + ".old", ignore_errors=True)
-        if os.path.exists(ckpt_dir):
-            os.rename(ckpt_dir, ckpt_dir + ".old")
-        os.rename(tmp, ckpt_dir)
-        shutil.rmtree(ckpt_dir + ".old", ignore_errors=True)
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def load_checkpoint(ckpt_dir: str, policy, optimizer) -> int:
-    """Restore model and optimizer state in place; returns the step to continue after."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    model_sd, optim_sd = get_state_dict(policy, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=os.path.join(ckpt_dir, "trainer_state"))
-    set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    with open(os.path.join(ckpt_dir, "step.json")) as f:
-        return json.load(f)["step"]
 
 
 if __name__ == "__main__":

@@ -53,7 +53,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass
 
@@ -219,7 +218,7 @@ def main(args: Args) -> None:
     ckpt_dir = os.path.join(args.output_dir, "checkpoint")
     if rank == 0 and not args.resume and os.path.exists(os.path.join(args.output_dir, "metrics.jsonl")):
         raise common.UserError(f"{args.output_dir} already holds a run; pass --resume or another --output-dir")
-    if args.resume and not os.path.isdir(ckpt_dir):
+    if args.resume and not common.find_checkpoint(ckpt_dir):
         raise common.UserError(f"--resume: no checkpoint in {args.output_dir}")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
@@ -273,11 +272,7 @@ def main(args: Args) -> None:
                                   eps=args.adam_eps, weight_decay=0.0)
     start_step = 0
     if args.resume:
-        start_step = load_checkpoint(ckpt_dir, policy, optimizer)
-        if rank == 0:  # drop metrics logged after the checkpoint: they are about to be redone
-            path = os.path.join(args.output_dir, "metrics.jsonl")
-            lines = open(path).readlines() if os.path.exists(path) else []
-            open(path, "w").writelines(line for line in lines if json.loads(line)["step"] <= start_step)
+        start_step = common.load_checkpoint(ckpt_dir, policy, optimizer)
 
     # -----------------------------------------------------------------------------------------
     # generation engine: ALGO LOGIC: it holds the seed's weights for every rollout of the run
@@ -299,7 +294,7 @@ def main(args: Args) -> None:
         t_build, t_generate, t_score = time.time(), 0.0, 0.0
         mine = list(range(rank, len(rows), world_size))  # this rank's prompts
         built = []
-        local = {"reward_sum": 0.0, "reward_sq": 0.0, "samples": 0, "zero_std": 0, "groups": 0, "truncated": 0,
+        local = {"reward_sum": 0.0, "reward_sq": 0.0, "samples": 0, "zero_std": 0, "groups": 0, "nonfinite": 0, "truncated": 0,
                  "completion_tokens": 0, **{f"{task}_{x}": 0.0 for task in ("math", "chat") for x in ("reward", "samples", "tokens")}}
         chunk = 256  # prompts per vLLM call: bounds memory and shows progress; results do not depend on it
         for k in range(0, len(mine), chunk):
@@ -322,6 +317,10 @@ def main(args: Args) -> None:
                     rewards[j] = torch.tensor(common.math_rewards(texts, [row["answer"]] * n))
                 else:
                     rewards[j] = torch.tensor(reward_model.score([row["prompt"]] * n, texts))
+            # CRUCIAL: a NaN / inf from the reward model is counted and never trained on: its group
+            # becomes all-equal (no pair)
+            nonfinite = ~torch.isfinite(rewards).all(dim=1)  # (P,)
+            rewards[nonfinite] = 0.0
             t_score += time.time() - t0
 
             # ---- pairs: ALGO LOGIC: one (chosen, rejected) pair per prompt at most, online DPO's rules;
@@ -344,6 +343,7 @@ def main(args: Args) -> None:
                 local[f"{task}_tokens"] += lengths[rows_t].sum().item()
             local["zero_std"] += (rewards.std(dim=1) == 0).sum().item()
             local["groups"] += len(batch)
+            local["nonfinite"] += nonfinite.sum().item()
             local["truncated"] += sum(c.finish_reason == "length" for c in completions)
             local["completion_tokens"] += sum(len(c.token_ids) for c in completions)
             if rank == 0:
@@ -370,6 +370,7 @@ def main(args: Args) -> None:
             "rollout/reward_std": max(s["reward_sq"] / s["samples"] - reward_mean**2, 0.0) ** 0.5,
             "rollout/accuracy": s["math_reward"] / s["math_samples"] if s["math_samples"] else float("nan"),
             "rollout/zero_std_frac": s["zero_std"] / s["groups"],
+            "rollout/nonfinite_groups": s["nonfinite"],
             "rollout/length_mean": s["completion_tokens"] / s["samples"],
             "rollout/truncated_frac": s["truncated"] / s["samples"],
             "rollout/prompts": s["groups"],
@@ -402,7 +403,7 @@ def main(args: Args) -> None:
     args.num_pairs = len(pairs)
     args.num_steps = args.num_steps or math.ceil(args.epochs * len(pairs) / args.pairs_per_step)
     logger = common.MetricsLogger(args.output_dir, asdict(args), args.track, args.wandb_project_name,
-                                  f"{args.exp_name}__{args.seed}") if rank == 0 else None
+                                  f"{args.exp_name}__{args.seed}", resume_step=start_step) if rank == 0 else None
     if rank == 0:
         print(f"{args.exp_name}: {len(pairs)} pairs from {pairs_path} ({dropped_pairs} too long, dropped), "
               f"{world_size} rank(s), {args.num_steps} steps of {args.pairs_per_step} pairs "
@@ -523,7 +524,7 @@ def main(args: Args) -> None:
 
         # ---- checkpoint
         if step % args.save_every == 0 or step == args.num_steps:
-            save_checkpoint(ckpt_dir, step, policy, optimizer, tokenizer, rank)
+            common.save_checkpoint(ckpt_dir, step, policy, optimizer, tokenizer)
 
     # -----------------------------------------------------------------------------------------
     # final save
@@ -535,47 +536,6 @@ def main(args: Args) -> None:
         generator.shutdown()  # CRUCIAL: before destroy_process_group
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def save_checkpoint(ckpt_dir: str, step: int, policy, optimizer, tokenizer, rank: int) -> None:
-    """Hugging Face model folder (safetensors + tokenizer: transformers and vLLM load it as is) plus
-    the trainer state (DCP: model and optimizer shards, no pickle). Written aside, then renamed,
-    so a crash mid-save leaves the previous checkpoint whole."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    tmp = ckpt_dir + ".tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-    full = {name: t.cpu() for name, t in common.full_state_dict(policy)}  # collective on every rank
-    model_sd, optim_sd = get_state_dict(policy, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(tmp, "trainer_state"))
-    if rank == 0:
-        unwrapped = getattr(policy, "module", policy)
-        unwrapped.save_pretrained(tmp, state_dict=full)
-        tokenizer.save_pretrained(tmp)
-        with open(os.path.join(tmp, "step.json"), "w") as f:
-            json.dump({"step": step}, f)
-        shutil.rmtree(ckpt_dir + ".old", ignore_errors=True)
-        if os.path.exists(ckpt_dir):
-            os.rename(ckpt_dir, ckpt_dir + ".old")
-        os.rename(tmp, ckpt_dir)
-        shutil.rmtree(ckpt_dir + ".old", ignore_errors=True)
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def load_checkpoint(ckpt_dir: str, policy, optimizer) -> int:
-    """Restore model and optimizer state in place; returns the step to continue after."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    model_sd, optim_sd = get_state_dict(policy, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=os.path.join(ckpt_dir, "trainer_state"))
-    set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    with open(os.path.join(ckpt_dir, "step.json")) as f:
-        return json.load(f)["step"]
 
 
 if __name__ == "__main__":

@@ -6,11 +6,13 @@
 - rewards:    `math_reward` (Math-Verify) and `RewardModel` (scalar reward model)
 - data:       prompt datasets (local files or hub) normalised to {task, prompt, answer}, and
                 preference datasets (chosen / rejected) for offline DPO
+- checkpoint: save / resume (HF model folder + per-rank safetensors trainer state, atomic)
 - evaluation: held-out math accuracy and chat reward with standard errors, over ranks
 
 Importing `common` installs an excepthook that prints a `UserError` as one line (exit 2).
 """
 
+from common.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from common.data import PAPER_MATH_TEMPLATE, last_boxed, load_pairs, load_prompts, shuffled_indices
 from common.evaluation import eval_math, evaluate, mean_and_se
 from common.generation import Completion, Generator
@@ -33,6 +35,7 @@ from common.utils import (
 )
 
 __all__ = [
+    "find_checkpoint", "load_checkpoint", "save_checkpoint",
     "eval_math", "evaluate", "mean_and_se", "PAPER_MATH_TEMPLATE", "last_boxed", "load_pairs", "load_prompts", "shuffled_indices",
     "Completion", "Generator", "completion_logprobs", "default_dtype", "encode_prompts", "fsdp_wrap", "full_state_dict", "load_model",
     "load_tokenizer", "RewardModel", "math_reward", "math_rewards", "MetricsLogger", "UserError",

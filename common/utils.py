@@ -79,9 +79,12 @@ class MetricsLogger:
     current step."""
 
     def __init__(self, output_dir: str | Path, config: dict, track: bool = False,
-                 project: str = "bridging-rl", run_name: str | None = None):
+                 project: str = "bridging-rl", run_name: str | None = None, resume_step: int = 0):
         self.path = Path(output_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step and self.path.exists():  # drop lines logged after the checkpoint: they are redone
+            lines = self.path.read_text().splitlines(keepends=True)
+            self.path.write_text("".join(line for line in lines if line.strip() and json.loads(line)["step"] <= resume_step))
         self.wandb = None
         if track:
             import wandb

@@ -30,6 +30,8 @@ CASES = [
     ("\\boxed{", "7", 0.0),
     ("}}}}{{{{\\boxed{\\frac{}{}}", "7", 0.0),
     ("\\boxed{7}", "", 0.0),  # unparsable gold
+    ("\\boxed{7}", "\\frac{", 0.0),  # malformed gold LaTeX
+    ("\\boxed{7}", "}}{{", 0.0),
 ]
 
 
