@@ -7,8 +7,8 @@ Column mapping (first match wins):
 - task: a `task` column (`math` or `chat`); otherwise `math` when the row has a gold answer.
   Several datasets mix into one list (comma-separated, optional weights: see `load_prompts`), so
   a batch can hold both tasks, each scored by its own reward.
-- math rows: `prompt` (used verbatim) or `problem` (wrapped in `math_template`, by default the
-  paper's), and `answer`; without `answer`, the last `\\boxed{...}` of `solution` (NuminaMath's
+- math rows: `prompt` (used verbatim) or `problem` / `question` (wrapped in `math_template`, by
+  default the paper's), and `answer`; without `answer`, the last `\\boxed{...}` of `solution` (NuminaMath's
   shape: `problem`, `solution`).
 - chat rows: `prompt` (a string), or the first user turn of `messages` / `conversation` (a list
   of `{"role", "content"}`: WildChat's shape).
@@ -113,8 +113,8 @@ def normalize_row(raw: dict, where: str, math_template: str = PAPER_MATH_TEMPLAT
         raise UserError(f"{where}: column 'task' is '{task}', expected 'math' or 'chat'")
     if isinstance(raw.get("prompt"), str):
         prompt = raw["prompt"]
-    elif task == "math" and isinstance(raw.get("problem"), str):
-        prompt = math_template.format(problem=raw["problem"])
+    elif task == "math" and isinstance(raw.get("problem", raw.get("question")), str):  # AMC23: `question`
+        prompt = math_template.format(problem=raw.get("problem", raw.get("question")))
     else:
         prompt = _first_user_turn(raw.get("messages") or raw.get("conversation"))
     if prompt is None:

@@ -121,3 +121,20 @@ def test_preference_shapes_are_normalised(tmp_path):
                      ({"prompt": "Hi", "chosen": 3, "rejected": "b"}, "must be a string or a list of messages")]:
         with pytest.raises(UserError, match=msg):
             load_pairs(_jsonl(tmp_path / "bad.jsonl", [bad]))
+
+
+def test_dataset_mixtures(tmp_path):
+    a = _jsonl(tmp_path / "a.jsonl", [{"prompt": f"What is {i}+1?", "answer": str(i + 1)} for i in range(30)])
+    b = _jsonl(tmp_path / "b.jsonl", [{"prompt": f"Say {i}."} for i in range(10)])
+    assert [r["task"] for r in load_prompts(f"{a},{b}")] == ["math"] * 30 + ["chat"] * 10  # concatenated
+    mixed = load_prompts(f"{a}:1,{b}:3")  # shares 1:3 of the concatenation's 40 rows
+    assert len(mixed) == 40 and sum(r["task"] == "chat" for r in mixed) == 30
+    assert len({r["prompt"] for r in mixed if r["task"] == "chat"}) == 10  # the small one repeats, all rows used
+    assert mixed == load_prompts(f"{a}:1,{b}:3")  # a fixed order
+    assert len(load_prompts(f"{a}:1,{b}:0")) == 40 and all(r["task"] == "math" for r in load_prompts(f"{a}:1,{b}:0"))
+    with pytest.raises(UserError, match="give every dataset a weight"):
+        load_prompts(f"{a}:1,{b}")
+    assert load_prompts(f"{a}", limit=5)[-1]["answer"] == "5"
+    # AMC23's shape: `question` + `answer`
+    assert load_prompts(_jsonl(tmp_path / "amc.jsonl", [{"question": "Q?", "answer": 3}]))[0]["prompt"] == \
+        PAPER_MATH_TEMPLATE.format(problem="Q?")

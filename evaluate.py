@@ -1,0 +1,188 @@
+"""Evaluate a checkpoint or hub model with vLLM, the way the paper does.
+
+math: accuracy averaged over `samples` samples per problem at T = 0.6, top-p 0.9 (the paper: 50
+samples), with its standard error over problems, plus greedy accuracy; each of `math_datasets`
+separately (MATH-500, AMC23 and NuminaMath test shapes: `problem` or `question`, with `answer`
+or a `\\boxed{}` in `solution`; or the embedded test file).
+chat: the reward model's mean score, the mean length in tokens, the length-normalised score
+(mean score / mean length: the paper picked chat checkpoints by it, because the RM rewards
+length) and the win rate against a baseline model's responses on the same prompts, judged by
+the reward model (each of the `samples` responses against the baseline's response with the same
+index; a tie counts half). The baseline must share the model's architecture: its weights are
+pushed into the same engine.
+
+Writes a JSON result (`--output`, default `<model>/eval.json` for a local folder) and prints a
+markdown table. Under torchrun the prompts are sharded over ranks and the sums reduced.
+
+Run:
+    python evaluate.py --model runs/grpo__1/checkpoint          # embedded math + chat test sets
+    torchrun --standalone --nproc_per_node=8 evaluate.py --model runs/online_dpo__1/checkpoint \\
+        --math-datasets HuggingFaceH4/MATH-500 math-ai/amc23 --chat-dataset '' --samples 50 \\
+        --max-new-tokens 2048 --max-model-len 4096
+"""
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+import tyro
+
+import common
+
+
+@dataclass
+class Args:
+    model: str = "embedded/policy"
+    """the model to evaluate: a checkpoint folder (e.g. runs/grpo__1/checkpoint) or a hub id"""
+    math_datasets: tuple[str, ...] = ("embedded/data/math_test.jsonl",)
+    """math test sets, each reported on its own (hub ids or local files; '' to skip math)"""
+    chat_dataset: str = "embedded/data/chat_test.jsonl"
+    """chat test prompts ('' to skip)"""
+    split: str = "test"
+    """split of the hub datasets"""
+    reward_model: str = "embedded/reward_model"
+    """reward model that scores the chat responses"""
+    baseline: str = "embedded/policy"
+    """model whose chat responses the win rate is against ('' to skip)"""
+    samples: int = 8
+    """samples per prompt (the paper: 50)"""
+    temperature: float = 0.6
+    """sampling temperature (the paper: 0.6)"""
+    top_p: float = 0.9
+    """nucleus sampling (the paper: 0.9)"""
+    max_new_tokens: int = 48
+    """completion length limit"""
+    max_model_len: int = 256
+    """prompt + completion limit of the engine"""
+    limit: int = 0
+    """at most this many prompts per dataset (0: all)"""
+    seed: int = 1
+    """sampling seed"""
+    math_template: str = common.PAPER_MATH_TEMPLATE
+    """user turn for rows that give a `problem`"""
+    output: str = ""
+    """JSON result path (default: <model>/eval.json for a local folder, else eval.json)"""
+    gpu_memory_utilization: float = 0.0
+    """memory fraction vLLM reserves (0: 0.5 on GPU; on CPU, of the NUMA node, 0.15)"""
+    trust_remote_code: bool = False
+    """allow model repos to run their own code"""
+
+
+def mean_se(n: float, total: float, sq: float) -> tuple[float, float]:
+    """Mean and standard error from a count, a sum and a sum of squares (reduced over ranks)."""
+    mean = total / n
+    var = max(sq / n - mean**2, 0.0) * n / max(n - 1, 1)
+    return mean, (var / n) ** 0.5
+
+
+def main(args: Args) -> None:
+    rank, world_size, device = common.setup_distributed()
+    args.gpu_memory_utilization = args.gpu_memory_utilization or (0.5 if device.type == "cuda" else 0.15)
+    args.output = args.output or (os.path.join(args.model, "eval.json") if os.path.isdir(args.model) else "eval.json")
+    tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
+    limit = args.limit or None
+    math_sets = {}
+    for spec in (s for s in args.math_datasets if s):  # '' skips math
+        rows = [r for r in common.load_prompts(spec, args.split, args.math_template) if r["task"] == "math"][:limit]
+        if not rows:
+            raise common.UserError(f"math dataset '{spec}' has no rows with a gold answer")
+        math_sets[spec] = rows
+    chat_rows = []
+    if args.chat_dataset:
+        chat_rows = [r for r in common.load_prompts(args.chat_dataset, args.split) if r["task"] == "chat"][:limit]
+    reward_model = common.RewardModel(args.reward_model, device, trust_remote_code=args.trust_remote_code) \
+        if chat_rows else None
+    generator = common.Generator(args.model, max_model_len=args.max_model_len,
+                                 gpu_memory_utilization=args.gpu_memory_utilization,
+                                 dtype=common.default_dtype(device), seed=args.seed,
+                                 trust_remote_code=args.trust_remote_code)
+    seed = args.seed * 7919 + rank * 104729  # distinct per rank
+    result = {"args": asdict(args), "math": {}, "chat": {}}
+    t0 = time.time()
+
+    # ---- math: k samples per problem, and greedy
+    for spec, rows in math_sets.items():
+        mine = rows[rank::world_size]
+        accs = common.eval_math(generator, tokenizer, mine, k=args.samples, temperature=args.temperature,
+                                top_p=args.top_p, max_tokens=args.max_new_tokens, seed=seed)
+        greedy = common.eval_math(generator, tokenizer, mine, k=1, temperature=0.0, top_p=1.0,
+                                  max_tokens=args.max_new_tokens, seed=seed)
+        s = common.all_reduce({"n": len(accs), "sum": sum(accs), "sq": sum(a * a for a in accs), "greedy": sum(greedy)})
+        acc, se = mean_se(s["n"], s["sum"], s["sq"])
+        result["math"][spec] = {"accuracy": acc, "accuracy_se": se, "greedy_accuracy": s["greedy"] / s["n"],
+                                "problems": int(s["n"]), "samples": args.samples}
+        if rank == 0:
+            print(f"math {spec}: accuracy {acc:.3f} ± {se:.3f}, greedy {s['greedy'] / s['n']:.3f} "
+                  f"({int(s['n'])} problems, {time.time() - t0:.0f} s)", flush=True)
+
+    # ---- chat: reward-model score, length, length-normalised score, win rate vs the baseline
+    if chat_rows:
+        mine = chat_rows[rank::world_size]
+        prompts = common.encode_prompts(tokenizer, [r["prompt"] for r in mine])
+        texts = [r["prompt"] for r in mine]
+
+        def sample_and_score(sampling_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+            """(P, k) reward-model scores and (P, k) lengths of the engine's current weights."""
+            outs = generator.generate(prompts, n=args.samples, temperature=args.temperature, top_p=args.top_p,
+                                      max_tokens=args.max_new_tokens, seed=sampling_seed)
+            scores = reward_model.score([p for p in texts for _ in range(args.samples)], [c.text for o in outs for c in o])
+            lengths = [len(c.token_ids) for o in outs for c in o]
+            return (torch.tensor(scores).view(len(mine), args.samples),
+                    torch.tensor(lengths, dtype=torch.float).view(len(mine), args.samples))
+
+        scores, lengths = sample_and_score(seed + 1)
+        per_prompt = scores.mean(dim=1)
+        local = {"n": len(mine), "sum": per_prompt.sum().item(), "sq": (per_prompt**2).sum().item(),
+                 "tokens": lengths.mean(dim=1).sum().item()}
+        if args.baseline:
+            from transformers import AutoModelForCausalLM
+
+            base = AutoModelForCausalLM.from_pretrained(args.baseline, dtype=common.default_dtype(device),
+                                                        trust_remote_code=args.trust_remote_code)
+            generator.sync_weights(base)  # same architecture: the baseline's weights, same engine
+            del base
+            base_scores, _ = sample_and_score(seed + 2)
+            wins = (scores > base_scores).float() + 0.5 * (scores == base_scores).float()  # (P, k)
+            local["wins"], local["pairs"] = wins.sum().item(), wins.numel()
+        s = common.all_reduce(local)
+        reward, reward_se = mean_se(s["n"], s["sum"], s["sq"])
+        length = s["tokens"] / s["n"]
+        result["chat"] = {"dataset": args.chat_dataset, "reward_mean": reward, "reward_se": reward_se,
+                          "length_mean": length, "reward_per_token": reward / max(length, 1), "prompts": int(s["n"]),
+                          "samples": args.samples}
+        if args.baseline:
+            result["chat"]["win_rate"] = s["wins"] / s["pairs"]
+            result["chat"]["baseline"] = args.baseline
+        if rank == 0:
+            print(f"chat {args.chat_dataset}: reward {reward:.3f} ± {reward_se:.3f}, length {length:.1f} "
+                  f"({int(s['n'])} prompts, {time.time() - t0:.0f} s)", flush=True)
+
+    # ---- report
+    if rank == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"\n{args.model}\n")
+        if result["math"]:
+            print(f"| math dataset | accuracy ({args.samples} samples, T={args.temperature}) | greedy | problems |")
+            print("|---|---|---|---|")
+            for spec, m in result["math"].items():
+                print(f"| {spec} | {m['accuracy']:.3f} ± {m['accuracy_se']:.3f} | {m['greedy_accuracy']:.3f} | {m['problems']} |")
+        if result["chat"]:
+            c = result["chat"]
+            win = f"{c['win_rate']:.3f}" if "win_rate" in c else "-"
+            print("\n| chat dataset | RM reward | length | reward / length | win rate vs baseline |")
+            print("|---|---|---|---|---|")
+            print(f"| {c['dataset']} | {c['reward_mean']:.3f} ± {c['reward_se']:.3f} | {c['length_mean']:.1f} | "
+                  f"{c['reward_per_token']:.4f} | {win} |")
+        print(f"\nwrote {args.output}")
+    generator.shutdown()  # CRUCIAL: before destroy_process_group
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
