@@ -181,9 +181,12 @@ def plot(args: Args, results: dict) -> None:
                 continue
             for ax, metric in zip(axes, [spec["metric"], "rollout/entropy", length_key], strict=True):
                 pts = [(m["step"], m[metric]) for m in run["metrics"] if metric in m]
-                if pts:
-                    ax.plot(*zip(*pts, strict=True), marker="o" if metric.startswith("eval") or len(pts) == 1 else None,
-                            markersize=3, label=label)
+                if len(pts) == 1:  # offline DPO's one-time generation: a constant over the run
+                    ax.axhline(pts[0][1], linestyle="--", color=f"C{[r[0] for r in regimes(args)].index(key)}",
+                               label=label)
+                elif pts:
+                    ax.plot(*zip(*pts, strict=True), marker="o" if metric.startswith("eval") else None,
+                            markersize=3, label=label, color=f"C{[r[0] for r in regimes(args)].index(key)}")
         for ax, title in zip(axes, [spec["label"], "rollout entropy (policy, per token)", "response length (tokens)"], strict=True):
             ax.set_title(f"{task}: {title}")
             ax.set_xlabel("step")
