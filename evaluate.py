@@ -31,6 +31,7 @@ import torch.distributed as dist
 import tyro
 
 import common
+from common.models import check_model_path
 
 
 @dataclass
@@ -83,6 +84,8 @@ def main(args: Args) -> None:
     args.gpu_memory_utilization = args.gpu_memory_utilization or (0.5 if device.type == "cuda" else 0.15)
     args.output = args.output or (os.path.join(args.model, "eval.json") if os.path.isdir(args.model) else "eval.json")
     tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
+    if args.baseline:
+        check_model_path(args.baseline, "baseline model")  # fail now, not after the math evaluation
     limit = args.limit or None
     math_sets = {}
     for spec in (s for s in args.math_datasets if s):  # '' skips math
@@ -138,10 +141,8 @@ def main(args: Args) -> None:
         local = {"n": len(mine), "sum": per_prompt.sum().item(), "sq": (per_prompt**2).sum().item(),
                  "tokens": lengths.mean(dim=1).sum().item()}
         if args.baseline:
-            from transformers import AutoModelForCausalLM
-
-            base = AutoModelForCausalLM.from_pretrained(args.baseline, dtype=common.default_dtype(device),
-                                                        trust_remote_code=args.trust_remote_code)
+            base = common.load_model(args.baseline, torch.device("cpu"), dtype=common.default_dtype(device),
+                                     trainable=False, trust_remote_code=args.trust_remote_code)
             generator.sync_weights(base)  # same architecture: the baseline's weights, same engine
             del base
             base_scores, _ = sample_and_score(seed + 2)

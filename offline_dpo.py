@@ -336,7 +336,7 @@ def main(args: Args) -> None:
             local["reward_sum"] += rewards.sum().item()
             local["reward_sq"] += (rewards**2).sum().item()
             local["samples"] += rewards.numel()
-            for task in ("math", "chat"):  # ALGO LOGIC: per task: a mixed batch's rewards are on different scales
+            for task in ("math", "chat"):  # per task: a mixed batch's rewards are on different scales
                 rows_t = torch.tensor([r["task"] == task for r in batch], dtype=torch.bool)
                 local[f"{task}_reward"] += rewards[rows_t].sum().item()
                 local[f"{task}_samples"] += rewards[rows_t].numel()

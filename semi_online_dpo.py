@@ -419,7 +419,7 @@ def main(args: Args) -> None:
             "nll": stats["nll"], "pair_correct": stats["pair_correct"],
             "completion_tokens": sum(len(c.token_ids) for c in completions),
         }
-        for task in ("math", "chat"):  # ALGO LOGIC: per task: a mixed batch's rewards are on different scales
+        for task in ("math", "chat"):  # per task: a mixed batch's rewards are on different scales
             rows_t = torch.tensor([r["task"] == task for r in batch], dtype=torch.bool)
             local |= {f"{task}_reward": rewards[rows_t].sum().item(), f"{task}_samples": rewards[rows_t].numel(),
                       f"{task}_tokens": lengths[rows_t].sum().item()}
