@@ -28,8 +28,11 @@ Choices where the paper is silent: 8 samples per prompt; 1 epoch; constant learn
 a linear warm-up; AdamW betas (0.9, 0.95), no weight decay; replies are re-tokenised from the
 saved text (the file stays an ordinary text dataset), with the tokenizer's EOS appended to a reply
 that ended and not to one cut at max_new_tokens; pairs longer than max_model_len are dropped.
-`rollout/entropy` is measured on the chosen and rejected completions the trainer runs on.
-Not deterministic: vLLM on GPU (batch-dependent kernels) when the pairs are built.
+`rollout/entropy` is measured on the chosen and rejected completions the trainer runs on;
+`train/kl` is k1, `log π_ref - log π` (the tokens come from the reference, where the online
+scripts' k3 blows up). Default lr 2e-5, not the online scripts' 5e-5: on the embedded default
+5e-5 over-fits the fixed pairs within one epoch (README). Not deterministic: vLLM on GPU
+(batch-dependent kernels) when the pairs are built.
 
 Run:
     python offline_dpo.py                                    # embedded default, CPU, a few minutes
