@@ -65,7 +65,8 @@ def save_checkpoint(ckpt_dir: str, step: int, policy: torch.nn.Module, optimizer
     _barrier()
     if hasattr(policy, "reshard"):  # CRUCIAL: FSDP2 leaves a root unsharded after a no-grad forward
         policy.reshard()
-    full = {name: t.cpu() for name, t in full_state_dict(policy)}  # collective on every rank
+    # collective on every rank; only rank 0 keeps the gathered copy (it alone writes the HF folder)
+    full = {name: t.cpu() for name, t in full_state_dict(policy) if rank == 0}
     shard = {}
     for name, p in policy.named_parameters():
         shard[f"model/{name}"] = _local(p.detach()).cpu().contiguous()
