@@ -16,6 +16,7 @@ interrupted study picks up where it stopped.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -105,8 +106,6 @@ def main(args: Args) -> None:
         run_dir = os.path.join(args.runs_dir, f"{task}_{key}")
         train_s = None
         if not finished(run_dir, args.steps):
-            import shutil
-
             shutil.rmtree(run_dir, ignore_errors=True)  # a half-done run starts over (same seeds)
             cmd = [script, "--num-steps", str(args.steps), "--eval-every", str(args.eval_every),
                    "--eval-limit", str(args.eval_limit), "--seed", str(args.seed), "--output-dir", run_dir,
