@@ -1,6 +1,7 @@
 """Shared fixtures: tiny randomly initialised models built on the spot (no downloads) and one
 vLLM engine for the whole session (engine start-up is the slow part on the CPU)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -33,6 +34,12 @@ def run_script(script, args, nproc=1, timeout=900):
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
     return r
+
+
+def write_jsonl(path, rows):
+    """Write `rows` as a jsonl file at `path`; returns `path` as str."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
 
 
 def make_tiny_model(path, seed=0, layers=4):

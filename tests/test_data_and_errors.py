@@ -9,15 +9,11 @@ import torch
 
 import common
 from common import PAPER_MATH_TEMPLATE, UserError, last_boxed, load_prompts
-
-
-def _jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
+from tests.conftest import write_jsonl
 
 
 def test_shapes_are_normalised(tmp_path):
-    rows = load_prompts(_jsonl(tmp_path / "d.jsonl", [
+    rows = load_prompts(write_jsonl(tmp_path / "d.jsonl", [
         {"problem": "1+1?", "answer": "2"},  # math, templated
         {"prompt": "What is 3+4?", "answer": 7},  # math, verbatim prompt, int answer
         {"problem": "Area?", "solution": "... so \\boxed{\\frac{1}{2}}."},  # NuminaMath shape
@@ -65,7 +61,7 @@ def test_json_and_parquet(tmp_path):
 ])
 def test_bad_rows_name_row_and_column(tmp_path, rows, match):
     with pytest.raises(UserError, match=match):
-        load_prompts(_jsonl(tmp_path / "d.jsonl", rows))
+        load_prompts(write_jsonl(tmp_path / "d.jsonl", rows))
 
 
 def test_bad_files(tmp_path):
@@ -106,7 +102,7 @@ def test_preference_shapes_are_normalised(tmp_path):
     from common import load_pairs
 
     user = {"role": "user", "content": "Hi"}
-    pairs = load_pairs(_jsonl(tmp_path / "p.jsonl", [
+    pairs = load_pairs(write_jsonl(tmp_path / "p.jsonl", [
         {"prompt": "Hi", "chosen": "a", "rejected": "b"},  # standard
         {"chosen": [user, {"role": "assistant", "content": "a"}], "rejected": [user, {"role": "assistant", "content": "b"}]},
         {"prompt": [user], "chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]},
@@ -120,12 +116,12 @@ def test_preference_shapes_are_normalised(tmp_path):
                      ({"chosen": "a", "rejected": "b"}, "no prompt"),
                      ({"prompt": "Hi", "chosen": 3, "rejected": "b"}, "must be a string or a list of messages")]:
         with pytest.raises(UserError, match=msg):
-            load_pairs(_jsonl(tmp_path / "bad.jsonl", [bad]))
+            load_pairs(write_jsonl(tmp_path / "bad.jsonl", [bad]))
 
 
 def test_dataset_mixtures(tmp_path):
-    a = _jsonl(tmp_path / "a.jsonl", [{"prompt": f"What is {i}+1?", "answer": str(i + 1)} for i in range(30)])
-    b = _jsonl(tmp_path / "b.jsonl", [{"prompt": f"Say {i}."} for i in range(10)])
+    a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"What is {i}+1?", "answer": str(i + 1)} for i in range(30)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"Say {i}."} for i in range(10)])
     assert [r["task"] for r in load_prompts(f"{a},{b}")] == ["math"] * 30 + ["chat"] * 10  # concatenated
     mixed = load_prompts(f"{a}:1,{b}:3")  # shares 1:3 of the concatenation's 40 rows
     assert len(mixed) == 40 and sum(r["task"] == "chat" for r in mixed) == 30
@@ -136,5 +132,5 @@ def test_dataset_mixtures(tmp_path):
         load_prompts(f"{a}:1,{b}")
     assert load_prompts(f"{a}", limit=5)[-1]["answer"] == "5"
     # AMC23's shape: `question` + `answer`
-    assert load_prompts(_jsonl(tmp_path / "amc.jsonl", [{"question": "Q?", "answer": 3}]))[0]["prompt"] == \
+    assert load_prompts(write_jsonl(tmp_path / "amc.jsonl", [{"question": "Q?", "answer": 3}]))[0]["prompt"] == \
         PAPER_MATH_TEMPLATE.format(problem="Q?")

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from tests.conftest import run_script
+from tests.conftest import run_script, write_jsonl
 from tests.test_grpo import metrics
 
 MIX = ["--dataset", "embedded/data/mix_train.jsonl", "--eval-dataset",
@@ -69,7 +69,7 @@ def test_a_task_without_pairs_on_two_ranks(tmp_path):
     rows = [{"task": "math", "prompt": f"What is {a}+{a}?", "answer": "-999"} for a in range(14)]
     rows += [{"task": "chat", "prompt": "Write abc in capital letters."}, {"task": "chat", "prompt": "Repeat this word: xyz"}]
     data = tmp_path / "crafted.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(data, rows)
     out = tmp_path / "run"
     run_script("online_dpo.py", ["--dataset", str(data), "--prompts-per-step", "4", "--num-steps", "6", "--eval-every", "0",
                                  "--output-dir", str(out)], nproc=2)

@@ -14,7 +14,7 @@ import torch
 import offline_dpo
 import online_dpo
 from common import math_reward
-from tests.conftest import ROOT, run_script
+from tests.conftest import ROOT, run_script, write_jsonl
 from tests.test_grpo import SMALL, metrics
 
 TRAIN_KEYS = ["step", "train/loss", "train/kl", "train/grad_norm", "train/lr", "train/pairs", "train/pair_accuracy",
@@ -30,16 +30,11 @@ IMPOSSIBLE = [{"task": "math", "prompt": f"What is {a}+{b}?", "answer": "-999"} 
 ARGS = ["--samples-per-prompt", "8", "--pairs-per-step", "2", "--epochs", "2", "--save-every", "2", *SMALL]
 
 
-def _jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """One single-process run that builds pairs from the crafted set and trains on them."""
     tmp = tmp_path_factory.mktemp("offline")
-    data = _jsonl(tmp / "crafted.jsonl", [r for pair in zip(EASY[:4], IMPOSSIBLE) for r in pair] + EASY[4:])
+    data = write_jsonl(tmp / "crafted.jsonl", [r for pair in zip(EASY[:4], IMPOSSIBLE) for r in pair] + EASY[4:])
     out = tmp / "run"
     r = run_script("offline_dpo.py", ["--dataset", data, "--eval-every", "4", "--output-dir", str(out), *ARGS])
     return {"data": data, "out": out, "stdout": r.stdout}
@@ -128,7 +123,7 @@ def test_trains_on_an_existing_conversational_dataset(tmp_path):
         rows.append({"chosen": [user, {"role": "assistant", "content": word.upper()}],
                      "rejected": [user, {"role": "assistant", "content": word}]})
         rows.append({"prompt": f"Repeat this word: {word}", "chosen": word, "rejected": word[::-1]})
-    data = _jsonl(tmp_path / "prefs.jsonl", rows)
+    data = write_jsonl(tmp_path / "prefs.jsonl", rows)
     out = tmp_path / "run"
     run_script("offline_dpo.py", ["--pairs", data, "--eval-every", "0", "--pairs-per-step", "4", "--epochs", "2",
                                   "--learning-rate", "1e-3", "--output-dir", str(out)])
@@ -139,7 +134,7 @@ def test_trains_on_an_existing_conversational_dataset(tmp_path):
 
 
 def test_bad_pairs_file_is_one_line(tmp_path):
-    data = _jsonl(tmp_path / "bad.jsonl", [{"prompt": "hi", "response": "x"}])
+    data = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "hi", "response": "x"}])
     r = subprocess.run([sys.executable, "offline_dpo.py", "--pairs", data, "--output-dir", str(tmp_path / "o")],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "needs 'chosen' and 'rejected' columns" in r.stderr.strip().splitlines()[-1]

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, Qwen2ForSequenceClassification
 
 import common
 from embedded.tiny import build_tokenizer, tiny_config
-from tests.conftest import ROOT, make_tiny_model, run_script
+from tests.conftest import ROOT, make_tiny_model, run_script, write_jsonl
 from tests.test_grpo import SMALL, metrics
 
 SCRIPTS = ["grpo.py", "online_dpo.py", "semi_online_dpo.py", "offline_dpo.py"]
@@ -131,7 +131,7 @@ def test_reward_model_nan_is_counted_never_trained_on(tmp_path):
     rows = [{"task": "chat", "prompt": f"Repeat this word: {w}"} for w in ["ab", "cd", "ef", "gh", "ij", "kl", "mn", "op"]]
     rows.append({"task": "chat", "prompt": "".join(chr(97 + i * 7 % 26) for i in range(2000))})  # > max_model_len tokens
     data = tmp_path / "chat.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(data, rows)
     out = tmp_path / "run"
     r = run_script("online_dpo.py", ["--dataset", str(data), "--reward-model", str(tmp_path / "nan_rm"), "--num-steps", "2",
                                      "--eval-every", "0", "--output-dir", str(out)])
