@@ -72,13 +72,6 @@ class Args:
     """allow model repos to run their own code"""
 
 
-def mean_se(n: float, total: float, sq: float) -> tuple[float, float]:
-    """Mean and standard error from a count, a sum and a sum of squares (reduced over ranks)."""
-    mean = total / n
-    var = max(sq / n - mean**2, 0.0) * n / max(n - 1, 1)
-    return mean, (var / n) ** 0.5
-
-
 def main(args: Args) -> None:
     rank, world_size, device = common.setup_distributed()
     args.gpu_memory_utilization = args.gpu_memory_utilization or (0.5 if device.type == "cuda" else 0.15)
@@ -114,7 +107,7 @@ def main(args: Args) -> None:
         greedy = common.eval_math(generator, tokenizer, mine, k=1, temperature=0.0, top_p=1.0,
                                   max_tokens=args.max_new_tokens, seed=seed)
         s = common.all_reduce({"n": len(accs), "sum": sum(accs), "sq": sum(a * a for a in accs), "greedy": sum(greedy)})
-        acc, se = mean_se(s["n"], s["sum"], s["sq"])
+        acc, se = common.mean_se_from_sums(s["n"], s["sum"], s["sq"])
         result["math"][spec] = {"accuracy": acc, "accuracy_se": se, "greedy_accuracy": s["greedy"] / s["n"],
                                 "problems": int(s["n"]), "samples": args.samples}
         if rank == 0:
@@ -124,19 +117,9 @@ def main(args: Args) -> None:
     # ---- chat: reward-model score, length, length-normalised score, win rate vs the baseline
     if chat_rows:
         mine = chat_rows[rank::world_size]
-        prompts = common.encode_prompts(tokenizer, [r["prompt"] for r in mine])
-        texts = [r["prompt"] for r in mine]
-
-        def sample_and_score(sampling_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-            """(P, k) reward-model scores and (P, k) lengths of the engine's current weights."""
-            outs = generator.generate(prompts, n=args.samples, temperature=args.temperature, top_p=args.top_p,
-                                      max_tokens=args.max_new_tokens, seed=sampling_seed)
-            scores = reward_model.score([p for p in texts for _ in range(args.samples)], [c.text for o in outs for c in o])
-            lengths = [len(c.token_ids) for o in outs for c in o]
-            return (torch.tensor(scores).view(len(mine), args.samples),
-                    torch.tensor(lengths, dtype=torch.float).view(len(mine), args.samples))
-
-        scores, lengths = sample_and_score(seed + 1)
+        sampling = {"k": args.samples, "temperature": args.temperature, "top_p": args.top_p,
+                    "max_tokens": args.max_new_tokens}
+        scores, lengths = common.eval_chat(generator, tokenizer, reward_model, mine, seed=seed + 1, **sampling)
         per_prompt = scores.mean(dim=1)
         local = {"n": len(mine), "sum": per_prompt.sum().item(), "sq": (per_prompt**2).sum().item(),
                  "tokens": lengths.mean(dim=1).sum().item()}
@@ -145,11 +128,11 @@ def main(args: Args) -> None:
                                      trainable=False, trust_remote_code=args.trust_remote_code)
             generator.sync_weights(base)  # same architecture: the baseline's weights, same engine
             del base
-            base_scores, _ = sample_and_score(seed + 2)
+            base_scores, _ = common.eval_chat(generator, tokenizer, reward_model, mine, seed=seed + 2, **sampling)
             wins = (scores > base_scores).float() + 0.5 * (scores == base_scores).float()  # (P, k)
             local["wins"], local["pairs"] = wins.sum().item(), wins.numel()
         s = common.all_reduce(local)
-        reward, reward_se = mean_se(s["n"], s["sum"], s["sq"])
+        reward, reward_se = common.mean_se_from_sums(s["n"], s["sum"], s["sq"])
         length = s["tokens"] / s["n"]
         result["chat"] = {"dataset": args.chat_dataset, "reward_mean": reward, "reward_se": reward_se,
                           "length_mean": length, "reward_per_token": reward / max(length, 1), "prompts": int(s["n"]),

@@ -314,12 +314,14 @@ def main(args: Args) -> None:
             # ---- score
             t0 = time.time()
             rewards = torch.zeros(len(batch), n)  # (P, n)
-            for j, (row, o) in enumerate(zip(batch, outs, strict=True)):
-                texts = [c.text for c in o]
-                if row["task"] == "math":
-                    rewards[j] = torch.tensor(common.math_rewards(texts, [row["answer"]] * n))
-                else:
-                    rewards[j] = torch.tensor(reward_model.score([row["prompt"]] * n, texts))
+            math_idx = [j for j, row in enumerate(batch) if row["task"] == "math"]
+            chat_idx = [j for j, row in enumerate(batch) if row["task"] == "chat"]
+            if math_idx:  # each task's rows in one call: one batched reward-model pass (one move with --rm-offload)
+                rewards[math_idx] = torch.tensor(common.math_rewards(
+                    [c.text for j in math_idx for c in outs[j]], [batch[j]["answer"] for j in math_idx for _ in range(n)])).view(-1, n)
+            if chat_idx:
+                rewards[chat_idx] = torch.tensor(reward_model.score(
+                    [batch[j]["prompt"] for j in chat_idx for _ in range(n)], [c.text for j in chat_idx for c in outs[j]])).view(-1, n)
             # CRUCIAL: a NaN / inf from the reward model is counted and never trained on: its group
             # becomes all-equal (no pair)
             nonfinite = ~torch.isfinite(rewards).all(dim=1)  # (P,)
@@ -348,7 +350,7 @@ def main(args: Args) -> None:
             local["groups"] += len(batch)
             local["nonfinite"] += nonfinite.sum().item()
             local["truncated"] += sum(c.finish_reason == "length" for c in completions)
-            local["completion_tokens"] += sum(len(c.token_ids) for c in completions)
+            local["completion_tokens"] += lengths.sum().item()
             if rank == 0:
                 print(f"building pairs: {min(k + chunk, len(mine)) * world_size}/{len(rows)} prompts, "
                       f"{len(built) * world_size} pairs (rank 0 x {world_size}), {time.time() - t_build:.0f} s", flush=True)
@@ -419,12 +421,6 @@ def main(args: Args) -> None:
                                temperature=args.eval_temperature, top_p=args.eval_top_p,
                                max_tokens=args.max_new_tokens, seed=args.seed, limit=args.eval_limit)
 
-    def eval_line(m: dict) -> str:
-        parts = [f"eval accuracy {m['eval/accuracy']:.3f} ± {m['eval/accuracy_se']:.3f}"] if "eval/accuracy" in m else []
-        if "eval/chat/reward_mean" in m:
-            parts.append(f"eval chat reward {m['eval/chat/reward_mean']:.3f} (len {m['eval/chat/length_mean']:.1f})")
-        return " | ".join(parts)
-
     # -----------------------------------------------------------------------------------------
     # training loop
     # -----------------------------------------------------------------------------------------
@@ -433,7 +429,7 @@ def main(args: Args) -> None:
     if (eval_metrics or build_metrics) and rank == 0:
         logger.log({"step": 0, **build_metrics, **eval_metrics})
         if eval_metrics:
-            print("step 0 | " + eval_line(eval_metrics))
+            print("step 0 | " + common.eval_line(eval_metrics))
     for step in range(start_step + 1, args.num_steps + 1):
         t_step = time.time()
         # ---- build batch: ALGO LOGIC: ready-made pairs; no sync, no rollout, no scoring
@@ -518,7 +514,7 @@ def main(args: Args) -> None:
                     f"epoch {metrics['train/epoch']:.2f} | pair acc {metrics['train/pair_accuracy']:.2f} | "
                     f"kl {metrics['train/kl']:.2e} | {step_s:.2f} s/step | eta {eta / 60:.1f} min")
             if any(k.startswith("eval/") for k in metrics):
-                line += " | " + eval_line(metrics)
+                line += " | " + common.eval_line(metrics)
             print(line, flush=True)
             if args.log_samples_every and step % args.log_samples_every == 0:
                 for p in batch[:2]:

@@ -286,12 +286,6 @@ def main(args: Args) -> None:
                                temperature=args.eval_temperature, top_p=args.eval_top_p,
                                max_tokens=args.max_new_tokens, seed=args.seed, limit=args.eval_limit)
 
-    def eval_line(m: dict) -> str:
-        parts = [f"eval accuracy {m['eval/accuracy']:.3f} ± {m['eval/accuracy_se']:.3f}"] if "eval/accuracy" in m else []
-        if "eval/chat/reward_mean" in m:
-            parts.append(f"eval chat reward {m['eval/chat/reward_mean']:.3f} (len {m['eval/chat/length_mean']:.1f})")
-        return " | ".join(parts)
-
     # -----------------------------------------------------------------------------------------
     # training loop
     # -----------------------------------------------------------------------------------------
@@ -300,7 +294,7 @@ def main(args: Args) -> None:
     eval_metrics = evaluate(start_step) if eval_rows and start_step == 0 else {}
     if eval_metrics and rank == 0:
         logger.log({"step": 0, **eval_metrics})
-        print("step 0 | " + eval_line(eval_metrics))
+        print("step 0 | " + common.eval_line(eval_metrics))
     for step in range(start_step + 1, args.num_steps + 1):
         t_step = time.time()
         # ---- sync: ALGO LOGIC: every s steps the generator gets the weights being trained.
@@ -336,12 +330,14 @@ def main(args: Args) -> None:
         # ---- score
         t0 = time.time()
         rewards = torch.zeros(len(batch), n)  # (P, n)
-        for j, (row, o) in enumerate(zip(batch, outs, strict=True)):
-            texts = [c.text for c in o]
-            if row["task"] == "math":
-                rewards[j] = torch.tensor(common.math_rewards(texts, [row["answer"]] * n))
-            else:
-                rewards[j] = torch.tensor(reward_model.score([row["prompt"]] * n, texts))
+        math_idx = [j for j, row in enumerate(batch) if row["task"] == "math"]
+        chat_idx = [j for j, row in enumerate(batch) if row["task"] == "chat"]
+        if math_idx:  # each task's rows in one call: one batched reward-model pass (one move with --rm-offload)
+            rewards[math_idx] = torch.tensor(common.math_rewards(
+                [c.text for j in math_idx for c in outs[j]], [batch[j]["answer"] for j in math_idx for _ in range(n)])).view(-1, n)
+        if chat_idx:
+            rewards[chat_idx] = torch.tensor(reward_model.score(
+                [batch[j]["prompt"] for j in chat_idx for _ in range(n)], [c.text for j in chat_idx for c in outs[j]])).view(-1, n)
         # CRUCIAL: a NaN / inf from the reward model is counted and never trained on: its group becomes
         # all-equal (no pair, no advantage)
         nonfinite = ~torch.isfinite(rewards).all(dim=1)  # (P,)
@@ -417,7 +413,7 @@ def main(args: Args) -> None:
             "pairs": len(pairs), "reward_margin": sum(rewards[j, c] - rewards[j, r] for j, c, r in pairs),
             "chosen_logratio": stats["chosen_logratio"], "rejected_logratio": stats["rejected_logratio"],
             "nll": stats["nll"], "pair_correct": stats["pair_correct"],
-            "completion_tokens": sum(len(c.token_ids) for c in completions),
+            "completion_tokens": lengths.sum().item(),
         }
         for task in ("math", "chat"):  # per task: a mixed batch's rewards are on different scales
             rows_t = torch.tensor([r["task"] == task for r in batch], dtype=torch.bool)
@@ -473,7 +469,7 @@ def main(args: Args) -> None:
                     f"kl {metrics['train/kl']:.2e} | len {metrics['rollout/length_mean']:.1f} | "
                     f"gap {metrics['rollout/logprob_gap_max']:.1e} | {step_s:.2f} s/step | eta {eta / 60:.1f} min")
             if any(k.startswith("eval/") for k in metrics):
-                line += " | " + eval_line(metrics)
+                line += " | " + common.eval_line(metrics)
             print(line, flush=True)
             if args.log_samples_every and step % args.log_samples_every == 0:
                 for j in range(min(2, len(batch))):

@@ -14,7 +14,14 @@ Importing `common` installs an excepthook that prints a `UserError` as one line 
 
 from common.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from common.data import PAPER_MATH_TEMPLATE, last_boxed, load_pairs, load_prompts, shuffled_indices
-from common.evaluation import eval_math, evaluate, mean_and_se
+from common.evaluation import (
+    eval_chat,
+    eval_line,
+    eval_math,
+    evaluate,
+    mean_and_se,
+    mean_se_from_sums,
+)
 from common.generation import Completion, Generator
 from common.models import (
     completion_logprobs,
@@ -36,7 +43,7 @@ from common.utils import (
 
 __all__ = [
     "find_checkpoint", "load_checkpoint", "save_checkpoint",
-    "eval_math", "evaluate", "mean_and_se", "PAPER_MATH_TEMPLATE", "last_boxed", "load_pairs", "load_prompts", "shuffled_indices",
+    "eval_chat", "eval_line", "eval_math", "evaluate", "mean_and_se", "mean_se_from_sums", "PAPER_MATH_TEMPLATE", "last_boxed", "load_pairs", "load_prompts", "shuffled_indices",
     "Completion", "Generator", "completion_logprobs", "default_dtype", "encode_prompts", "fsdp_wrap", "full_state_dict", "load_model",
     "load_tokenizer", "RewardModel", "math_reward", "math_rewards", "MetricsLogger", "UserError",
     "all_reduce", "seed_everything", "setup_distributed",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.distributed as dist
 
 from common.models import encode_prompts
@@ -16,6 +17,13 @@ def mean_and_se(xs: list[float]) -> tuple[float, float]:
     n = len(xs)
     mean = sum(xs) / n
     var = sum((a - mean) ** 2 for a in xs) / max(n - 1, 1)
+    return mean, math.sqrt(var / n)
+
+
+def mean_se_from_sums(n: float, total: float, sq: float) -> tuple[float, float]:
+    """Mean and its standard error from a count, a sum and a sum of squares (what ranks reduce)."""
+    mean = total / n
+    var = max(sq / n - mean**2, 0.0) * n / max(n - 1, 1)
     return mean, math.sqrt(var / n)
 
 
@@ -33,6 +41,17 @@ def eval_math(generator, tokenizer, rows: list[dict], *, k: int, temperature: fl
     return per_problem
 
 
+def eval_chat(generator, tokenizer, reward_model, rows: list[dict], *, k: int, temperature: float,
+              top_p: float, max_tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P, k) reward-model scores and (P, k) lengths in tokens of `k` samples per chat prompt,
+    scored in one batched reward-model call."""
+    outs = generator.generate(encode_prompts(tokenizer, [r["prompt"] for r in rows]), n=k,
+                              temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
+    scores = reward_model.score([r["prompt"] for r in rows for _ in range(k)], [c.text for o in outs for c in o])
+    lengths = [len(c.token_ids) for o in outs for c in o]
+    return torch.tensor(scores).view(-1, k), torch.tensor(lengths, dtype=torch.float).view(-1, k)
+
+
 def evaluate(generator, tokenizer, reward_model, rows: list[dict], *, k: int, temperature: float,
              top_p: float, max_tokens: int, seed: int, limit: int) -> dict[str, float]:
     """The `eval/*` metrics of held-out rows (at most `limit` per task), sharded over ranks and
@@ -45,27 +64,28 @@ def evaluate(generator, tokenizer, reward_model, rows: list[dict], *, k: int, te
     math_rows = [r for r in rows if r["task"] == "math"][:limit][rank::world]
     chat_rows = [r for r in rows if r["task"] == "chat"][:limit][rank::world]
     seed = seed * 7919 + rank * 104729  # distinct per rank; fixed across evaluations
-    accs = eval_math(generator, tokenizer, math_rows, k=k, temperature=temperature, top_p=top_p,
-                     max_tokens=max_tokens, seed=seed) if math_rows else []
-    chat_rewards, chat_tokens = [], 0
+    sampling = {"k": k, "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens}
+    accs = eval_math(generator, tokenizer, math_rows, seed=seed, **sampling) if math_rows else []
+    chat_rewards, chat_lengths = torch.zeros(0), torch.zeros(0)
     if chat_rows:
-        outs = generator.generate(encode_prompts(tokenizer, [r["prompt"] for r in chat_rows]), n=k,
-                                  temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed + 1)
-        for row, completions in zip(chat_rows, outs, strict=True):
-            scores = reward_model.score([row["prompt"]] * k, [c.text for c in completions])
-            chat_rewards.append(sum(scores) / k)
-            chat_tokens += sum(len(c.token_ids) for c in completions) / k
+        scores, lengths = eval_chat(generator, tokenizer, reward_model, chat_rows, seed=seed + 1, **sampling)
+        chat_rewards, chat_lengths = scores.mean(dim=1), lengths.mean(dim=1)  # (P,) per prompt
     s = all_reduce({"n": len(accs), "sum": sum(accs), "sq": sum(a * a for a in accs),
-                    "chat_n": len(chat_rewards), "chat_sum": sum(chat_rewards),
-                    "chat_sq": sum(x * x for x in chat_rewards), "chat_tokens": chat_tokens})
+                    "chat_n": len(chat_rewards), "chat_sum": chat_rewards.sum().item(),
+                    "chat_sq": (chat_rewards**2).sum().item(), "chat_tokens": chat_lengths.sum().item()})
     out = {}
-    for key, n, total, sq in [("eval/accuracy", s["n"], s["sum"], s["sq"]),
-                              ("eval/chat/reward_mean", s["chat_n"], s["chat_sum"], s["chat_sq"])]:
-        if n:
-            mean = total / n
-            var = max(sq / n - mean**2, 0.0) * n / max(n - 1, 1)
-            out[key], out[key + "_se"] = mean, (var / n) ** 0.5
+    if s["n"]:
+        out["eval/accuracy"], out["eval/accuracy_se"] = mean_se_from_sums(s["n"], s["sum"], s["sq"])
     if s["chat_n"]:
+        out["eval/chat/reward_mean"], out["eval/chat/reward_mean_se"] = mean_se_from_sums(s["chat_n"], s["chat_sum"], s["chat_sq"])
         out["eval/chat/length_mean"] = s["chat_tokens"] / s["chat_n"]
         out["eval/chat/reward_per_token"] = out["eval/chat/reward_mean"] / max(out["eval/chat/length_mean"], 1)
     return out
+
+
+def eval_line(m: dict) -> str:
+    """The human-readable part of a step line for the `eval/*` keys in `m`."""
+    parts = [f"eval accuracy {m['eval/accuracy']:.3f} ± {m['eval/accuracy_se']:.3f}"] if "eval/accuracy" in m else []
+    if "eval/chat/reward_mean" in m:
+        parts.append(f"eval chat reward {m['eval/chat/reward_mean']:.3f} (len {m['eval/chat/length_mean']:.1f})")
+    return " | ".join(parts)
