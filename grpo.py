@@ -347,14 +347,15 @@ def main(args: Args) -> None:
             "reward_sum": rewards.sum().item(), "reward_sq": (rewards**2).sum().item(), "samples": rewards.numel(),
             "zero_std": (rewards.std(dim=1) == 0).sum().item(), "groups": len(batch), "nonfinite": nonfinite.sum().item(),
             "truncated": sum(c.finish_reason == "length" for c in completions),
-            "completion_tokens": lengths.sum().item(),
+            "completion_tokens": lengths.sum().item(), "rollout_tokens": lengths.sum().item(),
+            "train_tokens": sum(len(p) + len(c.token_ids) for p, c in zip(flat_prompts, flat_completions, strict=True)),
         }
         for task in ("math", "chat"):  # per task: a mixed batch's rewards are on different scales
             rows_t = torch.tensor([r["task"] == task for r in batch], dtype=torch.bool)
             local |= {f"{task}_reward": rewards[rows_t].sum().item(), f"{task}_samples": rewards[rows_t].numel(),
                       f"{task}_tokens": lengths[rows_t].sum().item()}
         s = common.all_reduce(local)
-        s_max = common.all_reduce({"gap_max": gap_max}, op="max")
+        s_max = common.all_reduce({"gap_max": gap_max, "memory": common.peak_memory_gb(device)}, op="max")
         reward_mean = s["reward_sum"] / s["samples"]
         step_s = time.time() - t_step
         metrics = {
@@ -375,7 +376,10 @@ def main(args: Args) -> None:
             "rollout/logprob_gap_mean": s["gap_sum"] / s["tokens"],
             "perf/generate_s": t_generate, "perf/score_s": t_score, "perf/train_s": t_train,
             "perf/sync_s": t_sync, "perf/step_s": step_s,
-            "perf/tokens_per_s": s["tokens"] / step_s,
+            "perf/rollout_tokens": s["rollout_tokens"], "perf/train_tokens": s["train_tokens"],
+            "perf/rollout_tokens_per_s": s["rollout_tokens"] / t_generate if s["rollout_tokens"] else float("nan"),
+            "perf/train_tokens_per_s": s["train_tokens"] / t_train if s["train_tokens"] else float("nan"),
+            "perf/peak_memory_gb": s_max["memory"],
         }
         for task, key in (("math", "accuracy"), ("chat", "reward_mean")):  # keys only for tasks in the step
             if s[f"{task}_samples"]:

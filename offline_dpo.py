@@ -379,8 +379,8 @@ def main(args: Args) -> None:
             "rollout/length_mean": s["completion_tokens"] / s["samples"],
             "rollout/truncated_frac": s["truncated"] / s["samples"],
             "rollout/prompts": s["groups"],
-            "perf/generate_s": t_generate, "perf/score_s": t_score,
-            "perf/tokens_per_s": s["completion_tokens"] / max(t_generate, 1e-9),
+            "perf/generate_s": t_generate, "perf/score_s": t_score, "perf/rollout_tokens": s["completion_tokens"],
+            "perf/rollout_tokens_per_s": s["completion_tokens"] / max(t_generate, 1e-9),
         }
         for task, key in (("math", "accuracy"), ("chat", "reward_mean")):  # keys only for tasks in the data
             if s[f"{task}_samples"]:
@@ -483,8 +483,10 @@ def main(args: Args) -> None:
             **{f"{task}_pairs": sum(p["task"] == task for p in batch) for task in ("math", "chat")},
             "chosen_logratio": stats["chosen_logratio"], "rejected_logratio": stats["rejected_logratio"],
             "nll": stats["nll"], "pair_correct": stats["pair_correct"],
+            "train_tokens": sum(len(p) + len(c) for p, c in zip(flat_prompts, flat_completions, strict=True)),
         }
         s = common.all_reduce(local)
+        s_max = common.all_reduce({"memory": common.peak_memory_gb(device)}, op="max")
         step_s = time.time() - t_step
         metrics = {
             "step": step,
@@ -501,8 +503,9 @@ def main(args: Args) -> None:
             "train/epoch": step * args.pairs_per_step / len(pairs),
             "rollout/entropy": s["entropy_sum"] / max(s["tokens"], 1),
             "rollout/policy_lag": step - 1,  # ALGO LOGIC: the pairs come from the seed: s = ∞
-            "perf/train_s": t_train, "perf/step_s": step_s,
-            "perf/tokens_per_s": s["tokens"] / step_s,
+            "perf/train_s": t_train, "perf/step_s": step_s, "perf/train_tokens": s["train_tokens"],
+            "perf/train_tokens_per_s": s["train_tokens"] / t_train if s["train_tokens"] else float("nan"),
+            "perf/peak_memory_gb": s_max["memory"],
         }
         if eval_rows and (step % args.eval_every == 0 or step == args.num_steps):
             metrics.update(evaluate(step))

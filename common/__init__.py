@@ -37,6 +37,7 @@ from common.utils import (
     MetricsLogger,
     UserError,
     all_reduce,
+    peak_memory_gb,
     seed_everything,
     setup_distributed,
 )
@@ -46,5 +47,5 @@ __all__ = [
     "eval_chat", "eval_line", "eval_math", "evaluate", "mean_and_se", "mean_se_from_sums", "PAPER_MATH_TEMPLATE", "last_boxed", "load_pairs", "load_prompts", "shuffled_indices",
     "Completion", "Generator", "completion_logprobs", "default_dtype", "encode_prompts", "fsdp_wrap", "full_state_dict", "load_model",
     "load_tokenizer", "RewardModel", "math_reward", "math_rewards", "MetricsLogger", "UserError",
-    "all_reduce", "seed_everything", "setup_distributed",
+    "all_reduce", "peak_memory_gb", "seed_everything", "setup_distributed",
 ]

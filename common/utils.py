@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import resource
 import sys
 from pathlib import Path
 
@@ -71,6 +72,15 @@ def all_reduce(values: dict[str, float], op: str = "sum") -> dict[str, float]:
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return dict(zip(keys, t.tolist(), strict=True))
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """This rank's peak memory so far, in GiB: on a GPU the most the torch allocator held (the
+    trainer's and the in-process vLLM engine's tensors), on the CPU the process's peak resident
+    set (ru_maxrss, KiB on Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 class MetricsLogger:

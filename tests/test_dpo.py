@@ -117,6 +117,9 @@ def test_sync_interval_three_is_stale_between_syncs(tmp_path):
         assert m[t]["rollout/logprob_gap_max"] < 1e-3, m[t]
     assert max(m[t]["rollout/logprob_gap_max"] for t in (2, 3, 5)) > 1e-3
     assert abs(m[1]["train/chosen_logratio"]) < 1e-5 and abs(m[4]["train/chosen_logratio"]) < 1e-5  # ref == policy at a sync
+    # the window's rollouts are counted at the step that generated them: 3 steps' worth, then 2
+    assert [m[t]["perf/rollout_tokens"] > 0 for t in range(1, 6)] == [True, False, False, True, False]
+    assert m[1]["perf/rollout_tokens"] > 2 * 64 * m[1]["rollout/length_mean"] * 0.9
 
 
 @pytest.mark.slow

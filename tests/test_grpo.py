@@ -16,7 +16,8 @@ from tests.conftest import ROOT, run_script
 KEYS = ["step", "train/loss", "train/kl", "train/grad_norm", "train/lr", "rollout/reward_mean",
         "rollout/reward_std", "rollout/accuracy", "rollout/zero_std_frac", "rollout/length_mean",
         "rollout/truncated_frac", "rollout/entropy", "rollout/logprob_gap_max", "rollout/logprob_gap_mean",
-        "perf/generate_s", "perf/score_s", "perf/train_s", "perf/sync_s", "perf/step_s", "perf/tokens_per_s"]
+        "perf/generate_s", "perf/score_s", "perf/train_s", "perf/sync_s", "perf/step_s",
+        "perf/rollout_tokens", "perf/train_tokens", "perf/rollout_tokens_per_s", "perf/train_tokens_per_s", "perf/peak_memory_gb"]
 
 
 def test_group_advantages_by_hand():
@@ -75,6 +76,9 @@ def check_run(out_dir, steps, world):
         assert x["rollout/logprob_gap_max"] < 1e-3, x
         assert 0 <= x["rollout/accuracy"] <= 1 and x["rollout/length_mean"] > 0
         assert x["train/kl"] >= 0 and math.isfinite(x["train/loss"])
+        # throughput counters: every completion generated, trained on with its prompt
+        assert x["perf/rollout_tokens"] == pytest.approx(64 * x["rollout/length_mean"])
+        assert x["perf/train_tokens"] > x["perf/rollout_tokens"] and x["perf/peak_memory_gb"] > 0.1
     assert m[1]["train/kl"] == 0.0  # policy == reference before the first update
     assert m[-1]["train/kl"] > 0.0  # ...and not after
 

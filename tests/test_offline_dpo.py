@@ -19,9 +19,11 @@ from tests.test_grpo import SMALL, metrics
 
 TRAIN_KEYS = ["step", "train/loss", "train/kl", "train/grad_norm", "train/lr", "train/pairs", "train/pair_accuracy",
               "train/chosen_logratio", "train/rejected_logratio", "train/nll", "train/epoch", "rollout/entropy",
-              "rollout/policy_lag", "perf/train_s", "perf/step_s", "perf/tokens_per_s"]
+              "rollout/policy_lag", "perf/train_s", "perf/step_s", "perf/train_tokens",
+              "perf/train_tokens_per_s", "perf/peak_memory_gb"]
 BUILD_KEYS = ["rollout/reward_mean", "rollout/reward_std", "rollout/accuracy", "rollout/zero_std_frac",
-              "rollout/length_mean", "rollout/truncated_frac", "rollout/prompts", "perf/generate_s", "perf/score_s"]
+              "rollout/length_mean", "rollout/truncated_frac", "rollout/prompts", "perf/generate_s", "perf/score_s",
+              "perf/rollout_tokens", "perf/rollout_tokens_per_s"]
 # 10 problems the seed solves about half the time, and 4 whose "gold answer" no sample can match:
 # those give all-wrong groups, which must not yield a pair.
 EASY = [{"task": "math", "prompt": f"What is {a}+{b}?", "answer": str(a + b)}

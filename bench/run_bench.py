@@ -1,0 +1,235 @@
+"""Where every second of a step goes, for each regime, next to TRL's GRPOTrainer on the same work.
+
+    python bench/run_bench.py                   # both sizes and TRL, ~25 min on 2 CPU cores
+    python bench/run_bench.py --sizes small     # the embedded default only, ~5 min
+    python bench/run_bench.py --no-trl          # this project's four scripts only
+
+Each regime script runs `--steps` steps as a subprocess (no eval, no intermediate checkpoint) and
+the steps from `--measure-from` on are read back from its metrics.jsonl (`perf/*`: the script's
+own timers around sync / generate / score / train; "other" is the rest of the step). The first
+steps are left out: they hold one-time costs (allocator growth, the first optimizer state).
+Semi-online runs at s = 10, so the measured steps 11-20 are exactly one sync window.
+`bench/trl_grpo.py` runs TRL's GRPOTrainer on grpo.py's configuration in the same invocation.
+
+Sizes:
+- small: the embedded default (0.9M-parameter policy, math, 48 new tokens);
+- large: a random 3.2M-parameter Qwen2 (hidden 256, 4 layers, the embedded tokenizer) on the chat
+  task, scored by the embedded reward model (a random policy never solves math, so DPO would get
+  no pairs), 256 new tokens: long rollouts.
+
+Writes `bench/results/results.md` (the README's table) and `results.json`; prints the table.
+Benchmarks, not tests: nothing here asserts a time. Run on an otherwise idle machine.
+"""
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import date
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import tyro  # noqa: E402
+
+SIZES = {
+    "small": {"model": "embedded/policy", "dataset": "embedded/data/math_train.jsonl", "max_new_tokens": 48,
+              "max_model_len": 256},
+    "large": {"model": "runs/bench/models/qwen2-3m", "dataset": "embedded/data/chat_train.jsonl",
+              "max_new_tokens": 256, "max_model_len": 512},
+}
+REGIMES = [  # (name, script, extra flags)
+    ("offline DPO (s = ∞)", "offline_dpo.py", []),
+    ("semi-online DPO (s = 10)", "semi_online_dpo.py", ["--sync-interval", "10"]),
+    ("online DPO (s = 1)", "online_dpo.py", []),
+    ("GRPO (s = 1)", "grpo.py", []),
+]
+PHASES = ["sync", "generate", "score", "train"]
+
+
+@dataclass
+class Args:
+    sizes: tuple[str, ...] = ("small", "large")
+    """which configurations to run (small: the embedded default; large: a random 3.2M model, long rollouts)"""
+    steps: int = 20
+    """optimizer steps per run"""
+    measure_from: int = 11
+    """first step measured (earlier steps are warm-up; with s = 10, 11..20 is one sync window)"""
+    trl: bool = True
+    """also run TRL's GRPOTrainer on grpo.py's configuration"""
+    runs_dir: str = "runs/bench"
+    """where the runs and their logs go"""
+    out_dir: str = "bench/results"
+    """where results.md and results.json go"""
+
+
+def make_large_model(path: str) -> None:
+    """A random Qwen2 from a config, saved with the embedded tokenizer (same seed: same weights)."""
+    if os.path.exists(os.path.join(path, "config.json")):
+        return
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    from embedded.tiny import build_tokenizer, tiny_config
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(tiny_config(tok, hidden=256, layers=4, heads=4, intermediate=1024, max_len=1024))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+def run(cmd: list[str], log: str) -> float:
+    """Run one benchmark process to completion, its output in `log`; returns wall seconds."""
+    t0 = time.time()
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if proc.returncode != 0:
+        tail = open(log).read().splitlines()[-15:]
+        raise SystemExit(f"benchmark run failed: {' '.join(cmd)}\n" + "\n".join(tail) + f"\n(full log: {log})")
+    return time.time() - t0
+
+
+def summarize(records: list[dict], first: int) -> dict:
+    """Mean seconds per step of each phase over the measured steps, token rates from sums."""
+    steps = [r for r in records if r.get("step", 0) >= first and "perf/step_s" in r]
+    n = len(steps)
+    total = lambda k: sum(r.get(k, 0.0) for r in steps)  # noqa: E731
+    out = {"steps": n, "step_s": total("perf/step_s") / n}
+    for p in PHASES:
+        out[f"{p}_s"] = total(f"perf/{p}_s") / n
+    out["other_s"] = out["step_s"] - sum(out[f"{p}_s"] for p in PHASES)
+    gen = total("perf/generate_s")
+    out["rollout_tok_s"] = total("perf/rollout_tokens") / gen if gen > 0 else float("nan")
+    out["train_tok_s"] = total("perf/train_tokens") / total("perf/train_s")
+    out["peak_gb"] = max(r.get("perf/peak_memory_gb", 0.0) for r in records)
+    out["sync_share"] = out["sync_s"] / out["step_s"]
+    out["other_share"] = out["other_s"] / out["step_s"]
+    return out
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {len(os.sched_getaffinity(0))} cores, {gpu}, torch {torch.__version__}"
+
+
+def fmt(x: float, digits: int = 2) -> str:
+    return "—" if x != x else f"{x:.{digits}f}"
+
+
+def table(size: str, rows: dict[str, dict], notes: dict[str, str]) -> str:
+    out = [f"**{size}** ({describe(size)})", "",
+           "| run | s/step | sync | generate | score | train | other | rollout tok/s | train tok/s | peak RSS GiB | sync share | other share |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        out.append(f"| {name} | {r['step_s']:.2f} | {r['sync_s']:.3f} | {r['generate_s']:.2f} | {r['score_s']:.2f} | "
+                   f"{r['train_s']:.2f} | {r['other_s']:.3f} | {fmt(r['rollout_tok_s'], 0)} | {r['train_tok_s']:.0f} | "
+                   f"{r['peak_gb']:.2f} | {r['sync_share']:.1%} | {r['other_share']:.1%} |")
+    out += [""] + [f"- {n}" for n in notes.values()]
+    return "\n".join(out)
+
+
+def describe(size: str) -> str:
+    c = SIZES[size]
+    model = "embedded 0.9M policy" if size == "small" else "random 3.2M Qwen2"
+    task = "math (Math-Verify)" if "math" in c["dataset"] else "chat (reward model)"
+    return f"{model}, {task}, 8 prompts x 8 samples per step, {c['max_new_tokens']} new tokens"
+
+
+def targets(rows: dict[str, dict]) -> list[str]:
+    """The issue's targets as measured ratios, each with a pass mark."""
+    g, o, s = rows["GRPO (s = 1)"], rows["online DPO (s = 1)"], rows["semi-online DPO (s = 10)"]
+    out = []
+    t = rows.get("TRL GRPOTrainer")
+    if t:
+        speed = t["step_s"] / g["step_s"]
+        out.append(f"grpo.py steps/s vs TRL: {speed:.2f}x (target >= 2) {'✓' if speed >= 2 else '✗'}; "
+                   f"rollout tok/s {g['rollout_tok_s'] / t['rollout_tok_s']:.2f}x")
+    for name, r in (("GRPO", g), ("online DPO", o)):
+        out.append(f"{name} sync share at s = 1: {r['sync_share']:.1%} (target <= 5%) {'✓' if r['sync_share'] <= 0.05 else '✗'}")
+    ratio = s["rollout_tok_s"] / o["rollout_tok_s"]
+    out.append(f"semi-online s = 10 vs online rollout tok/s: {ratio:.2f}x (target >= 1.5) {'✓' if ratio >= 1.5 else '✗'}")
+    worst = max(rows[k]["other_share"] for k in rows if k != "TRL GRPOTrainer")
+    out.append(f"largest 'other' share: {worst:.1%} (target <= 5%) {'✓' if worst <= 0.05 else '✗'}")
+    return out
+
+
+def main(args: Args) -> None:
+    for s in args.sizes:
+        if s not in SIZES:
+            raise SystemExit(f"--sizes: unknown size {s!r} (choose from {', '.join(SIZES)})")
+    if args.measure_from > args.steps:
+        raise SystemExit("--measure-from must be at most --steps")
+    results, md = {"machine": machine(), "date": date.today().isoformat(), "steps": args.steps,
+                   "measure_from": args.measure_from, "sizes": {}}, []
+    print(f"benchmark on {results['machine']}", flush=True)
+    for size in args.sizes:
+        cfg = SIZES[size]
+        if size == "large":
+            make_large_model(os.path.join(ROOT, cfg["model"]))
+        common_flags = ["--model", cfg["model"], "--dataset", cfg["dataset"], "--max-new-tokens", str(cfg["max_new_tokens"]),
+                        "--max-model-len", str(cfg["max_model_len"]), "--num-steps", str(args.steps), "--eval-every", "0",
+                        "--save-every", str(10**9), "--log-samples-every", "0"]
+        rows, notes = {}, {}
+        for name, script, extra in REGIMES:
+            out = os.path.join(ROOT, args.runs_dir, size, script[: -len(".py")])
+            shutil.rmtree(out, ignore_errors=True)
+            os.makedirs(out)
+            flags = common_flags + extra + ["--output-dir", out]
+            if script == "offline_dpo.py":  # build pairs from as many prompts as the steps use
+                flags += ["--max-prompts", str(args.steps * 8)]
+            print(f"[{size}] {name} ...", flush=True)
+            wall = run([sys.executable, script, *flags], os.path.join(out, "log.txt"))
+            records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+            rows[name] = summarize(records, args.measure_from)
+            if script == "offline_dpo.py":  # its only generation: the one-time build at step 0
+                build = records[0]
+                rows[name]["rollout_tok_s"] = build["perf/rollout_tokens_per_s"]
+                notes[name] = (f"offline DPO builds its pairs once before training: {build['rollout/prompts']:.0f} prompts "
+                               f"x 8 samples in {build['perf/generate_s']:.1f} s generate + {build['perf/score_s']:.1f} s "
+                               f"score (its rollout tok/s); its steps only train")
+            print(f"    {rows[name]['step_s']:.2f} s/step ({wall:.0f} s wall)", flush=True)
+        if args.trl:
+            out = os.path.join(ROOT, args.runs_dir, size, "trl_grpo")
+            shutil.rmtree(out, ignore_errors=True)
+            os.makedirs(out)
+            print(f"[{size}] TRL GRPOTrainer ...", flush=True)
+            wall = run([sys.executable, "bench/trl_grpo.py", "--model", cfg["model"], "--dataset", cfg["dataset"],
+                        "--max-new-tokens", str(cfg["max_new_tokens"]), "--num-steps", str(args.steps),
+                        "--out", os.path.join(out, "metrics.jsonl"), "--output-dir", out], os.path.join(out, "log.txt"))
+            records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+            rows["TRL GRPOTrainer"] = summarize(records, args.measure_from)
+            import trl
+
+            notes["TRL GRPOTrainer"] = (f"TRL {trl.__version__} GRPOTrainer, grpo.py's configuration; on the CPU it generates with "
+                                        "transformers' `generate` (its in-process vLLM cannot reload weights on vLLM's CPU "
+                                        "backend), so it has no sync; its 'train' holds everything but generate and score")
+            print(f"    {rows['TRL GRPOTrainer']['step_s']:.2f} s/step ({wall:.0f} s wall)", flush=True)
+        results["sizes"][size] = {"config": cfg, "rows": rows, "targets": targets(rows)}
+        md.append(table(size, rows, notes) + "\n\nTargets, measured in this run:\n" +
+                  "\n".join(f"- {t}" for t in targets(rows)))
+        print("\n" + md[-1] + "\n", flush=True)
+    header = (f"Measured {results['date']} on {results['machine']}; steps {args.measure_from}-{args.steps} of "
+              f"{args.steps}, seconds per step (means), by `python bench/run_bench.py`.\n")
+    os.makedirs(os.path.join(ROOT, args.out_dir), exist_ok=True)
+    with open(os.path.join(ROOT, args.out_dir, "results.md"), "w") as f:
+        f.write(header + "\n" + "\n\n".join(md) + "\n")
+    with open(os.path.join(ROOT, args.out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"wrote {args.out_dir}/results.md and results.json")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
