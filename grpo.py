@@ -103,8 +103,8 @@ class Args:
     """AdamW epsilon (the paper: 1e-8 chat; 1e-4 stopped DPO divergence on math)"""
     max_grad_norm: float = 1.0
     """gradient clipping (the paper: 0.1)"""
-    micro_batch_size: int = 64
-    """sequences per forward/backward pass (gradients accumulate to one step)"""
+    micro_batch_size: int = 16
+    """sequences per forward/backward pass (gradients accumulate to one step; sorted by length)"""
     eval_every: int = 25
     """evaluate every N steps (and at the start and the end; 0 disables)"""
     eval_samples: int = 4
@@ -298,8 +298,12 @@ def main(args: Args) -> None:
 
         # ---- build batch: ALGO LOGIC: group-relative advantages, one per completion
         advantages = group_advantages(rewards, args.std_normalize, args.adv_eps).flatten()  # (P*n,)
-        flat_prompts = [p for p in prompts for _ in range(n)]
-        flat_completions = completions
+        # Speed: sequences sorted by length, so a micro-batch pads little (on 2 CPU cores, 40% off the
+        # update with long rollouts); the loss is a sum over sequences, so their order is free
+        order = sorted(range(len(completions)), key=lambda i: len(prompts[i // n]) + len(completions[i].token_ids))
+        flat_prompts = [prompts[i // n] for i in order]
+        flat_completions = [completions[i] for i in order]
+        advantages = advantages[order]
         micro_batches = [slice(i, i + args.micro_batch_size) for i in range(0, len(flat_completions), args.micro_batch_size)]
 
         # ---- reference logprobs, update: one optimizer step, gradients accumulated over micro-batches
