@@ -1,7 +1,7 @@
 """Where every second of a step goes, for each regime, next to TRL's GRPOTrainer on the same work.
 
-    python bench/run_bench.py                   # both sizes and TRL, ~25 min on 2 CPU cores
-    python bench/run_bench.py --sizes small     # the embedded default only, ~5 min
+    python bench/run_bench.py                   # both sizes and TRL, ~35 min on 2 CPU cores
+    python bench/run_bench.py --sizes small     # the embedded default only, ~12 min
     python bench/run_bench.py --no-trl          # this project's four scripts only
 
 Each regime script runs `--steps` steps as a subprocess (no eval, no intermediate checkpoint) and
@@ -9,6 +9,9 @@ the steps from `--measure-from` on are read back from its metrics.jsonl (`perf/*
 own timers around sync / generate / score / train; "other" is the rest of the step). The first
 steps are left out: they hold one-time costs (allocator growth, the first optimizer state).
 Semi-online runs at s = 10, so the measured steps 11-20 are exactly one sync window.
+Each size runs its five configurations in `rounds` interleaved rounds (small: 3, large: 1) and
+reports each configuration's fastest round (best of N, as `timeit` does: on a shared machine
+the same run varied by up to 30% from one minute to the next), with the range over rounds.
 `bench/trl_grpo.py` runs TRL's GRPOTrainer on grpo.py's configuration in the same invocation.
 
 Sizes:
@@ -38,9 +41,9 @@ import tyro  # noqa: E402
 
 SIZES = {
     "small": {"model": "embedded/policy", "dataset": "embedded/data/math_train.jsonl", "max_new_tokens": 48,
-              "max_model_len": 256},
+              "max_model_len": 256, "rounds": 3},
     "large": {"model": "runs/bench/models/qwen2-3m", "dataset": "embedded/data/chat_train.jsonl",
-              "max_new_tokens": 256, "max_model_len": 512},
+              "max_new_tokens": 256, "max_model_len": 512, "rounds": 1},
 }
 REGIMES = [  # (name, script, extra flags)
     ("offline DPO (s = ∞)", "offline_dpo.py", []),
@@ -59,6 +62,8 @@ class Args:
     """optimizer steps per run"""
     measure_from: int = 11
     """first step measured (earlier steps are warm-up; with s = 10, 11..20 is one sync window)"""
+    rounds: int = 0
+    """interleaved rounds per size, the fastest reported (0: the size's default, small 3, large 1)"""
     trl: bool = True
     """also run TRL's GRPOTrainer on grpo.py's configuration"""
     runs_dir: str = "runs/bench"
@@ -134,7 +139,9 @@ def table(size: str, rows: dict[str, dict], notes: dict[str, str]) -> str:
            "| run | s/step | sync | generate | score | train | other | rollout tok/s | train tok/s | peak RSS GiB | sync share | other share |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
-        out.append(f"| {name} | {r['step_s']:.2f} | {r['sync_s']:.3f} | {r['generate_s']:.2f} | {r['score_s']:.2f} | "
+        spread = r.get("step_s_rounds", [r["step_s"]])
+        step = f"{r['step_s']:.2f}" + (f" [{min(spread):.2f}–{max(spread):.2f}]" if len(spread) > 1 else "")
+        out.append(f"| {name} | {step} | {r['sync_s']:.3f} | {r['generate_s']:.2f} | {r['score_s']:.2f} | "
                    f"{r['train_s']:.2f} | {r['other_s']:.3f} | {fmt(r['rollout_tok_s'], 0)} | {r['train_tok_s']:.0f} | "
                    f"{r['peak_gb']:.2f} | {r['sync_share']:.1%} | {r['other_share']:.1%} |")
     out += [""] + [f"- {n}" for n in notes.values()]
@@ -166,6 +173,47 @@ def targets(rows: dict[str, dict]) -> list[str]:
     return out
 
 
+def run_regime(size: str, name: str, script: str, extra: list[str], args: Args) -> tuple[dict, str | None]:
+    """One of this project's scripts for `args.steps` steps; its summary and a note (offline)."""
+    cfg = SIZES[size]
+    out = os.path.join(ROOT, args.runs_dir, size, script[: -len(".py")])
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    flags = ["--model", cfg["model"], "--dataset", cfg["dataset"], "--max-new-tokens", str(cfg["max_new_tokens"]),
+             "--max-model-len", str(cfg["max_model_len"]), "--num-steps", str(args.steps), "--eval-every", "0",
+             "--save-every", str(10**9), "--log-samples-every", "0", "--output-dir", out, *extra]
+    if script == "offline_dpo.py":  # build pairs from as many prompts as the steps use
+        flags += ["--max-prompts", str(args.steps * 8)]
+    run([sys.executable, script, *flags], os.path.join(out, "log.txt"))
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    row, note = summarize(records, args.measure_from), None
+    if script == "offline_dpo.py":  # its only generation: the one-time build at step 0
+        build = records[0]
+        row["rollout_tok_s"] = build["perf/rollout_tokens_per_s"]
+        note = (f"offline DPO builds its pairs once before training: {build['rollout/prompts']:.0f} prompts x 8 samples "
+                f"in {build['perf/generate_s']:.1f} s generate + {build['perf/score_s']:.1f} s score (its rollout tok/s); "
+                "its steps only train")
+    return row, note
+
+
+def run_trl(size: str, args: Args) -> tuple[dict, str]:
+    """TRL's GRPOTrainer on grpo.py's configuration (bench/trl_grpo.py)."""
+    cfg = SIZES[size]
+    out = os.path.join(ROOT, args.runs_dir, size, "trl_grpo")
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    run([sys.executable, "bench/trl_grpo.py", "--model", cfg["model"], "--dataset", cfg["dataset"],
+         "--max-new-tokens", str(cfg["max_new_tokens"]), "--num-steps", str(args.steps),
+         "--out", os.path.join(out, "metrics.jsonl"), "--output-dir", out], os.path.join(out, "log.txt"))
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    import trl
+
+    note = (f"TRL {trl.__version__} GRPOTrainer, grpo.py's configuration; on the CPU it generates with transformers' "
+            "`generate` (its in-process vLLM cannot reload weights on vLLM's CPU backend), so it has no sync; "
+            "its 'train' holds everything but generate and score")
+    return summarize(records, args.measure_from), note
+
+
 def main(args: Args) -> None:
     for s in args.sizes:
         if s not in SIZES:
@@ -179,50 +227,26 @@ def main(args: Args) -> None:
         cfg = SIZES[size]
         if size == "large":
             make_large_model(os.path.join(ROOT, cfg["model"]))
-        common_flags = ["--model", cfg["model"], "--dataset", cfg["dataset"], "--max-new-tokens", str(cfg["max_new_tokens"]),
-                        "--max-model-len", str(cfg["max_model_len"]), "--num-steps", str(args.steps), "--eval-every", "0",
-                        "--save-every", str(10**9), "--log-samples-every", "0"]
-        rows, notes = {}, {}
-        for name, script, extra in REGIMES:
-            out = os.path.join(ROOT, args.runs_dir, size, script[: -len(".py")])
-            shutil.rmtree(out, ignore_errors=True)
-            os.makedirs(out)
-            flags = common_flags + extra + ["--output-dir", out]
-            if script == "offline_dpo.py":  # build pairs from as many prompts as the steps use
-                flags += ["--max-prompts", str(args.steps * 8)]
-            print(f"[{size}] {name} ...", flush=True)
-            wall = run([sys.executable, script, *flags], os.path.join(out, "log.txt"))
-            records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-            rows[name] = summarize(records, args.measure_from)
-            if script == "offline_dpo.py":  # its only generation: the one-time build at step 0
-                build = records[0]
-                rows[name]["rollout_tok_s"] = build["perf/rollout_tokens_per_s"]
-                notes[name] = (f"offline DPO builds its pairs once before training: {build['rollout/prompts']:.0f} prompts "
-                               f"x 8 samples in {build['perf/generate_s']:.1f} s generate + {build['perf/score_s']:.1f} s "
-                               f"score (its rollout tok/s); its steps only train")
-            print(f"    {rows[name]['step_s']:.2f} s/step ({wall:.0f} s wall)", flush=True)
-        if args.trl:
-            out = os.path.join(ROOT, args.runs_dir, size, "trl_grpo")
-            shutil.rmtree(out, ignore_errors=True)
-            os.makedirs(out)
-            print(f"[{size}] TRL GRPOTrainer ...", flush=True)
-            wall = run([sys.executable, "bench/trl_grpo.py", "--model", cfg["model"], "--dataset", cfg["dataset"],
-                        "--max-new-tokens", str(cfg["max_new_tokens"]), "--num-steps", str(args.steps),
-                        "--out", os.path.join(out, "metrics.jsonl"), "--output-dir", out], os.path.join(out, "log.txt"))
-            records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-            rows["TRL GRPOTrainer"] = summarize(records, args.measure_from)
-            import trl
-
-            notes["TRL GRPOTrainer"] = (f"TRL {trl.__version__} GRPOTrainer, grpo.py's configuration; on the CPU it generates with "
-                                        "transformers' `generate` (its in-process vLLM cannot reload weights on vLLM's CPU "
-                                        "backend), so it has no sync; its 'train' holds everything but generate and score")
-            print(f"    {rows['TRL GRPOTrainer']['step_s']:.2f} s/step ({wall:.0f} s wall)", flush=True)
+        rounds = args.rounds or cfg["rounds"]
+        runs, notes = {}, {}  # name -> one summary per round
+        for r in range(rounds):  # interleaved, so a slow minute on the machine hits one round, not one configuration
+            for name, script, extra in REGIMES + ([("TRL GRPOTrainer", None, [])] if args.trl else []):
+                print(f"[{size}, round {r + 1}/{rounds}] {name} ...", flush=True)
+                t0 = time.time()
+                row, note = run_trl(size, args) if script is None else run_regime(size, name, script, extra, args)
+                runs.setdefault(name, []).append(row)
+                if note:
+                    notes[name] = note
+                print(f"    {row['step_s']:.2f} s/step ({time.time() - t0:.0f} s wall)", flush=True)
+        rows = {name: min(rs, key=lambda x: x["step_s"]) | {"step_s_rounds": [x["step_s"] for x in rs]}
+                for name, rs in runs.items()}
         results["sizes"][size] = {"config": cfg, "rows": rows, "targets": targets(rows)}
         md.append(table(size, rows, notes) + "\n\nTargets, measured in this run:\n" +
                   "\n".join(f"- {t}" for t in targets(rows)))
         print("\n" + md[-1] + "\n", flush=True)
     header = (f"Measured {results['date']} on {results['machine']}; steps {args.measure_from}-{args.steps} of "
-              f"{args.steps}, seconds per step (means), by `python bench/run_bench.py`.\n")
+              f"{args.steps}, seconds per step (means over those steps; each configuration's fastest of the rounds, "
+              f"the range over rounds in brackets), by `python bench/run_bench.py`.\n")
     os.makedirs(os.path.join(ROOT, args.out_dir), exist_ok=True)
     with open(os.path.join(ROOT, args.out_dir, "results.md"), "w") as f:
         f.write(header + "\n" + "\n\n".join(md) + "\n")
