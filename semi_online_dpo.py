@@ -120,7 +120,7 @@ class Args:
     """AdamW epsilon (the paper: 1e-8 chat; 1e-4 stopped DPO divergence on math)"""
     max_grad_norm: float = 1.0
     """gradient clipping (the paper: 0.1)"""
-    micro_batch_size: int = 16
+    micro_batch_size: int = 64
     """sequences per forward/backward pass (gradients accumulate to one step; sorted by length)"""
     eval_every: int = 25
     """evaluate every N steps (and at the start and the end; 0 disables)"""

@@ -1,6 +1,6 @@
 """Where every second of a step goes, for each regime, next to TRL's GRPOTrainer on the same work.
 
-    python bench/run_bench.py                   # both sizes and TRL, ~35 min on 2 CPU cores
+    python bench/run_bench.py                   # both sizes and TRL, ~40 min on 2 CPU cores
     python bench/run_bench.py --sizes small     # the embedded default only, ~12 min
     python bench/run_bench.py --no-trl          # this project's four scripts only
 
@@ -27,6 +27,7 @@ Benchmarks, not tests: nothing here asserts a time. Run on an otherwise idle mac
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -51,6 +52,8 @@ REGIMES = [  # (name, script, extra flags)
     ("online DPO (s = 1)", "online_dpo.py", []),
     ("GRPO (s = 1)", "grpo.py", []),
 ]
+# long rollouts: the update with length-sorted micro-batches of 16 instead of one pass of 64
+EXTRA = {"large": [("GRPO (s = 1), --micro-batch-size 16", "grpo.py", ["--micro-batch-size", "16"])]}
 PHASES = ["sync", "generate", "score", "train"]
 
 
@@ -176,7 +179,7 @@ def targets(rows: dict[str, dict]) -> list[str]:
 def run_regime(size: str, name: str, script: str, extra: list[str], args: Args) -> tuple[dict, str | None]:
     """One of this project's scripts for `args.steps` steps; its summary and a note (offline)."""
     cfg = SIZES[size]
-    out = os.path.join(ROOT, args.runs_dir, size, script[: -len(".py")])
+    out = os.path.join(ROOT, args.runs_dir, size, re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_"))
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
     flags = ["--model", cfg["model"], "--dataset", cfg["dataset"], "--max-new-tokens", str(cfg["max_new_tokens"]),
@@ -230,7 +233,7 @@ def main(args: Args) -> None:
         rounds = args.rounds or cfg["rounds"]
         runs, notes = {}, {}  # name -> one summary per round
         for r in range(rounds):  # interleaved, so a slow minute on the machine hits one round, not one configuration
-            for name, script, extra in REGIMES + ([("TRL GRPOTrainer", None, [])] if args.trl else []):
+            for name, script, extra in REGIMES + EXTRA.get(size, []) + ([("TRL GRPOTrainer", None, [])] if args.trl else []):
                 print(f"[{size}, round {r + 1}/{rounds}] {name} ...", flush=True)
                 t0 = time.time()
                 row, note = run_trl(size, args) if script is None else run_regime(size, name, script, extra, args)
