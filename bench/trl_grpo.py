@@ -38,6 +38,7 @@ import common
 
 @dataclass
 class Args:
+    # grpo.py's flags of the same names and defaults
     model: str = "embedded/policy"
     reward_model: str = "embedded/reward_model"
     dataset: str = "embedded/data/math_train.jsonl"
@@ -53,7 +54,9 @@ class Args:
     temperature: float = 1.0
     seed: int = 1
     out: str = "runs/bench/trl_grpo.jsonl"
+    """one JSON line of perf/* per step (the keys grpo.py logs)"""
     output_dir: str = "runs/bench/trl_grpo"
+    """TRL's own output folder (nothing is saved: save_strategy="no")"""
 
 
 def main(args: Args) -> None:
