@@ -298,8 +298,8 @@ def main(args: Args) -> None:
 
         # ---- build batch: ALGO LOGIC: group-relative advantages, one per completion
         advantages = group_advantages(rewards, args.std_normalize, args.adv_eps).flatten()  # (P*n,)
-        # Speed: sequences sorted by length, so a micro-batch pads little (on 2 CPU cores, 40% off the
-        # update with long rollouts); the loss is a sum over sequences, so their order is free
+        # Speed: sequences sorted by length, so a micro-batch pads little (with smaller micro-batches
+        # and long, uneven rollouts); the loss is a sum over sequences, so their order is free
         order = sorted(range(len(completions)), key=lambda i: len(prompts[i // n]) + len(completions[i].token_ids))
         flat_prompts = [prompts[i // n] for i in order]
         flat_completions = [completions[i] for i in order]
