@@ -2,89 +2,34 @@
 
 from __future__ import annotations
 
-import concurrent.futures as cf
-import logging
-import multiprocessing as mp
+import json
+import select
+import subprocess
+import sys
+import tempfile
 import threading
 
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from common import verifier
 from common.models import check_model_path
 from common.utils import UserError
 
-# Math-Verify logs every timeout and unparsable answer at ERROR/WARNING; in RL that is the
-# common case (a wrong or garbled answer), not an error. Rewards are logged as metrics instead.
-logging.getLogger("math_verify").setLevel(logging.CRITICAL)
-
-MATH_TIMEOUT_S = 2  # per parse and per comparison (Math-Verify's unit is whole seconds)
-_MAX_RESPONSE_CHARS = 4000  # only the tail can hold the final answer; parse no more than that
-
-
-def _is_latex(s: str) -> bool:
-    return "$" in s or "\\(" in s or "\\[" in s or "\\boxed" in s
-
-
-def _math_reward_main_thread(response: str, gold: str) -> float:
-    """Math-Verify with the paper's set-up. Its timeouts use SIGALRM: main thread only."""
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
-
-    try:
-        # The paper wraps a bare gold answer in $...$ so Math-Verify reads it as LaTeX.
-        gold_parsed = parse(gold if _is_latex(gold) else f"${gold}$",
-                            extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()],
-                            parsing_timeout=MATH_TIMEOUT_S)
-        if not gold_parsed:
-            return 0.0
-        i = response.rfind("\\boxed")
-        tail = response[i:] if i >= 0 else response
-        pred = parse(tail[-_MAX_RESPONSE_CHARS:],
-                     extraction_config=[LatexExtractionConfig(boxed_match_priority=0),
-                                        ExprExtractionConfig()],
-                     parsing_timeout=MATH_TIMEOUT_S)
-        if not pred:
-            return 0.0
-        return 1.0 if verify(gold_parsed, pred, timeout_seconds=MATH_TIMEOUT_S) else 0.0
-    except BaseException:  # noqa: BLE001 -- Math-Verify's TimeoutException, sympy errors, recursion
-        return 0.0
-
-
-def _math_rewards_worker(pairs: list[tuple[str, str]]) -> list[float]:
-    return [_math_reward_main_thread(r, g) for r, g in pairs]
-
-
-_pool: cf.ProcessPoolExecutor | None = None
-_pool_lock = threading.Lock()
-
-
-def _score_in_subprocess(pairs: list[tuple[str, str]]) -> list[float]:
-    """Score in a helper process, where Math-Verify runs in a main thread and its SIGALRM
-    timeouts work. A hard hang (C code that never returns to Python) kills the pool: 0 reward."""
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = cf.ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"))
-        pool = _pool
-    try:
-        bound = (3 * MATH_TIMEOUT_S + 1) * len(pairs) + 30  # + process start-up on first use
-        return pool.submit(_math_rewards_worker, pairs).result(timeout=bound)
-    except Exception:  # noqa: BLE001 -- timeout or dead worker
-        with _pool_lock:
-            for p in list(getattr(pool, "_processes", {}).values()):
-                p.kill()
-            pool.shutdown(wait=False, cancel_futures=True)
-            if _pool is pool:
-                _pool = None
-        return [0.0] * len(pairs)
+# Bound on one (response, gold) in the helper process: Math-Verify's own timeouts (5 s for each of
+# the two parses and the comparison, 2 s for its string conversion) plus slack. Only a hang in C
+# code, which SIGALRM cannot interrupt, ever reaches it.
+HELPER_TIMEOUT_S = 20
 
 
 def math_reward(response: str, gold: str) -> float:
-    """1.0 if the response's final answer equals `gold` per Math-Verify, else 0.0.
+    """1.0 if the response's final answer equals `gold` per Math-Verify in the paper's set-up
+    (`common/verifier.py`), else 0.0. A plain-text answer without LaTeX scores 0, as in the paper.
 
-    Never raises; bounded time (a few seconds on adversarial input). Safe from any thread: off
-    the main thread, where SIGALRM cannot be used, it runs in a helper process. (Called from a
-    thread, Math-Verify itself raises on its timeout, which naive wrappers turn into reward 0 for
-    every answer.)"""
+    Safe from any thread: off the main thread, where Math-Verify's SIGALRM timeouts cannot work
+    (called from a thread, Math-Verify raises on every answer, which naive wrappers turn into a
+    silent reward 0 for everything), it scores in a helper process. If that helper cannot run,
+    this raises; it never returns a made-up 0."""
     return math_rewards([response], [gold])[0]
 
 
@@ -92,8 +37,57 @@ def math_rewards(responses: list[str], golds: list[str]) -> list[float]:
     """Batch form of `math_reward` (one round trip to the helper process off the main thread)."""
     pairs = list(zip(responses, golds, strict=True))
     if threading.current_thread() is threading.main_thread():
-        return _math_rewards_worker(pairs)
-    return _score_in_subprocess(pairs)
+        return [verifier.paper_math_reward(r, g) for r, g in pairs]
+    with _helper_lock:
+        try:
+            return _helper_score(pairs, bound=HELPER_TIMEOUT_S * len(pairs) + 30)
+        except TimeoutError:  # a hang somewhere in the batch: find it, one pair per round trip
+            return [_score_one_or_timeout(p) for p in pairs]
+
+
+_helper: tuple[subprocess.Popen, tempfile.TemporaryFile] | None = None  # (process, its stderr)
+_helper_lock = threading.Lock()
+
+
+def _score_one_or_timeout(pair: tuple[str, str]) -> float:
+    try:
+        return _helper_score([pair], bound=HELPER_TIMEOUT_S + 30)[0]
+    except TimeoutError:
+        return 0.0  # the paper's rule: a timeout is reward 0 (the helper was killed and restarts)
+
+
+def _helper_score(pairs: list[tuple[str, str]], bound: float) -> list[float]:
+    """Score `pairs` in the helper process (started on first use). The helper runs
+    `common/verifier.py` as a script with this interpreter: it imports Math-Verify only, never the
+    caller's main module (a `multiprocessing` spawn would re-run the caller's top-level code, and
+    fails outright for a script read from standard input)."""
+    global _helper
+    if _helper is None or _helper[0].poll() is not None:
+        err = tempfile.TemporaryFile()  # a file, not a pipe: a full pipe would block the helper
+        # the file by path, not `-m common.verifier`, which would import the whole `common` package
+        proc = subprocess.Popen(
+            [sys.executable, "-u", "-c", "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')",
+             verifier.__file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
+        _helper = (proc, err)
+    proc, err = _helper
+    try:
+        proc.stdin.write((json.dumps(pairs) + "\n").encode())
+        proc.stdin.flush()
+        ready, _, _ = select.select([proc.stdout], [], [], bound)
+        line = proc.stdout.readline() if ready else None
+    except BrokenPipeError:
+        line = b""
+    if line is None:
+        proc.kill()
+        proc.wait()
+        raise TimeoutError
+    if not line:  # the helper died: say why, never score it as 0
+        proc.wait()
+        err.seek(0)
+        lines = err.read().decode(errors="replace").strip().splitlines()
+        raise RuntimeError(f"the Math-Verify helper process ({sys.executable} {verifier.__file__}) failed "
+                           f"with exit code {proc.returncode}: {lines[-1] if lines else 'no message'}")
+    return json.loads(line)
 
 
 class RewardModel:
