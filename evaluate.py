@@ -81,14 +81,18 @@ def main(args: Args) -> None:
         check_model_path(args.baseline, "baseline model")  # fail now, not after the math evaluation
     limit = args.limit or None
     math_sets = {}
+    max_prompt = args.max_model_len - args.max_new_tokens
     for spec in (s for s in args.math_datasets if s):  # '' skips math
-        rows = [r for r in common.load_prompts(spec, args.split, args.math_template) if r["task"] == "math"][:limit]
-        if not rows:
-            raise common.UserError(f"math dataset '{spec}' has no rows with a gold answer")
-        math_sets[spec] = rows
+        rows = common.load_prompts(spec, args.split, args.math_template, limit, task="math", verbose=rank == 0)
+        math_sets[spec], _, dropped = common.fit_prompts(tokenizer, rows, max_prompt, need=1, what=spec)
+        if rank == 0 and dropped:
+            print(f"{spec}: {dropped} prompts too long for max_model_len - max_new_tokens, dropped")
     chat_rows = []
     if args.chat_dataset:
-        chat_rows = [r for r in common.load_prompts(args.chat_dataset, args.split) if r["task"] == "chat"][:limit]
+        chat_rows = common.load_prompts(args.chat_dataset, args.split, limit=limit, task="chat", verbose=rank == 0)
+        chat_rows, _, dropped = common.fit_prompts(tokenizer, chat_rows, max_prompt, need=1, what=args.chat_dataset)
+        if rank == 0 and dropped:
+            print(f"{args.chat_dataset}: {dropped} prompts too long for max_model_len - max_new_tokens, dropped")
     reward_model = common.RewardModel(args.reward_model, device, trust_remote_code=args.trust_remote_code) \
         if chat_rows else None
     generator = common.Generator(args.model, max_model_len=args.max_model_len,

@@ -64,8 +64,9 @@ class Args:
     rm_offload: bool = False
     """keep the reward model in CPU memory between uses, on the device only while it scores"""
     dataset: str = "embedded/data/math_train.jsonl"
-    """training prompts: a hub id or a .jsonl / .json / .parquet file, or several mixed with weights
-    (`a.jsonl:2,b.jsonl:1`); rows are math or chat, each scored by its own reward (README: Data)"""
+    """training prompts: `[math:|chat:]NAME[@CONFIG][:WEIGHT]`, comma-separated to mix: a hub id
+    (`openai/gsm8k@main`), a local folder or a .jsonl / .json / .parquet file; rows are math or chat,
+    each scored by its own reward; a prefix forces the task (README: Data)"""
     dataset_split: str = "train"
     """split of a hub dataset"""
     eval_dataset: str = "embedded/data/math_test.jsonl"
@@ -75,6 +76,9 @@ class Args:
     """split of a hub eval dataset"""
     math_template: str = common.PAPER_MATH_TEMPLATE
     """user turn for rows that give a `problem` (rows with a `prompt` are used verbatim)"""
+    paper_math_filter: bool = False
+    """drop proofs, multiple choice and NuminaMath's synthetic subsets from the training prompts (the
+    paper's NuminaMath-CoT filter)"""
     output_dir: str = ""
     """where checkpoints and metrics.jsonl go (default: runs/<exp_name>__<seed>)"""
     resume: bool = False
@@ -189,16 +193,15 @@ def main(args: Args) -> None:
     # data
     # -----------------------------------------------------------------------------------------
     tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
-    rows = common.load_prompts(args.dataset, args.dataset_split, args.math_template)
-    prompt_ids = common.encode_prompts(tokenizer, [r["prompt"] for r in rows])
-    keep = [i for i, p in enumerate(prompt_ids) if len(p) <= args.max_model_len - args.max_new_tokens]
-    if len(keep) < args.prompts_per_step:
-        raise common.UserError(f"only {len(keep)} prompts fit max_model_len - max_new_tokens")
-    dropped = len(rows) - len(keep)
-    rows, prompt_ids = [rows[i] for i in keep], [prompt_ids[i] for i in keep]
-    eval_rows = []
-    if args.eval_dataset and args.eval_every > 0:
-        eval_rows = common.load_prompts(args.eval_dataset, args.eval_split, args.math_template)
+    rows = common.load_prompts(args.dataset, args.dataset_split, args.math_template,
+                               paper_math_filter=args.paper_math_filter, verbose=rank == 0)
+    rows, prompt_ids, dropped = common.fit_prompts(tokenizer, rows, args.max_model_len - args.max_new_tokens,
+                                                   need=args.prompts_per_step, what="--dataset")
+    eval_rows, eval_dropped = [], 0
+    if args.eval_dataset and args.eval_every > 0:  # the same length filter: room to answer in full
+        eval_rows = common.load_prompts(args.eval_dataset, args.eval_split, args.math_template, verbose=rank == 0)
+        eval_rows, _, eval_dropped = common.fit_prompts(tokenizer, eval_rows, args.max_model_len - args.max_new_tokens,
+                                                        need=1, what="--eval-dataset")
 
     def batch_indices(step: int) -> list[int]:
         """This rank's prompts for `step` (1-based): a slice of a seeded per-epoch permutation, so
@@ -242,7 +245,8 @@ def main(args: Args) -> None:
     logger = common.MetricsLogger(args.output_dir, asdict(args), args.track, args.wandb_project_name,
                                   f"{args.exp_name}__{args.seed}", resume_step=start_step) if rank == 0 else None
     if rank == 0:
-        print(f"{args.exp_name}: {len(rows)} prompts ({dropped} too long, dropped), {world_size} rank(s), "
+        print(f"{args.exp_name}: {len(rows)} prompts ({dropped} too long, dropped), {len(eval_rows)} held out "
+              f"({eval_dropped} too long, dropped), {world_size} rank(s), "
               f"{args.num_steps} steps of {args.prompts_per_step}x{args.samples_per_prompt} -> {args.output_dir}")
 
     def evaluate(step: int) -> dict:

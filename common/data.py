@@ -1,26 +1,40 @@
-"""Prompt data: local jsonl / json / parquet files or hub datasets, normalised to one row shape.
+"""Data: local files or hub datasets, each row mapped to one shape; a row that cannot be read
+right is dropped, counted and named, never guessed into something else.
 
-Every row becomes `{"task": "math" | "chat", "prompt": str, "answer": str | None}`, where
-`prompt` is the user turn exactly as the policy will see it (before its chat template).
+A dataset spec (`--dataset`, `--eval-dataset`, `--pairs`) is one or more comma-separated parts
+    [math:|chat:]NAME[@CONFIG][:WEIGHT]
+NAME is a hub id, a local copy of a hub dataset (a folder), or a `.jsonl` / `.json` (a list or
+JSON lines) / `.parquet` file; `@CONFIG` a hub config name (`openai/gsm8k@main`); a `math:` /
+`chat:` prefix forces the task of that part's rows (a row whose own `task` column says otherwise
+is dropped; default: routed row by row, below); `:WEIGHT` mixes parts (see `load_prompts`).
 
-Column mapping (first match wins):
-- task: a `task` column (`math` or `chat`); otherwise `math` when the row has a gold answer.
-  Several datasets mix into one list (comma-separated, optional weights: see `load_prompts`), so
-  a batch can hold both tasks, each scored by its own reward.
-- math rows: `prompt` (used verbatim) or `problem` / `question` (wrapped in `math_template`, by
-  default the paper's), and `answer`; without `answer`, the last `\\boxed{...}` of `solution` (NuminaMath's
-  shape: `problem`, `solution`).
-- chat rows: `prompt` (a string), or the first user turn of `messages` / `conversation` (a list
-  of `{"role", "content"}`: WildChat's shape).
+Prompt rows become `{"task": "math" | "chat", "prompt": str | list[dict], "answer": str | None}`:
+`prompt` is what the policy sees before its chat template (a user turn, or a list of messages),
+`answer` the gold answer of a math row. Column names are read case-insensitively.
 
-Preference data (`load_pairs`, for offline DPO) becomes `{"task", "prompt", "chosen", "rejected",
-"chosen_eos", "rejected_eos"}`: `prompt` a user turn (str) or a list of messages; `chosen` /
-`rejected` the assistant's reply text; `*_eos` whether the reply ended (False for a reply cut at
-max_new_tokens, so the trainer does not teach the model to stop where it was cut). Accepted:
-- the standard shape: `prompt`, `chosen`, `rejected` strings (what offline_dpo.py writes);
-- the conversational shape: `chosen` / `rejected` lists of messages ending with the assistant's
-  reply, the prompt from `prompt` (a string or messages) or else the messages before the reply
-  (HuggingFaceH4/ultrafeedback_binarized, Anthropic-style chat pairs).
+Task routing, row by row (unless forced by the prefix):
+- a `task` column (`math` / `chat`) decides;
+- else a row with a `problem`, `question`, `solution`, `answer` or `final_answer` value is math,
+  and is kept only if it yields a gold answer: it is never handed to the reward model;
+- else a row with a prompt (`prompt`, `messages`, `conversation`) is chat.
+
+Gold answer of a math row: `answer` (or DeepMath's `final_answer`), read as GSM8K's `... #### N`
+(-> N, commas dropped), or the last `\\boxed{}` of a worked answer, or the value itself when it
+is a bare answer (one line, at most 200 characters); else the last `\\boxed{}` of `solution`, or,
+in a row without `problem` / `question` (open-r1's DAPO layout: `prompt` + `solution`), a bare
+`solution`. Prompt of a math row: `prompt` (a string or messages, verbatim), else `problem` /
+`question` wrapped in `math_template` (by default the paper's), else the first user turn.
+Prompt of a chat row: `prompt` (a string or messages), else the first user turn of `messages` /
+`conversation` (WildChat's layout; the paper trains on first turns), else (forced to chat) a
+`problem` / `question` verbatim.
+
+Preference rows (`load_pairs`) become `{"task", "prompt", "chosen", "rejected", "chosen_eos",
+"rejected_eos"}` plus any token-id columns the file carries. Accepted: `prompt` + `chosen` /
+`rejected` strings; `chosen` / `rejected` message lists ending with the assistant's reply, the
+prompt from `prompt` or else the shared messages before the reply (UltraFeedback-binarized, TRL's
+conversational and implicit-prompt layouts); Anthropic HH-RLHF strings
+(`\\n\\nHuman: ... \\n\\nAssistant: ...`), split into the shared conversation and the last reply.
+The README's Data section has the table of public datasets and how each is read.
 """
 
 from __future__ import annotations
@@ -28,6 +42,9 @@ from __future__ import annotations
 import functools
 import json
 import random
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 from common.utils import UserError
@@ -39,6 +56,18 @@ PAPER_MATH_TEMPLATE = (
     "Your response should end with 'The final answer is $\\boxed{{[answer]}}$. I hope it is "
     "correct.' where [answer] is the response to the problem."
 )
+_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+MATH_COLUMNS = ("problem", "question", "solution", "answer", "final_answer")
+_READ_COLUMNS = {"task", "prompt", "messages", "conversation", "source", *MATH_COLUMNS}
+_PAIR_COLUMNS = ("chosen", "rejected", "chosen_eos", "rejected_eos",  # + offline_dpo.py's own:
+                 "step", "position", "prompt_ids", "chosen_ids", "rejected_ids", "prompts_in_step")
+_BARE_ANSWER_CHARS = 200
+# The paper's NuminaMath-CoT filter (261,440 problems of ~860k): no synthetic subsets, no proofs,
+# no multiple choice.
+_SYNTHETIC_SOURCES = {"orca_math", "synthetic_amc", "synthetic_math"}
+_PROOF = re.compile(r"\b(prove|proof|show that|demonstrate that)\b", re.IGNORECASE)
+_CHOICE = re.compile(r"(\(\s*[A-E]\s*\)|\\textbf\{\s*\(?[A-E]\)?|(^|\n)\s*[A-E]\s*[:.)．：])")
+_LETTER = re.compile(r"^\W*(\\text(bf)?\{)?\W*[A-E]\W*\}?\W*$")
 
 
 def last_boxed(text: str) -> str | None:
@@ -57,152 +86,330 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-def _read_raw(spec: str, split: str) -> list[dict]:
-    path = Path(spec).expanduser()
-    if path.suffix in (".jsonl", ".json", ".parquet") or spec.startswith((".", "/", "~")):
-        if not path.is_file():
-            raise UserError(f"dataset file '{spec}' does not exist")
-        if path.suffix == ".jsonl":
-            rows = []
-            with path.open() as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise UserError(f"{spec}: line {n} is not valid JSON ({e.msg})") from None
-            return rows
-        if path.suffix == ".json":
-            rows = json.loads(path.read_text())
-            if not isinstance(rows, list):
-                raise UserError(f"{spec}: expected a JSON list of objects")
-            return rows
-        if path.suffix == ".parquet":
-            import datasets
-
-            return list(datasets.Dataset.from_parquet(str(path)))
-        raise UserError(f"dataset '{spec}': unknown format '{path.suffix}' "
-                        "(use .jsonl, .json, .parquet or a hub dataset id)")
-    import datasets
-
-    try:
-        return list(datasets.load_dataset(spec, split=split))
-    except Exception as e:  # noqa: BLE001 -- hub errors come in many types; all mean "not loadable"
-        raise UserError(f"cannot load dataset '{spec}' (split '{split}'): "
-                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+def _bare(text: str) -> str | None:
+    """`text` stripped if it reads as a bare final answer (one line, short), else None."""
+    text = text.strip()
+    return text if text and "\n" not in text and len(text) <= _BARE_ANSWER_CHARS else None
 
 
-def _first_user_turn(messages) -> str | None:
-    if isinstance(messages, list):
-        for m in messages:
-            if isinstance(m, dict) and m.get("role") == "user" and isinstance(m.get("content"), str):
-                return m["content"]
+def gold_answer(raw: dict) -> str | None:
+    """The gold answer of a math row (see the module docstring), or None."""
+    answer = raw.get("answer", raw.get("final_answer"))  # final_answer: DeepMath
+    if answer is not None and str(answer).strip():
+        answer = str(answer)
+        if "####" in answer:  # GSM8K: the worked solution, then `#### 72`
+            return answer.rsplit("####", 1)[1].strip().replace(",", "") or None
+        if "\\boxed" in answer:
+            return last_boxed(answer) or None
+        return _bare(answer)
+    solution = raw.get("solution")
+    if isinstance(solution, str) and solution.strip():
+        if raw.get("problem") is not None or raw.get("question") is not None:
+            return last_boxed(solution) or None  # beside a problem, `solution` is a worked solution
+        return last_boxed(solution) or _bare(solution)  # beside a ready prompt, it is the answer (DAPO)
     return None
 
 
-def normalize_row(raw: dict, where: str, math_template: str = PAPER_MATH_TEMPLATE) -> dict:
-    """Map one raw row to {task, prompt, answer}; `where` names the row in error messages."""
+def _messages(x) -> list[dict] | None:
+    """`x` as a list of {"role", "content"} messages with text content, or None."""
+    if isinstance(x, list) and x and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                         and isinstance(m.get("content"), str) for m in x):
+        return [{"role": m["role"], "content": m["content"]} for m in x]  # drop extra keys (WildChat)
+    return None
+
+
+def _first_user_turn(x) -> str | None:
+    for m in x if isinstance(x, list) else []:
+        if isinstance(m, dict) and m.get("role") == "user":
+            return m.get("content") if isinstance(m.get("content"), str) else ""
+    return None
+
+
+def _simplify(prompt):
+    """A single user message is the same prompt as its text: keep the text (it prints and scores
+    as the user turn)."""
+    if isinstance(prompt, list) and len(prompt) == 1 and prompt[0]["role"] == "user":
+        return prompt[0]["content"]
+    return prompt
+
+
+def _is_empty(prompt) -> bool:
+    if isinstance(prompt, str):
+        return not prompt.strip()
+    return any(not m["content"].strip() for m in prompt)
+
+
+def read_prompt_row(raw: dict, task: str | None = None, math_template: str = PAPER_MATH_TEMPLATE,
+                    paper_math_filter: bool = False) -> tuple[dict | None, str | None]:
+    """(row, None) for a usable raw row, or (None, why it was dropped). `task` forces the task."""
     if not isinstance(raw, dict):
-        raise UserError(f"{where}: expected an object, got {type(raw).__name__}")
-    answer = raw.get("answer")
-    if answer is None and isinstance(raw.get("solution"), str):
-        answer = last_boxed(raw["solution"])
-    task = raw.get("task") or ("math" if answer is not None else "chat")
+        return None, "not an object"
+    raw = {str(k).lower(): v for k, v in raw.items()}
+    if task and raw.get("task") and raw["task"] != task:  # never turn a row into the other task
+        return None, f"row's own task is {raw['task']}, not {task}"
+    task = task or raw.get("task") or None
+    if task is None:
+        task = "math" if any(raw.get(c) is not None for c in MATH_COLUMNS) else "chat"
     if task not in ("math", "chat"):
-        raise UserError(f"{where}: column 'task' is '{task}', expected 'math' or 'chat'")
-    if isinstance(raw.get("prompt"), str):
-        prompt = raw["prompt"]
-    elif task == "math" and isinstance(raw.get("problem", raw.get("question")), str):  # AMC23: `question`
-        prompt = math_template.format(problem=raw.get("problem", raw.get("question")))
-    else:
-        prompt = _first_user_turn(raw.get("messages") or raw.get("conversation"))
-    if prompt is None:
-        need = "'prompt' or 'problem'" if task == "math" else "'prompt' or 'messages'"
-        raise UserError(f"{where}: no prompt column (need {need}; row has {sorted(raw)})")
-    if not prompt.strip():
-        raise UserError(f"{where}: the prompt is empty")
+        return None, f"task '{task}' is not math or chat"
+    prompt = raw.get("prompt")
+    prompt = prompt if isinstance(prompt, str) else _messages(prompt)
+    answer = None
     if task == "math":
-        if answer is None or not str(answer).strip():
-            raise UserError(f"{where}: math row without a gold answer (need 'answer', or a "
-                            f"'solution' with a \\boxed{{}} answer; row has {sorted(raw)})")
-        answer = str(answer)
-    return {"task": task, "prompt": prompt, "answer": answer if task == "math" else None}
+        answer = gold_answer(raw)
+        if answer is None:
+            return None, "math row without a gold answer"
+        problem = raw.get("problem") if isinstance(raw.get("problem"), str) else raw.get("question")
+        if prompt is None and isinstance(problem, str):
+            prompt = math_template.format(problem=problem)
+        if paper_math_filter:
+            text = problem if isinstance(problem, str) else str(prompt)
+            if raw.get("source") in _SYNTHETIC_SOURCES:
+                return None, "paper filter: synthetic subset"
+            if _PROOF.search(text):
+                return None, "paper filter: proof"
+            if len(_CHOICE.findall(text)) >= 2 or _LETTER.match(answer):
+                return None, "paper filter: multiple choice"
+    if prompt is None:
+        prompt = _first_user_turn(raw.get("messages") or raw.get("conversation"))
+    if prompt is None and task == "chat":  # a question-style set forced to chat: the question is the turn
+        prompt = next((raw[c] for c in ("problem", "question") if isinstance(raw.get(c), str)), None)
+    if prompt is None:
+        return None, "no prompt column"
+    prompt = _simplify(prompt)
+    if _is_empty(prompt):
+        return None, "empty prompt or turn"
+    return {"task": task, "prompt": prompt, "answer": answer}, None
+
+
+def _parse_spec(spec: str) -> list[tuple[str | None, str, str | None, float | None]]:
+    """(task, name, config, weight) of each comma-separated part of a dataset spec."""
+    parts = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        task = None
+        if part.startswith(("math:", "chat:")):
+            task, part = part[:4], part[5:]
+        name, weight = part, None
+        head, _, tail = part.rpartition(":")
+        if head and re.fullmatch(r"\d+(\.\d*)?|\.\d+", tail):
+            name, weight = head, float(tail)
+        config = None
+        if "@" in name and Path(name).suffix not in _FILE_SUFFIXES and not Path(name).expanduser().exists():
+            name, config = name.rsplit("@", 1)
+        parts.append((task, name, config, weight))
+    if not parts:
+        raise UserError("empty dataset spec")
+    return parts
+
+
+def _is_file_spec(name: str) -> bool:
+    """A local file (a local folder, e.g. a cloned hub dataset, loads like a hub id)."""
+    path = Path(name).expanduser()
+    return path.suffix in _FILE_SUFFIXES or (name.startswith((".", "/", "~")) and not path.is_dir())
+
+
+def _read_raw(name: str, config: str | None, split: str) -> Iterator[tuple[str, dict]]:
+    """Yield (where, raw row) lazily: a 860k-row hub set is never held as Python objects."""
+    path = Path(name).expanduser()
+    if _is_file_spec(name):
+        if not path.is_file():
+            raise UserError(f"dataset file '{name}' does not exist")
+        if path.suffix not in _FILE_SUFFIXES:
+            raise UserError(f"dataset '{name}': unknown format '{path.suffix}' "
+                            "(use .jsonl, .json, .parquet or a hub dataset id)")
+    if path.suffix == ".json" and path.is_file():
+        try:
+            rows = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            rows = None  # JSON lines in a .json file: read below as .jsonl
+        if rows is not None:
+            if not isinstance(rows, list):
+                raise UserError(f"{name}: expected a JSON list of objects or JSON lines")
+            yield from ((f"row {i}", r) for i, r in enumerate(rows))
+            return
+    if path.suffix in (".jsonl", ".json") and path.is_file():
+        with path.open() as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield f"line {n}", json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{name}: line {n} is not valid JSON ({e.msg})") from None
+        return
+    import datasets
+
+    try:
+        if path.suffix == ".parquet":
+            ds = datasets.Dataset.from_parquet(str(path))
+        else:
+            ds = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # noqa: BLE001 -- hub errors come in many types; all mean "not loadable"
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"cannot load dataset '{name}'" + (f" config '{config}'" if config else "")
+                        + f" (split '{split}'): {msg}") from None
+    used = [c for c in ds.column_names if c.lower() in _READ_COLUMNS | set(_PAIR_COLUMNS)]
+    if any(c.lower() in ("prompt", "problem", "question") for c in used):  # messages would only repeat them
+        used = [c for c in used if c.lower() not in ("messages", "conversation")]
+    i = 0
+    for batch in ds.select_columns(used).iter(batch_size=1024):  # Arrow, memory-mapped: a batch at a time
+        for j in range(len(batch[used[0]]) if used else 0):
+            yield f"row {i}", {c: batch[c][j] for c in used}
+            i += 1
+
+
+class _Drops:
+    """Rows dropped per reason, with the first few places named."""
+
+    def __init__(self):
+        self.count, self.where = Counter(), defaultdict(list)
+
+    def add(self, reason: str, where: str) -> None:
+        self.count[reason] += 1
+        if len(self.where[reason]) < 3:
+            self.where[reason].append(where)
+
+    def __str__(self) -> str:
+        return "; ".join(f"{n:,} {reason} ({', '.join(self.where[reason])}{', ...' if n > 3 else ''})"
+                         for reason, n in self.count.most_common())
 
 
 def load_prompts(spec: str, split: str = "train", math_template: str = PAPER_MATH_TEMPLATE,
-                 limit: int | None = None) -> list[dict]:
-    """Load and normalise a prompt dataset (see the module docstring for the accepted shapes).
+                 limit: int | None = None, paper_math_filter: bool = False, task: str | None = None,
+                 verbose: bool = False) -> list[dict]:
+    """Load and normalise a prompt dataset spec (module docstring): every part's usable rows, in
+    order, at most `limit` per part; `task` forces the task of parts without a prefix. With `verbose`, one line per part says how many rows of each
+    task were read and how many were dropped, why, and where. A part with no usable row is refused.
 
-    `spec` may name several datasets, comma-separated, each with an optional mixing weight:
-    `a.jsonl,b.jsonl` concatenates them; `AI-MO/NuminaMath-CoT:2,allenai/WildChat-1M:1` gives each
-    a share of the mixture proportional to its weight (the mixture keeps the concatenation's size;
-    a dataset is subsampled, or repeated, in a fixed seeded order). `limit` applies per dataset."""
-    parts = [p.strip() for p in spec.split(",") if p.strip()]
-    weighted = []
-    for part in parts:
-        name, _, weight = part.rpartition(":")
-        try:
-            weighted.append((name, float(weight)) if name else (part, None))
-        except ValueError:  # a colon that is not a weight
-            weighted.append((part, None))
+    Parts with weights (`AI-MO/NuminaMath-CoT:2,allenai/WildChat-1M:1`) are mixed: each gets a share
+    of the concatenation's size proportional to its weight, subsampled or repeated in a fixed
+    seeded order; without weights the parts are concatenated."""
+    parts = _parse_spec(spec)
     loaded = []
-    for name, _ in weighted:
-        raw = _read_raw(name, split)
-        if not raw:
-            raise UserError(f"dataset '{name}' has no rows")
-        loaded.append([normalize_row(r, f"{name} row {i}", math_template) for i, r in enumerate(raw[:limit])])
-    if all(w is None for _, w in weighted):
+    for part_task, name, config, _ in parts:
+        rows, drops, n = [], _Drops(), 0
+        for where, raw in _read_raw(name, config, split):
+            n += 1
+            row, reason = read_prompt_row(raw, part_task or task, math_template, paper_math_filter)
+            if row is None:
+                drops.add(reason, where)
+                continue
+            rows.append(row)
+            if limit and len(rows) >= limit:
+                break
+        label = f"{name}" + (f"@{config}" if config else "") + ("" if _is_file_spec(name) else f" ({split})")
+        if not rows:
+            raise UserError(f"dataset '{label}': no usable row in {n:,}" + (f" ({drops})" if n else ""))
+        if verbose:
+            tasks = Counter(r["task"] for r in rows)
+            print(f"data: {label}: {n:,} rows read -> {tasks['math']:,} math, {tasks['chat']:,} chat"
+                  + (f"; dropped {drops}" if drops.count else "") + (f" (stopped at limit {limit:,})" if limit and len(rows) >= limit else ""),
+                  flush=True)
+        loaded.append(rows)
+    weights = [w for *_, w in parts]
+    if all(w is None for w in weights):
         return [r for rows in loaded for r in rows]
-    if any(w is None or w < 0 for _, w in weighted) or not sum(w for _, w in weighted):
-        raise UserError(f"dataset '{spec}': give every dataset a weight >= 0 (name:weight), or none")
-    total, weight_sum = sum(len(rows) for rows in loaded), sum(w for _, w in weighted)
+    if any(w is None for w in weights) or not sum(weights):
+        raise UserError(f"dataset '{spec}': give every dataset a weight (name:weight, not all 0), or none")
+    total, weight_sum = sum(len(rows) for rows in loaded), sum(weights)
     mixed = []
-    for i, (rows, (_, w)) in enumerate(zip(loaded, weighted, strict=True)):
+    for i, (rows, w) in enumerate(zip(loaded, weights, strict=True)):
         order = shuffled_indices(len(rows), 0, i)
         mixed += [rows[order[j % len(rows)]] for j in range(round(total * w / weight_sum))]
     return mixed
 
 
-def _reply(x, where: str, col: str) -> tuple[str, list | None]:
-    """(reply text, the messages before it or None) of a `chosen` / `rejected` cell."""
+def fit_prompts(tokenizer, rows: list[dict], max_prompt_tokens: int, need: int, what: str):
+    """Encode each row's prompt with the chat template and keep those with at most
+    `max_prompt_tokens` tokens (max_model_len - max_new_tokens: room to answer in full). Returns
+    (rows, prompt_ids, dropped). Refuses, naming the cause, when fewer than `need` remain."""
+    from common.models import encode_prompts
+
+    ids = encode_prompts(tokenizer, [r["prompt"] for r in rows])
+    keep = [i for i, p in enumerate(ids) if len(p) <= max_prompt_tokens]
+    if len(rows) < need:
+        raise UserError(f"{what} has {len(rows)} usable prompts, fewer than one step needs ({need})")
+    if len(keep) < need:
+        raise UserError(f"{what}: only {len(keep)} of {len(rows)} prompts fit in max_model_len - max_new_tokens "
+                        f"= {max_prompt_tokens} tokens (the shortest has {min(map(len, ids))} with the chat "
+                        f"template; {need} needed): raise --max-model-len or lower --max-new-tokens")
+    return [rows[i] for i in keep], [ids[i] for i in keep], len(rows) - len(keep)
+
+
+def _hh_split(text: str) -> tuple[list[dict], str] | None:
+    """An Anthropic HH-RLHF transcript -> (the messages before the last reply, the last reply)."""
+    i = text.rfind("\n\nAssistant:")
+    if i < 0 or "\n\nHuman:" not in text[:i]:
+        return None
+    turns = re.split(r"\n\n(Human|Assistant): ?", text[:i])
+    messages = [{"role": "user" if who == "Human" else "assistant", "content": said.strip()}
+                for who, said in zip(turns[1::2], turns[2::2], strict=True)]
+    return messages, text[i + len("\n\nAssistant:") :].strip()
+
+
+def _reply(x) -> tuple[str | None, list[dict] | None]:
+    """(reply text, the messages before it) of a `chosen` / `rejected` cell; (None, None) if unreadable."""
     if isinstance(x, str):
-        return x, None
-    if isinstance(x, list) and x and isinstance(x[-1], dict) and x[-1].get("role") == "assistant" \
-            and isinstance(x[-1].get("content"), str):
-        return x[-1]["content"], x[:-1]
-    raise UserError(f"{where}: column '{col}' must be a string or a list of messages ending with "
-                    "the assistant's reply")
+        hh = _hh_split(x)
+        return (hh[1], hh[0]) if hh else (x, None)
+    msgs = _messages(x)
+    if msgs and msgs[-1]["role"] == "assistant":
+        return msgs[-1]["content"], msgs[:-1] or None
+    return None, None
 
 
-def normalize_pair(raw: dict, where: str) -> dict:
-    """Map one raw preference row to {task, prompt, chosen, rejected, chosen_eos, rejected_eos}."""
+def read_pair_row(raw: dict) -> tuple[dict | None, str | None]:
+    """(pair, None) for a usable preference row, or (None, why it was dropped)."""
     if not isinstance(raw, dict):
-        raise UserError(f"{where}: expected an object, got {type(raw).__name__}")
+        return None, "not an object"
+    raw = {str(k).lower(): v for k, v in raw.items()}
     if "chosen" not in raw or "rejected" not in raw:
-        raise UserError(f"{where}: a preference row needs 'chosen' and 'rejected' columns (row has {sorted(raw)})")
-    chosen, context = _reply(raw["chosen"], where, "chosen")
-    rejected, _ = _reply(raw["rejected"], where, "rejected")
+        return None, "no 'chosen' and 'rejected' columns"
+    (chosen, c_ctx), (rejected, r_ctx) = _reply(raw["chosen"]), _reply(raw["rejected"])
+    if chosen is None or rejected is None:
+        return None, "'chosen' / 'rejected' not a string or messages ending with the assistant's reply"
     prompt = raw.get("prompt")
-    if isinstance(prompt, list):  # conversational prompt: keep every turn
-        prompt = prompt if all(isinstance(m, dict) and "role" in m for m in prompt) else None
-    elif not isinstance(prompt, str):
-        prompt = context or None
-    if not prompt or (isinstance(prompt, str) and not prompt.strip()):
-        raise UserError(f"{where}: no prompt (need a 'prompt' column or 'chosen' given as messages)")
+    prompt = prompt if isinstance(prompt, str) and prompt.strip() else _messages(prompt)
+    if prompt is None:  # implicit prompt: the conversation both replies continue
+        if c_ctx is None or c_ctx != r_ctx:
+            return None, "no prompt (no 'prompt' column, and chosen / rejected share no conversation)"
+        prompt = c_ctx
+    prompt = _simplify(prompt)
+    if _is_empty(prompt):
+        return None, "empty prompt or turn"
     task = raw.get("task") or "chat"
     if task not in ("math", "chat"):
-        raise UserError(f"{where}: column 'task' is '{task}', expected 'math' or 'chat'")
-    return {"task": task, "prompt": prompt, "chosen": chosen, "rejected": rejected,
+        return None, f"task '{task}' is not math or chat"
+    pair = {"task": task, "prompt": prompt, "chosen": chosen, "rejected": rejected,
             "chosen_eos": bool(raw.get("chosen_eos", True)), "rejected_eos": bool(raw.get("rejected_eos", True))}
+    for key in _PAIR_COLUMNS[4:]:
+        if raw.get(key) is not None:  # written by offline_dpo.py: train on exactly the sampled tokens
+            pair[key] = raw[key]
+    return pair, None
 
 
-def load_pairs(spec: str, split: str = "train", limit: int | None = None) -> list[dict]:
-    """Load and normalise a preference dataset (see the module docstring for the accepted shapes)."""
-    raw = _read_raw(spec, split)
-    if not raw:
-        raise UserError(f"dataset '{spec}' has no rows")
-    return [normalize_pair(r, f"{spec} row {i}") for i, r in enumerate(raw[:limit])]
+def load_pairs(spec: str, split: str = "train", verbose: bool = False) -> list[dict]:
+    """Load and normalise a preference dataset (module docstring); bad rows are dropped and
+    counted, and a dataset with no usable row is refused."""
+    (_, name, config, _), *rest = _parse_spec(spec)
+    if rest:
+        raise UserError(f"preference data '{spec}': give one dataset")
+    pairs, drops, n = [], _Drops(), 0
+    for where, raw in _read_raw(name, config, split):
+        n += 1
+        pair, reason = read_pair_row(raw)
+        if pair is None:
+            drops.add(reason, where)
+        else:
+            pairs.append(pair)
+    if not pairs:
+        raise UserError(f"preference data '{spec}': no usable row in {n:,}" + (f" ({drops})" if n else ""))
+    if verbose:
+        print(f"data: {spec}: {n:,} rows read -> {len(pairs):,} pairs" + (f"; dropped {drops}" if drops.count else ""),
+              flush=True)
+    return pairs
 
 
 @functools.lru_cache(maxsize=4)

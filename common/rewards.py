@@ -130,11 +130,12 @@ class RewardModel:
         self.model.to(self.device)
 
     @torch.no_grad()
-    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
-        """One float per (prompt, response): the RM's scalar on the chat [user, assistant]."""
+    def score(self, prompts: list[str | list[dict]], responses: list[str]) -> list[float]:
+        """One float per (prompt, response): the RM's scalar on the chat [user, assistant] (or the
+        prompt's messages, then the assistant's reply)."""
         texts = [
             self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}, {"role": "assistant", "content": r}],
+                ([{"role": "user", "content": p}] if isinstance(p, str) else p) + [{"role": "assistant", "content": r}],
                 tokenize=False)
             for p, r in zip(prompts, responses, strict=True)
         ]
