@@ -266,39 +266,26 @@ def main(args: Args) -> None:
         logger.log({"step": 0, **eval_metrics})
         print("step 0 | " + common.eval_line(eval_metrics))
     for step in range(start_step + 1, args.num_steps + 1):
-        t_step = time.time()
+        timer = common.PhaseTimer()
         # ---- sync: ALGO LOGIC: s = 1, the generator gets the weights being trained every step.
         # CRUCIAL: also the first step after a start or a resume, before any generation.
-        generator.sync_weights(policy)
-        t_sync = time.time() - t_step
+        with timer("sync"):
+            generator.sync_weights(policy)
+        last_sync = step - 1  # the generator holds the weights of `last_sync` optimizer steps
 
         # ---- rollout
-        t0 = time.time()
-        idx = batch_indices(step)
-        batch = [rows[i] for i in idx]
-        prompts = [prompt_ids[i] for i in idx]
-        outs = generator.generate(prompts, n=n, temperature=args.temperature, top_p=args.top_p,
-                                  max_tokens=args.max_new_tokens, seed=sampling_seeds(step))
-        generator.sleep()
+        with timer("generate"):
+            idx = batch_indices(step)
+            batch = [rows[i] for i in idx]
+            prompts = [prompt_ids[i] for i in idx]
+            outs = generator.generate(prompts, n=n, temperature=args.temperature, top_p=args.top_p,
+                                      max_tokens=args.max_new_tokens, seed=sampling_seeds(step))
+            generator.sleep()
         completions = [c for o in outs for c in o]  # (P*n), grouped by prompt
-        t_generate = time.time() - t0
 
-        # ---- score
-        t0 = time.time()
-        rewards = torch.zeros(len(batch), n)  # (P, n)
-        math_idx = [j for j, row in enumerate(batch) if row["task"] == "math"]
-        chat_idx = [j for j, row in enumerate(batch) if row["task"] == "chat"]
-        if math_idx:  # each task's rows in one call: one batched reward-model pass (one move with --rm-offload)
-            rewards[math_idx] = torch.tensor(common.math_rewards(
-                [c.text for j in math_idx for c in outs[j]], [batch[j]["answer"] for j in math_idx for _ in range(n)])).view(-1, n)
-        if chat_idx:
-            rewards[chat_idx] = torch.tensor(reward_model.score(
-                [batch[j]["prompt"] for j in chat_idx for _ in range(n)], [c.text for j in chat_idx for c in outs[j]])).view(-1, n)
-        # CRUCIAL: a NaN / inf from the reward model is counted and never trained on: its group becomes
-        # all-equal (no pair, no advantage)
-        nonfinite = ~torch.isfinite(rewards).all(dim=1)  # (P,)
-        rewards[nonfinite] = 0.0
-        t_score = time.time() - t0
+        # ---- score: Math-Verify for math rows, the reward model for chat rows
+        with timer("score"):
+            rewards, nonfinite = common.score(reward_model, batch, outs)  # (P, n), (P,)
 
         # ---- build batch: ALGO LOGIC: group-relative advantages, one per completion
         advantages = group_advantages(rewards, args.std_normalize, args.adv_eps).flatten()  # (P*n,)
@@ -311,90 +298,52 @@ def main(args: Args) -> None:
         micro_batches = [slice(i, i + args.micro_batch_size) for i in range(0, len(flat_completions), args.micro_batch_size)]
 
         # ---- reference logprobs, update: one optimizer step, gradients accumulated over micro-batches
-        t0 = time.time()
         lr = args.learning_rate * min(1.0, step / max(args.warmup_steps, 1))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        stats = {"loss": 0.0, "kl_sum": 0.0, "tokens": 0.0, "entropy_sum": 0.0, "gap_sum": 0.0}
+        sums = {"loss": 0.0, "kl_sum": 0.0, "tokens": 0.0, "entropy_sum": 0.0, "gap_sum": 0.0}
         gap_max = 0.0
-        for mb in micro_batches:
-            mb_prompts, mb_completions = flat_prompts[mb], flat_completions[mb]
-            mb_tokens = [c.token_ids for c in mb_completions]
-            ref_logps = None
-            if reference is not None:
-                with torch.no_grad(), autocast:
-                    ref_logps = common.completion_logprobs(reference, mb_prompts, mb_tokens, args.temperature,
-                                                           tokenizer.pad_token_id)[0]
-            with autocast:
-                logps, mask, entropy = common.completion_logprobs(policy, mb_prompts, mb_tokens, args.temperature,
-                                                                  tokenizer.pad_token_id, with_entropy=True)
-            loss, kl_sum = grpo_loss(logps, ref_logps, mask, advantages[mb].to(device), args.kl_coef,
-                                     args.prompts_per_rank, n)
-            loss.backward()
-            # vLLM's logprob of each sampled token vs the trainer's, same weights: the sync's proof
-            vllm_logps = torch.zeros_like(logps)
-            for i, c in enumerate(mb_completions):
-                vllm_logps[i, : len(c.logprobs)] = torch.tensor(c.logprobs)
-            gap = (logps.detach() - vllm_logps).abs() * mask
-            gap_max = max(gap_max, gap.max().item())
-            stats["loss"] += loss.item()
-            stats["kl_sum"] += kl_sum.item()
-            stats["tokens"] += mask.sum().item()
-            stats["entropy_sum"] += entropy.sum().item()
-            stats["gap_sum"] += gap.sum().item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        t_train = time.time() - t0
+        with timer("train"):
+            for mb in micro_batches:
+                mb_prompts, mb_completions = flat_prompts[mb], flat_completions[mb]
+                mb_tokens = [c.token_ids for c in mb_completions]
+                ref_logps = None
+                if reference is not None:
+                    with torch.no_grad(), autocast:
+                        ref_logps = common.completion_logprobs(reference, mb_prompts, mb_tokens, args.temperature,
+                                                               tokenizer.pad_token_id)[0]
+                with autocast:
+                    logps, mask, entropy = common.completion_logprobs(policy, mb_prompts, mb_tokens, args.temperature,
+                                                                      tokenizer.pad_token_id, with_entropy=True)
+                loss, kl_sum = grpo_loss(logps, ref_logps, mask, advantages[mb].to(device), args.kl_coef,
+                                         args.prompts_per_rank, n)
+                loss.backward()
+                gap_sum, mb_gap_max = common.logprob_gap(logps, mask, mb_completions)
+                gap_max = max(gap_max, mb_gap_max)
+                sums["loss"] += loss.item()
+                sums["kl_sum"] += kl_sum.item()
+                sums["tokens"] += mask.sum().item()
+                sums["entropy_sum"] += entropy.sum().item()
+                sums["gap_sum"] += gap_sum
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
         # ---- log: sums over ranks, then ratios (ranks may hold different numbers of math rows)
-        lengths = torch.tensor([[len(c.token_ids) for c in o] for o in outs], dtype=torch.float)  # (P, n)
-        local = {
-            "loss": stats["loss"], "kl_sum": stats["kl_sum"], "tokens": stats["tokens"],
-            "entropy_sum": stats["entropy_sum"], "gap_sum": stats["gap_sum"],
-            "reward_sum": rewards.sum().item(), "reward_sq": (rewards**2).sum().item(), "samples": rewards.numel(),
-            "zero_std": (rewards.std(dim=1) == 0).sum().item(), "groups": len(batch), "nonfinite": nonfinite.sum().item(),
-            "truncated": sum(c.finish_reason == "length" for c in completions),
-            "completion_tokens": lengths.sum().item(), "rollout_tokens": lengths.sum().item(),
-            "train_tokens": sum(len(p) + len(c.token_ids) for p, c in zip(flat_prompts, flat_completions, strict=True)),
-        }
-        for task in ("math", "chat"):  # per task: a mixed batch's rewards are on different scales
-            rows_t = torch.tensor([r["task"] == task for r in batch], dtype=torch.bool)
-            local |= {f"{task}_reward": rewards[rows_t].sum().item(), f"{task}_samples": rewards[rows_t].numel(),
-                      f"{task}_tokens": lengths[rows_t].sum().item()}
-        s = common.all_reduce(local)
-        s_max = common.all_reduce({"gap_max": gap_max, "memory": common.peak_memory_gb(device)}, op="max")
-        reward_mean = s["reward_sum"] / s["samples"]
-        step_s = time.time() - t_step
+        sums |= common.rollout_sums(batch, outs, rewards, nonfinite)
+        sums["rollout_tokens"] = sums["completion_tokens"]
+        sums["train_tokens"] = sum(len(p) + len(c.token_ids) for p, c in zip(flat_prompts, flat_completions, strict=True))
+        s, s_max = common.reduce_step(sums, {"gap_max": gap_max}, device)
         metrics = {
             "step": step,
             "train/loss": s["loss"] / world_size,  # each rank's loss is already / its prompts
             "train/kl": s["kl_sum"] / s["tokens"],
             "train/grad_norm": grad_norm.item() if hasattr(grad_norm, "item") else float(grad_norm),
             "train/lr": lr,
-            "rollout/reward_mean": reward_mean,
-            "rollout/reward_std": max(s["reward_sq"] / s["samples"] - reward_mean**2, 0.0) ** 0.5,
-            "rollout/accuracy": s["math_reward"] / s["math_samples"] if s["math_samples"] else float("nan"),
-            "rollout/zero_std_frac": s["zero_std"] / s["groups"],
-            "rollout/nonfinite_groups": s["nonfinite"],
-            "rollout/length_mean": s["completion_tokens"] / s["samples"],
-            "rollout/truncated_frac": s["truncated"] / s["samples"],
-            "rollout/entropy": s["entropy_sum"] / s["tokens"],
-            "rollout/logprob_gap_max": s_max["gap_max"],
-            "rollout/logprob_gap_mean": s["gap_sum"] / s["tokens"],
-            "perf/generate_s": t_generate, "perf/score_s": t_score, "perf/train_s": t_train,
-            "perf/sync_s": t_sync, "perf/step_s": step_s,
-            "perf/rollout_tokens": s["rollout_tokens"], "perf/train_tokens": s["train_tokens"],
-            "perf/rollout_tokens_per_s": s["rollout_tokens"] / t_generate if s["rollout_tokens"] else float("nan"),
-            "perf/train_tokens_per_s": s["train_tokens"] / t_train if s["train_tokens"] else float("nan"),
-            "perf/peak_memory_gb": s_max["memory"],
+            "rollout/policy_lag": step - 1 - last_sync,
+            **common.rollout_metrics(s), **common.trainer_metrics(s, s_max, timer),
         }
-        for task, key in (("math", "accuracy"), ("chat", "reward_mean")):  # keys only for tasks in the step
-            if s[f"{task}_samples"]:
-                metrics[f"rollout/{task}/{key}"] = s[f"{task}_reward"] / s[f"{task}_samples"]
-                metrics[f"rollout/{task}/length_mean"] = s[f"{task}_tokens"] / s[f"{task}_samples"]
-        if s["chat_samples"]:  # the paper picked chat checkpoints by this: its reward model favours length
-            metrics["rollout/chat/reward_per_token"] = metrics["rollout/chat/reward_mean"] / max(metrics["rollout/chat/length_mean"], 1)
+        reward_mean, step_s = metrics["rollout/reward_mean"], metrics["perf/step_s"]
         if eval_rows and (step % args.eval_every == 0 or step == args.num_steps):
             metrics.update(evaluate(step))
         steps_done += 1
@@ -409,7 +358,7 @@ def main(args: Args) -> None:
             print(line, flush=True)
             if args.log_samples_every and step % args.log_samples_every == 0:
                 for j in range(min(2, len(batch))):
-                    print(f"    prompt: {batch[j]['prompt'][:200]!r}\n    completion: {outs[j][0].text[:300]!r}"
+                    print(f"    prompt: {str(batch[j]['prompt'])[:200]!r}\n    completion: {outs[j][0].text[:300]!r}"
                           f"\n    reward: {rewards[j, 0].item():.3f}", flush=True)
 
         # ---- checkpoint

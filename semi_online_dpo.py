@@ -300,54 +300,38 @@ def main(args: Args) -> None:
         logger.log({"step": 0, **eval_metrics})
         print("step 0 | " + common.eval_line(eval_metrics))
     for step in range(start_step + 1, args.num_steps + 1):
-        t_step = time.time()
+        timer = common.PhaseTimer()
         # ---- sync: ALGO LOGIC: every s steps the generator gets the weights being trained.
         # CRUCIAL: also the first step after a start or a resume, before any generation.
-        t_sync, t_window, window_tokens = 0.0, 0.0, 0
+        window_tokens = 0
         if (step - 1) % args.sync_interval == 0 or step == start_step + 1:
-            generator.sync_weights(policy)
-            if "synced" in references:  # ALGO LOGIC: the (math) reference moves with the generator
-                copy_weights(policy, references["synced"])
+            with timer("sync"):
+                generator.sync_weights(policy)
+                if "synced" in references:  # ALGO LOGIC: the (math) reference moves with the generator
+                    copy_weights(policy, references["synced"])
             last_sync = step - 1  # the generator holds the weights of `last_sync` optimizer steps
-            t_sync = time.time() - t_step
             # ALGO LOGIC: the rollouts of every step up to the next sync, in one vLLM call, with
             # each step's own seeds (so s = 1 is exactly online_dpo.py)
-            t0 = time.time()
-            window = range(step, min(((step - 1) // args.sync_interval + 1) * args.sync_interval, args.num_steps) + 1)
-            flat = generator.generate([prompt_ids[i] for t in window for i in batch_indices(t)], n=n,
-                                      temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_new_tokens,
-                                      seed=[x for t in window for x in sampling_seeds(t)])
-            generator.sleep()
-            P = args.prompts_per_rank
-            window_outs = {t: flat[k * P : (k + 1) * P] for k, t in enumerate(window)}
-            window_tokens = sum(len(c.token_ids) for o in flat for c in o)  # counted at the step that generates
-            t_window = time.time() - t0
+            with timer("generate"):
+                window = range(step, min(((step - 1) // args.sync_interval + 1) * args.sync_interval, args.num_steps) + 1)
+                flat = generator.generate([prompt_ids[i] for t in window for i in batch_indices(t)], n=n,
+                                          temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_new_tokens,
+                                          seed=[x for t in window for x in sampling_seeds(t)])
+                generator.sleep()
+                P = args.prompts_per_rank
+                window_outs = {t: flat[k * P : (k + 1) * P] for k, t in enumerate(window)}
+                window_tokens = sum(len(c.token_ids) for o in flat for c in o)  # counted at the step that generates
 
         # ---- rollout
-        t0 = time.time()
-        idx = batch_indices(step)
-        batch = [rows[i] for i in idx]
-        prompts = [prompt_ids[i] for i in idx]
-        outs = window_outs.pop(step)  # sampled at the last sync, by weights `step - 1 - last_sync` steps old
-        completions = [c for o in outs for c in o]  # (P*n), grouped by prompt
-        t_generate = time.time() - t0 + t_window
+        with timer("generate"):
+            idx = batch_indices(step)
+            batch = [rows[i] for i in idx]
+            prompts = [prompt_ids[i] for i in idx]
+            outs = window_outs.pop(step)  # sampled at the last sync, by weights `step - 1 - last_sync` steps old
 
-        # ---- score
-        t0 = time.time()
-        rewards = torch.zeros(len(batch), n)  # (P, n)
-        math_idx = [j for j, row in enumerate(batch) if row["task"] == "math"]
-        chat_idx = [j for j, row in enumerate(batch) if row["task"] == "chat"]
-        if math_idx:  # each task's rows in one call: one batched reward-model pass (one move with --rm-offload)
-            rewards[math_idx] = torch.tensor(common.math_rewards(
-                [c.text for j in math_idx for c in outs[j]], [batch[j]["answer"] for j in math_idx for _ in range(n)])).view(-1, n)
-        if chat_idx:
-            rewards[chat_idx] = torch.tensor(reward_model.score(
-                [batch[j]["prompt"] for j in chat_idx for _ in range(n)], [c.text for j in chat_idx for c in outs[j]])).view(-1, n)
-        # CRUCIAL: a NaN / inf from the reward model is counted and never trained on: its group becomes
-        # all-equal (no pair, no advantage)
-        nonfinite = ~torch.isfinite(rewards).all(dim=1)  # (P,)
-        rewards[nonfinite] = 0.0
-        t_score = time.time() - t0
+        # ---- score: Math-Verify for math rows, the reward model for chat rows
+        with timer("score"):
+            rewards, nonfinite = common.score(reward_model, batch, outs)  # (P, n), (P,)
 
         # ---- build batch: ALGO LOGIC: one (chosen, rejected) pair per prompt at most
         pairs = select_pairs(rewards, [r["task"] for r in batch], random.Random(sampling_seeds(step)[0]))
@@ -363,75 +347,57 @@ def main(args: Args) -> None:
         micro_batches = [slice(2 * k * pairs_per_mb, 2 * (k + 1) * pairs_per_mb) for k in range(n_mb)]
 
         # ---- reference logprobs, update: one optimizer step, gradients accumulated over micro-batches
-        t0 = time.time()
         lr = args.learning_rate * min(1.0, step / max(args.warmup_steps, 1))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        stats = {"loss": 0.0, "kl_sum": 0.0, "tokens": 0.0, "entropy_sum": 0.0, "gap_sum": 0.0,
-                 "chosen_logratio": 0.0, "rejected_logratio": 0.0, "nll": 0.0, "pair_correct": 0.0}
+        sums = {"loss": 0.0, "kl_sum": 0.0, "tokens": 0.0, "entropy_sum": 0.0, "gap_sum": 0.0,
+                "chosen_logratio": 0.0, "rejected_logratio": 0.0, "nll": 0.0, "pair_correct": 0.0}
         gap_max = 0.0
-        for mb in micro_batches:
-            mb_prompts, mb_completions, mb_refs, weight = flat_prompts[mb], flat_completions[mb], flat_refs[mb], 1.0
-            if not mb_completions:  # padding pass: same collectives, no gradient, no stats
-                mb_prompts, mb_completions, mb_refs, weight = [prompts[0]] * 2, [outs[0][0]] * 2, [min(references)] * 2, 0.0
-            mb_tokens = [c.token_ids for c in mb_completions]
-            with torch.no_grad(), autocast:  # CRUCIAL: every reference runs on every rank (FSDP); each row keeps its task's
-                ref_logps = {kind: common.completion_logprobs(ref, mb_prompts, mb_tokens, args.temperature,
-                                                              tokenizer.pad_token_id)[0] for kind, ref in references.items()}
-            ref_logps = torch.stack([ref_logps[kind][i] for i, kind in enumerate(mb_refs)])  # (2K, T)
-            with autocast:
-                logps, mask, entropy = common.completion_logprobs(policy, mb_prompts, mb_tokens, args.temperature,
-                                                                  tokenizer.pad_token_id, with_entropy=True)
-            seq, ref_seq = (logps * mask).sum(-1), (ref_logps * mask).sum(-1)  # (2K,) summed over tokens
-            loss, chosen_logratio, rejected_logratio, nll = dpo_loss(
-                seq[0::2], seq[1::2], ref_seq[0::2], ref_seq[1::2], mask[0::2].sum(-1), args.beta,
-                args.nll_scale, args.prompts_per_rank)
-            (loss * weight).backward()
-            # vLLM's logprob of each sampled token vs the trainer's: ~0 right after a sync, then
-            # growing with the policy lag: how stale the generator's samples are
-            vllm_logps = torch.zeros_like(logps)
-            for i, c in enumerate(mb_completions):
-                vllm_logps[i, : len(c.logprobs)] = torch.tensor(c.logprobs)
-            gap = (logps.detach() - vllm_logps).abs() * mask * weight
-            gap_max = max(gap_max, gap.max().item())
-            delta = ref_logps - logps.detach()
-            stats["loss"] += loss.item() * weight
-            stats["kl_sum"] += ((torch.exp(delta) - delta - 1) * mask).sum().item() * weight  # k3, as in grpo.py
-            stats["tokens"] += mask.sum().item() * weight
-            stats["entropy_sum"] += entropy.sum().item() * weight
-            stats["gap_sum"] += gap.sum().item()
-            stats["chosen_logratio"] += chosen_logratio.sum().item() * weight
-            stats["rejected_logratio"] += rejected_logratio.sum().item() * weight
-            stats["nll"] += nll.sum().item() * weight
-            stats["pair_correct"] += (chosen_logratio > rejected_logratio).sum().item() * weight
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        t_train = time.time() - t0
+        with timer("train"):
+            for mb in micro_batches:
+                mb_prompts, mb_completions, mb_refs, weight = flat_prompts[mb], flat_completions[mb], flat_refs[mb], 1.0
+                if not mb_completions:  # padding pass: same collectives, no gradient, no stats
+                    mb_prompts, mb_completions, mb_refs, weight = [prompts[0]] * 2, [outs[0][0]] * 2, [min(references)] * 2, 0.0
+                mb_tokens = [c.token_ids for c in mb_completions]
+                with torch.no_grad(), autocast:  # CRUCIAL: every reference runs on every rank (FSDP); each row keeps its task's
+                    ref_logps = {kind: common.completion_logprobs(ref, mb_prompts, mb_tokens, args.temperature,
+                                                                  tokenizer.pad_token_id)[0] for kind, ref in references.items()}
+                ref_logps = torch.stack([ref_logps[kind][i] for i, kind in enumerate(mb_refs)])  # (2K, T)
+                with autocast:
+                    logps, mask, entropy = common.completion_logprobs(policy, mb_prompts, mb_tokens, args.temperature,
+                                                                      tokenizer.pad_token_id, with_entropy=True)
+                seq, ref_seq = (logps * mask).sum(-1), (ref_logps * mask).sum(-1)  # (2K,) summed over tokens
+                loss, chosen_logratio, rejected_logratio, nll = dpo_loss(
+                    seq[0::2], seq[1::2], ref_seq[0::2], ref_seq[1::2], mask[0::2].sum(-1), args.beta,
+                    args.nll_scale, args.prompts_per_rank)
+                (loss * weight).backward()
+                if not weight:
+                    continue
+                # vLLM's logprob of each sampled token vs the trainer's: ~0 right after a sync, then
+                # growing with the policy lag: how stale the generator's samples are
+                gap_sum, mb_gap_max = common.logprob_gap(logps, mask, mb_completions)
+                gap_max = max(gap_max, mb_gap_max)
+                delta = ref_logps - logps.detach()
+                sums["loss"] += loss.item()
+                sums["kl_sum"] += ((torch.exp(delta) - delta - 1) * mask).sum().item()  # k3, as in grpo.py
+                sums["tokens"] += mask.sum().item()
+                sums["entropy_sum"] += entropy.sum().item()
+                sums["gap_sum"] += gap_sum
+                sums["chosen_logratio"] += chosen_logratio.sum().item()
+                sums["rejected_logratio"] += rejected_logratio.sum().item()
+                sums["nll"] += nll.sum().item()
+                sums["pair_correct"] += (chosen_logratio > rejected_logratio).sum().item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
         # ---- log: sums over ranks, then ratios (ranks may hold different numbers of math rows)
-        lengths = torch.tensor([[len(c.token_ids) for c in o] for o in outs], dtype=torch.float)  # (P, n)
-        local = {
-            "loss": stats["loss"], "kl_sum": stats["kl_sum"], "tokens": stats["tokens"],
-            "entropy_sum": stats["entropy_sum"], "gap_sum": stats["gap_sum"],
-            "reward_sum": rewards.sum().item(), "reward_sq": (rewards**2).sum().item(), "samples": rewards.numel(),
-            "zero_std": (rewards.std(dim=1) == 0).sum().item(), "groups": len(batch), "nonfinite": nonfinite.sum().item(),
-            "truncated": sum(c.finish_reason == "length" for c in completions),
-            "pairs": len(pairs), "reward_margin": sum(rewards[j, c] - rewards[j, r] for j, c, r in pairs),
-            "chosen_logratio": stats["chosen_logratio"], "rejected_logratio": stats["rejected_logratio"],
-            "nll": stats["nll"], "pair_correct": stats["pair_correct"],
-            "completion_tokens": lengths.sum().item(), "rollout_tokens": window_tokens,
-            "train_tokens": sum(len(p) + len(c.token_ids) for p, c in zip(flat_prompts, flat_completions, strict=True)),
-        }
-        for task in ("math", "chat"):  # per task: a mixed batch's rewards are on different scales
-            rows_t = torch.tensor([r["task"] == task for r in batch], dtype=torch.bool)
-            local |= {f"{task}_reward": rewards[rows_t].sum().item(), f"{task}_samples": rewards[rows_t].numel(),
-                      f"{task}_tokens": lengths[rows_t].sum().item()}
-            local[f"{task}_pairs"] = sum(batch[j]["task"] == task for j, _, _ in pairs)
-        s = common.all_reduce(local)
-        s_max = common.all_reduce({"gap_max": gap_max, "memory": common.peak_memory_gb(device)}, op="max")
-        reward_mean = s["reward_sum"] / s["samples"]
-        step_s = time.time() - t_step
+        sums |= common.rollout_sums(batch, outs, rewards, nonfinite)
+        sums["rollout_tokens"] = window_tokens
+        sums["train_tokens"] = sum(len(p) + len(c.token_ids) for p, c in zip(flat_prompts, flat_completions, strict=True))
+        sums |= {"pairs": len(pairs), "reward_margin": sum(rewards[j, c] - rewards[j, r] for j, c, r in pairs).item() if pairs else 0.0}
+        sums |= {f"{task}_pairs": sum(batch[j]["task"] == task for j, _, _ in pairs) for task in ("math", "chat")}
+        s, s_max = common.reduce_step(sums, {"gap_max": gap_max}, device)
         metrics = {
             "step": step,
             "train/loss": s["loss"] / world_size,  # each rank's loss is already / its prompts
@@ -444,31 +410,11 @@ def main(args: Args) -> None:
             "train/chosen_logratio": s["chosen_logratio"] / max(s["pairs"], 1),
             "train/rejected_logratio": s["rejected_logratio"] / max(s["pairs"], 1),
             "train/nll": s["nll"] / max(s["pairs"], 1),
-            "rollout/reward_mean": reward_mean,
-            "rollout/reward_std": max(s["reward_sq"] / s["samples"] - reward_mean**2, 0.0) ** 0.5,
-            "rollout/accuracy": s["math_reward"] / s["math_samples"] if s["math_samples"] else float("nan"),
-            "rollout/zero_std_frac": s["zero_std"] / s["groups"],
-            "rollout/nonfinite_groups": s["nonfinite"],
-            "rollout/length_mean": s["completion_tokens"] / s["samples"],
-            "rollout/truncated_frac": s["truncated"] / s["samples"],
-            "rollout/entropy": s["entropy_sum"] / max(s["tokens"], 1),
-            "rollout/logprob_gap_max": s_max["gap_max"],
-            "rollout/logprob_gap_mean": s["gap_sum"] / max(s["tokens"], 1),
+            **{f"train/{task}/pairs": s[f"{task}_pairs"] for task in ("math", "chat") if s[f"{task}_samples"]},
             "rollout/policy_lag": step - 1 - last_sync,
-            "perf/generate_s": t_generate, "perf/score_s": t_score, "perf/train_s": t_train,
-            "perf/sync_s": t_sync, "perf/step_s": step_s,
-            "perf/rollout_tokens": s["rollout_tokens"], "perf/train_tokens": s["train_tokens"],
-            "perf/rollout_tokens_per_s": s["rollout_tokens"] / t_generate if s["rollout_tokens"] else float("nan"),
-            "perf/train_tokens_per_s": s["train_tokens"] / t_train if s["train_tokens"] else float("nan"),
-            "perf/peak_memory_gb": s_max["memory"],
+            **common.rollout_metrics(s), **common.trainer_metrics(s, s_max, timer),
         }
-        for task, key in (("math", "accuracy"), ("chat", "reward_mean")):  # keys only for tasks in the step
-            if s[f"{task}_samples"]:
-                metrics[f"rollout/{task}/{key}"] = s[f"{task}_reward"] / s[f"{task}_samples"]
-                metrics[f"rollout/{task}/length_mean"] = s[f"{task}_tokens"] / s[f"{task}_samples"]
-                metrics[f"train/{task}/pairs"] = s[f"{task}_pairs"]
-        if s["chat_samples"]:  # the paper picked chat checkpoints by this: its reward model favours length
-            metrics["rollout/chat/reward_per_token"] = metrics["rollout/chat/reward_mean"] / max(metrics["rollout/chat/length_mean"], 1)
+        reward_mean, step_s = metrics["rollout/reward_mean"], metrics["perf/step_s"]
         if eval_rows and (step % args.eval_every == 0 or step == args.num_steps):
             metrics.update(evaluate(step))
         steps_done += 1
@@ -484,7 +430,7 @@ def main(args: Args) -> None:
             print(line, flush=True)
             if args.log_samples_every and step % args.log_samples_every == 0:
                 for j in range(min(2, len(batch))):
-                    print(f"    prompt: {batch[j]['prompt'][:200]!r}\n    completion: {outs[j][0].text[:300]!r}"
+                    print(f"    prompt: {str(batch[j]['prompt'])[:200]!r}\n    completion: {outs[j][0].text[:300]!r}"
                           f"\n    reward: {rewards[j, 0].item():.3f}", flush=True)
 
         # ---- checkpoint

@@ -3,7 +3,10 @@
 - utils:      one-line user errors, torchrun setup, seeding, metric reduction (`all_reduce`) and logging
 - models:     tokenizer / policy / reference loading, FSDP2, full-state-dict stream, logprobs
 - generation: the in-process vLLM engine with weight reload (`Generator`)
-- rewards:    `math_reward` (Math-Verify) and `RewardModel` (scalar reward model)
+- rewards:    `math_reward` (Math-Verify, the paper's set-up: `verifier`), `RewardModel` (a scalar
+                reward model), and `score` (each row of a step by its own task's reward)
+- metrics:    the step bookkeeping shared by the four scripts: phase timers, rollout/* and perf/*,
+                the vLLM-vs-trainer logprob gap
 - data:       prompt datasets (local files or hub) normalised to {task, prompt, answer}, and
                 preference datasets (chosen / rejected) for offline DPO
 - checkpoint: save / resume (HF model folder + per-rank safetensors trainer state, atomic)
@@ -30,6 +33,14 @@ from common.evaluation import (
     mean_se_from_sums,
 )
 from common.generation import Completion, Generator
+from common.metrics import (
+    PhaseTimer,
+    logprob_gap,
+    reduce_step,
+    rollout_metrics,
+    rollout_sums,
+    trainer_metrics,
+)
 from common.models import (
     completion_logprobs,
     default_dtype,
@@ -39,7 +50,7 @@ from common.models import (
     load_model,
     load_tokenizer,
 )
-from common.rewards import RewardModel, math_reward, math_rewards
+from common.rewards import RewardModel, math_reward, math_rewards, score
 from common.utils import (
     MetricsLogger,
     UserError,
@@ -54,5 +65,6 @@ __all__ = [
     "eval_chat", "eval_line", "eval_math", "evaluate", "mean_and_se", "mean_se_from_sums", "PAPER_MATH_TEMPLATE", "fit_prompts", "last_boxed", "load_pairs", "load_prompts", "shuffled_indices",
     "Completion", "Generator", "completion_logprobs", "default_dtype", "encode_prompts", "fsdp_wrap", "full_state_dict", "load_model",
     "load_tokenizer", "RewardModel", "math_reward", "math_rewards", "MetricsLogger", "UserError",
-    "all_reduce", "peak_memory_gb", "seed_everything", "setup_distributed",
+    "all_reduce", "peak_memory_gb", "seed_everything", "setup_distributed", "score", "PhaseTimer", "logprob_gap",
+    "reduce_step", "rollout_metrics", "rollout_sums", "trainer_metrics",
 ]

@@ -157,3 +157,24 @@ class RewardModel:
         if self.offload_between:
             self.offload()
         return scores
+
+
+def score(reward_model: RewardModel | None, batch: list[dict], outs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P, n) rewards of each prompt's n completions, each row by its own task's reward:
+    Math-Verify (0 / 1) for math, the reward model's scalar for chat; each task in one call (one
+    batched reward-model pass, one move with --rm-offload). Also returns the (P,) mask of groups
+    that held a NaN / inf reward. CRUCIAL: such a group is never trained on: it is set to 0
+    (all-equal: no pair, no advantage) and counted in `rollout/nonfinite_groups`."""
+    n = len(outs[0]) if outs else 0
+    rewards = torch.zeros(len(batch), n)  # (P, n)
+    math_idx = [j for j, row in enumerate(batch) if row["task"] == "math"]
+    chat_idx = [j for j, row in enumerate(batch) if row["task"] == "chat"]
+    if math_idx:
+        texts = [c.text for j in math_idx for c in outs[j]]
+        rewards[math_idx] = torch.tensor(math_rewards(texts, [batch[j]["answer"] for j in math_idx for _ in range(n)])).view(-1, n)
+    if chat_idx:
+        texts = [c.text for j in chat_idx for c in outs[j]]
+        rewards[chat_idx] = torch.tensor(reward_model.score([batch[j]["prompt"] for j in chat_idx for _ in range(n)], texts)).view(-1, n)
+    nonfinite = ~torch.isfinite(rewards).all(dim=1)  # (P,)
+    rewards[nonfinite] = 0.0
+    return rewards, nonfinite

@@ -1,0 +1,103 @@
+"""Step bookkeeping that is the same in all four scripts and is not the algorithm: phase timers,
+the `rollout/*` and `perf/*` metrics, and the vLLM-vs-trainer logprob gap. The `train/*` metrics
+are each regime's own and stay in its script.
+
+Every metric is reduced over ranks as sums (or maxima) first and turned into ratios after, so
+ranks holding different numbers of math rows, tokens or pairs are weighted correctly.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import torch
+
+from common.utils import all_reduce, peak_memory_gb
+
+
+class PhaseTimer:
+    """Seconds per phase of one step: `with timer("generate"): ...`; `timer.s["generate"]`. The
+    four phases of the spectrum start at 0, so a step that skips one (semi-online between syncs,
+    offline DPO) still logs it."""
+
+    def __init__(self):
+        self.start, self.s = time.time(), dict.fromkeys(("sync", "generate", "score", "train"), 0.0)
+
+    @contextmanager
+    def __call__(self, phase: str):
+        t0 = time.time()
+        yield
+        self.s[phase] = self.s.get(phase, 0.0) + time.time() - t0
+
+    def total(self) -> float:
+        return time.time() - self.start
+
+
+def logprob_gap(logps: torch.Tensor, mask: torch.Tensor, completions) -> tuple[float, float]:
+    """(sum, max) over tokens of |trainer logprob - vLLM's logprob| of each sampled token, for a
+    (B, T) micro-batch. ~0 right after a sync: the proof that the sync worked; between syncs it
+    grows with the policy lag (how stale the generator's samples are)."""
+    vllm_logps = torch.zeros_like(logps)
+    for i, c in enumerate(completions):
+        vllm_logps[i, : len(c.logprobs)] = torch.tensor(c.logprobs)
+    gap = (logps.detach() - vllm_logps).abs() * mask
+    return gap.sum().item(), gap.max().item() if gap.numel() else 0.0
+
+
+def rollout_sums(batch: list[dict], outs, rewards: torch.Tensor, nonfinite: torch.Tensor) -> dict[str, float]:
+    """This rank's sums behind the `rollout/*` metrics of a step's (P, n) rollouts."""
+    lengths = torch.tensor([[len(c.token_ids) for c in o] for o in outs], dtype=torch.float)  # (P, n)
+    sums = {
+        "reward_sum": rewards.sum().item(), "reward_sq": (rewards**2).sum().item(), "samples": rewards.numel(),
+        "zero_std": (rewards.std(dim=1) == 0).sum().item(), "groups": len(batch), "nonfinite": nonfinite.sum().item(),
+        "truncated": sum(c.finish_reason == "length" for o in outs for c in o),
+        "completion_tokens": lengths.sum().item(),
+    }
+    for task in ("math", "chat"):  # per task: a mixed batch's rewards are on different scales
+        rows_t = torch.tensor([r["task"] == task for r in batch], dtype=torch.bool)
+        sums |= {f"{task}_reward": rewards[rows_t].sum().item(), f"{task}_samples": rewards[rows_t].numel(),
+                 f"{task}_tokens": lengths[rows_t].sum().item()}
+    return sums
+
+
+def reduce_step(sums: dict[str, float], maxes: dict[str, float], device: torch.device):
+    """All-reduce a step's sums and maxima over ranks (peak memory joins the maxima)."""
+    return all_reduce(sums), all_reduce({**maxes, "memory": peak_memory_gb(device)}, op="max")
+
+
+def rollout_metrics(s: dict[str, float]) -> dict[str, float]:
+    """`rollout/*` from reduced `rollout_sums` (keys per task only for the tasks in the step)."""
+    reward_mean = s["reward_sum"] / s["samples"]
+    m = {
+        "rollout/reward_mean": reward_mean,
+        "rollout/reward_std": max(s["reward_sq"] / s["samples"] - reward_mean**2, 0.0) ** 0.5,
+        "rollout/accuracy": s["math_reward"] / s["math_samples"] if s["math_samples"] else float("nan"),
+        "rollout/zero_std_frac": s["zero_std"] / s["groups"],
+        "rollout/nonfinite_groups": s["nonfinite"],
+        "rollout/length_mean": s["completion_tokens"] / s["samples"],
+        "rollout/truncated_frac": s["truncated"] / s["samples"],
+    }
+    for task, key in (("math", "accuracy"), ("chat", "reward_mean")):
+        if s[f"{task}_samples"]:
+            m[f"rollout/{task}/{key}"] = s[f"{task}_reward"] / s[f"{task}_samples"]
+            m[f"rollout/{task}/length_mean"] = s[f"{task}_tokens"] / s[f"{task}_samples"]
+    if s["chat_samples"]:  # the paper picked chat checkpoints by this: its reward model favours length
+        m["rollout/chat/reward_per_token"] = m["rollout/chat/reward_mean"] / max(m["rollout/chat/length_mean"], 1)
+    return m
+
+
+def trainer_metrics(s: dict[str, float], s_max: dict[str, float], timer: PhaseTimer) -> dict[str, float]:
+    """What the update measured on the sampled tokens (`rollout/entropy`, the logprob gap) and
+    `perf/*`: seconds per phase, token counts and rates, peak memory."""
+    m = {"rollout/entropy": s["entropy_sum"] / max(s["tokens"], 1)}
+    if "gap_max" in s_max:
+        m |= {"rollout/logprob_gap_max": s_max["gap_max"], "rollout/logprob_gap_mean": s["gap_sum"] / max(s["tokens"], 1)}
+    m |= {f"perf/{phase}_s": sec for phase, sec in timer.s.items()}
+    m["perf/step_s"] = timer.total()
+    for kind, phase in (("rollout", "generate"), ("train", "train")):
+        if f"{kind}_tokens" in s:
+            m[f"perf/{kind}_tokens"] = s[f"{kind}_tokens"]
+            m[f"perf/{kind}_tokens_per_s"] = s[f"{kind}_tokens"] / timer.s[phase] if s[f"{kind}_tokens"] else float("nan")
+    m["perf/peak_memory_gb"] = s_max["memory"]
+    return m
