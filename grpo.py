@@ -22,7 +22,7 @@ Run:
     python grpo.py                                          # embedded default, CPU, a few minutes
     torchrun --standalone --nproc_per_node=2 grpo.py        # 2 processes (CPU: gloo; GPU: NCCL)
     torchrun --nproc_per_node 8 grpo.py \\                  # the paper's math run (Llama-3.1-8B)
-        --model meta-llama/Llama-3.1-8B-Instruct --dataset AI-MO/NuminaMath-CoT \\
+        --model meta-llama/Llama-3.1-8B-Instruct --dataset AI-MO/NuminaMath-CoT --paper-math-filter \\
         --eval-dataset HuggingFaceH4/MATH-500 --eval-split test --num-steps 1000 \\
         --prompts-per-step 64 --samples-per-prompt 8 --max-new-tokens 2048 --max-model-len 4096 \\
         --learning-rate 1e-6 --adam-eps 1e-8 --max-grad-norm 0.1 --kl-coef 0.001 \\
@@ -133,8 +133,8 @@ class Args:
     """β of the k3 KL penalty to the fixed seed reference (the paper: 0.001; 0 skips the reference)"""
     std_normalize: bool = True
     """divide group advantages by std + eps (the authors' code) rather than mean-only (the paper's formula)"""
-    adv_eps: float = 1e-4
-    """eps of the std normalisation"""
+    adv_eps: float = 1e-6
+    """eps of the std normalisation (the authors' code: 1e-6)"""
 
     # filled in after parsing
     world_size: int = 0
@@ -213,8 +213,10 @@ def main(args: Args) -> None:
         return out[rank * args.prompts_per_rank : (rank + 1) * args.prompts_per_rank]
 
     def sampling_seeds(step: int) -> list[int]:
-        """CRUCIAL: one vLLM seed per prompt, distinct across (run seed, step, rank, prompt)."""
-        base = ((args.seed * 1_000_003 + step) * world_size + rank) * args.prompts_per_rank
+        """CRUCIAL: one vLLM seed per prompt, distinct across (run seed, step, prompt): ranks never draw
+        the same samples, and the prompt's place in the step, not the rank, decides them (1 or 8 ranks
+        sample the same rollouts)."""
+        base = (args.seed * 1_000_003 + step) * args.prompts_per_step + rank * args.prompts_per_rank
         return [base + j for j in range(args.prompts_per_rank)]
 
     # -----------------------------------------------------------------------------------------

@@ -1,54 +1,55 @@
 """Offline DPO (sync interval s = ∞), as in Lanchantin et al. 2025 (arXiv 2506.21495).
 
-The generator never receives the trainer's weights: every rollout comes from the seed model,
-generated once before training. Two phases:
+The generator never receives the trainer's weights: every rollout of the run comes from the seed
+model. The run is the online run with s = ∞, so it first samples, from the frozen seed, exactly the
+rollouts the online scripts would sample at each step (the same prompts in the same order, the
+same sampling seeds), then trains each step on that step's pairs:
 
-Build the pairs, once (skipped with `--pairs`, or on `--resume` when the run's file exists):
-1. rollout: sample `samples_per_prompt` completions for every training prompt (or the first
-   `max_prompts`) from the seed model with vLLM, prompts sharded over ranks;
+Build the pairs, once, before training (skipped with `--pairs`, or on `--resume`):
+1. rollout: sample `samples_per_prompt` completions for every prompt of every step from the
+   seed with vLLM, a window of steps per call, prompts sharded over ranks as in online_dpo.py;
 2. score: Math-Verify for math prompts, the reward model for chat prompts;
 3. pairs, one per prompt at most, with online DPO's rules: math -> a random correct vs a random
    incorrect completion (all-correct / all-wrong prompts are skipped); chat -> highest vs lowest
    reward-model score (skipped when all equal);
 4. save them to `<output_dir>/pairs.jsonl`: an ordinary preference dataset (`prompt`, `chosen`,
-   `rejected`, their rewards, `task`, `answer`) that `datasets.load_dataset("json", ...)` reads
-   and `--pairs` reuses.
+   `rejected`, their rewards, `task`, `answer`, plus the step, the sampled token ids) that
+   `datasets.load_dataset("json", ...)` reads and `--pairs` reuses, and each step's rollout
+   metrics to `<output_dir>/rollouts.jsonl`.
 Train, no sync ever:
-5. each step takes `pairs_per_step` pairs from a seeded per-epoch order, for `epochs` passes;
+5. each step takes the pairs sampled for its prompts: no pair is reused;
 6. reference logprobs from the fixed seed model (the paper: offline DPO's reference never moves);
 7. one optimizer step on  Σ_pairs -log σ(β [(log π(y_c) - log π_ref(y_c)) - (log π(y_r) - log π_ref(y_r))]) / B
-   with log-probs *summed* over completion tokens and B = pairs_per_step, plus `nll_scale` × the
-   chosen completion's per-token NLL (default 0);
+   with log-probs *summed* over completion tokens and B the global number of prompts (skipped
+   prompts still count), plus `nll_scale` × the chosen completions' NLL (default 0);
 8. log one metrics dict, evaluate every `eval_every` steps, checkpoint every `save_every`.
 
 `--pairs` also trains on any existing preference dataset with chosen / rejected columns (hub or
-local; strings or chat messages, see common/data.py), which is what most offline DPO users have.
+local; strings, chat messages or HH-RLHF transcripts, see README: Data), `prompts_per_step` pairs
+per step in a seeded per-epoch order, for `--epochs` passes (or `--num-steps`).
 
-Choices where the paper is silent: 8 samples per prompt; 1 epoch; constant learning rate after
-a linear warm-up; AdamW betas (0.9, 0.95), no weight decay; replies are re-tokenised from the
-saved text (the file stays an ordinary text dataset), with the tokenizer's EOS appended to a reply
-that ended and not to one cut at max_new_tokens; pairs longer than max_model_len are dropped.
-`rollout/entropy` is measured on the chosen and rejected completions the trainer runs on;
-`train/kl` is k1, `log π_ref - log π` (the tokens come from the reference, where the online
-scripts' k3 blows up). Default lr 2e-5, not the online scripts' 5e-5: on the embedded default
-5e-5 over-fits the fixed pairs within one epoch (README). Not deterministic: vLLM on GPU
-(batch-dependent kernels) when the pairs are built.
+Choices where the paper is silent: as online_dpo.py. The rollouts are sampled before training
+rather than step by step (the same samples: each prompt's samples depend only on its seed and the
+seed model's weights); `rollout/*` of a step are those of its own rollouts (read from
+rollouts.jsonl); no logprob gap (the sampler's logprobs are not kept). Not deterministic: vLLM on
+GPU (batch-dependent kernels) when the pairs are built.
 
 Run:
     python offline_dpo.py                                    # embedded default, CPU, a few minutes
     torchrun --standalone --nproc_per_node=2 offline_dpo.py  # 2 processes (CPU: gloo; GPU: NCCL)
     torchrun --nproc_per_node 8 offline_dpo.py \\            # the paper's math run (Llama-3.1-8B)
-        --model meta-llama/Llama-3.1-8B-Instruct --dataset AI-MO/NuminaMath-CoT --max-prompts 64000 \\
+        --model meta-llama/Llama-3.1-8B-Instruct --dataset AI-MO/NuminaMath-CoT --paper-math-filter \\
         --eval-dataset HuggingFaceH4/MATH-500 --eval-split test --num-steps 1000 \\
-        --pairs-per-step 64 --samples-per-prompt 8 --max-new-tokens 2048 --max-model-len 4096 \\
+        --prompts-per-step 64 --samples-per-prompt 8 --max-new-tokens 2048 --max-model-len 4096 \\
         --learning-rate 1e-6 --adam-eps 1e-4 --max-grad-norm 0.1 --beta 0.1 --micro-batch-size 4
     python offline_dpo.py --pairs runs/offline_dpo__1/pairs.jsonl --output-dir runs/again  # reuse pairs
     python offline_dpo.py --pairs HuggingFaceH4/ultrafeedback_binarized --pairs-split train_prefs \\
-        --model Qwen/Qwen2.5-0.5B-Instruct --eval-dataset '' --beta 0.01   # an existing dataset
+        --model Qwen/Qwen2.5-0.5B-Instruct --eval-dataset '' --beta 0.01 --epochs 1  # an existing dataset
 
-Differs from `semi_online_dpo.py` / `online_dpo.py` in: the sync interval (∞: all pairs are
-built once, from the seed, before training), the reference (fixed, as in the paper for offline
-DPO) and the batch unit (a step takes `pairs_per_step` ready pairs instead of prompts).
+Differs from `online_dpo.py` in: the sync interval (∞: the rollouts of the whole run are sampled
+from the seed before training, and the generator is never synced) and the reference (fixed, as
+in the paper for offline DPO). `semi_online_dpo.py --sync-interval <num_steps> --ref-sync no`
+reproduces it step for step (tested).
 """
 
 import contextlib
@@ -57,6 +58,7 @@ import math
 import os
 import random
 import time
+from collections import defaultdict
 from dataclasses import asdict, dataclass
 
 import torch
@@ -108,23 +110,22 @@ class Args:
     """continue the run in output_dir from its last checkpoint"""
     trust_remote_code: bool = False
     """allow model repos to run their own code"""
-    num_steps: int = 0
-    """optimizer steps (0: `epochs` passes over the pairs)"""
-    pairs_per_step: int = 8
-    """preference pairs per optimizer step, over all ranks (the paper: 64 math, 32 chat)"""
+    num_steps: int = 200
+    """optimizer steps"""
+    prompts_per_step: int = 8
+    """prompts per optimizer step, over all ranks (the paper: 64 math, 32 chat)"""
     samples_per_prompt: int = 8
-    """completions per prompt when building the pairs"""
+    """completions per prompt (the paper's GRPO group size: 8)"""
     max_new_tokens: int = 48
     """completion length limit (the paper: 2048 math, 1024 chat)"""
     max_model_len: int = 256
     """prompt + completion limit of the vLLM engine; longer prompts and pairs are dropped at start"""
     temperature: float = 1.0
-    """sampling temperature of the rollouts that make the pairs (the paper: 1.0)"""
+    """sampling temperature of the seed's rollouts (the paper: 1.0)"""
     top_p: float = 1.0
-    """nucleus sampling of the rollouts that make the pairs (the paper: 1.0)"""
-    learning_rate: float = 2e-5
-    """AdamW learning rate, constant after warm-up (the paper: 1e-6 for an 8B model; the online
-    scripts' 5e-5 over-fits the fixed pairs of the embedded default, see README)"""
+    """nucleus sampling of the seed's rollouts (the paper: 1.0)"""
+    learning_rate: float = 5e-5
+    """AdamW learning rate, constant after warm-up (the paper: 1e-6 for an 8B model)"""
     warmup_steps: int = 10
     """linear learning-rate warm-up"""
     adam_eps: float = 1e-8
@@ -155,58 +156,57 @@ class Args:
     """DPO β (the paper: 0.1 math, 0.01 chat)"""
     nll_scale: float = 0.0
     """weight of the chosen completion's per-token NLL (the paper's ablation: 1.0, no gain)"""
-    epochs: int = 1
-    """passes over the pairs (when num_steps is 0)"""
     pairs: str = ""
     """train on this preference dataset (a pairs.jsonl written by this script, or any hub / local
-    dataset with chosen / rejected columns) instead of building pairs"""
+    dataset with chosen / rejected columns) instead of sampling pairs from the seed"""
     pairs_split: str = "train"
     """split of a hub preference dataset"""
-    max_prompts: int = 0
-    """build pairs from at most this many training prompts (0: all)"""
+    epochs: float = 0.0
+    """passes over an existing `--pairs` dataset (0: `num_steps` steps)"""
 
     # filled in after parsing
     world_size: int = 0
     """number of ranks"""
-    pairs_per_rank: int = 0
-    """pairs_per_step / world_size"""
-    num_pairs: int = 0
-    """pairs trained on (after dropping those longer than max_model_len)"""
+    prompts_per_rank: int = 0
+    """prompts_per_step / world_size"""
 
 
-def select_pairs(rewards: torch.Tensor, tasks: list[str], rng: random.Random) -> list[tuple[int, int, int]]:
+def select_pairs(rewards: torch.Tensor, tasks: list[str], seeds: list[int]) -> list[tuple[int, int, int]]:
     """(prompt j, chosen i, rejected i) for each prompt that yields a pair, from (P, n) rewards.
 
-    math: a random correct (reward 1) vs a random incorrect (reward 0) completion; all-correct or
-    all-wrong prompts are skipped. chat: the highest vs the lowest reward-model score (first of
-    ties); skipped when every score is equal.
+    math: a random correct (reward 1) vs a random incorrect (reward 0) completion, drawn with the
+    prompt's own seed; all-correct or all-wrong prompts are skipped. chat: the highest vs the
+    lowest reward-model score (first of ties); skipped when every score is equal.
     """
     pairs = []
-    for j, (r, task) in enumerate(zip(rewards.tolist(), tasks, strict=True)):
+    for j, (r, task, seed) in enumerate(zip(rewards.tolist(), tasks, seeds, strict=True)):
         if task == "math":
             correct = [i for i, x in enumerate(r) if x > 0.5]
             wrong = [i for i, x in enumerate(r) if x <= 0.5]
             if correct and wrong:
+                rng = random.Random(seed)
                 pairs.append((j, rng.choice(correct), rng.choice(wrong)))
         elif max(r) > min(r):
             pairs.append((j, r.index(max(r)), r.index(min(r))))
     return pairs
 
 
-def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths,
-             beta: float, nll_scale: float, num_prompts: int):
-    """Σ_pairs [-log σ(β (Δ_chosen - Δ_rejected)) + nll_scale · NLL_chosen] / num_prompts.
+def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float,
+             nll_scale: float, pairs_per_token: float, num_prompts: int):
+    """(Σ_pairs -log σ(β (Δ_chosen - Δ_rejected)) + nll_scale · NLL) / num_prompts.
 
-    Inputs are (K,) per-pair *summed* log-probs (Δ = log π - log π_ref) and chosen lengths in
-    tokens; NLL_chosen is per token. Dividing by the whole batch's prompts, not the pairs, keeps
-    a step with few valid pairs from being up-weighted. Returns (loss, chosen Δ, rejected Δ, NLL).
+    Inputs are (K,) per-pair *summed* log-probs (Δ = log π - log π_ref). Dividing by the whole
+    batch's prompts, not the pairs, keeps a step with few valid pairs from being up-weighted. NLL
+    is the chosen completions' negative log-likelihood pooled as in the authors' code: summed over
+    tokens × `pairs_per_token` (this rank's pairs / its chosen tokens, so over a rank's micro-batches
+    it sums to a token-pooled mean × pairs). Returns (loss, chosen Δ, rejected Δ).
     """
     chosen_logratio = chosen_logps - ref_chosen_logps
     rejected_logratio = rejected_logps - ref_rejected_logps
     losses = -F.logsigmoid(beta * (chosen_logratio - rejected_logratio))
-    nll = -chosen_logps / chosen_lengths
-    loss = (losses + nll_scale * nll).sum() / num_prompts
-    return loss, chosen_logratio.detach(), rejected_logratio.detach(), nll.detach()
+    nll = -chosen_logps.sum() * pairs_per_token
+    loss = (losses.sum() + nll_scale * nll) / num_prompts
+    return loss, chosen_logratio.detach(), rejected_logratio.detach()
 
 
 def main(args: Args) -> None:
@@ -215,8 +215,8 @@ def main(args: Args) -> None:
     # -----------------------------------------------------------------------------------------
     rank, world_size, device = common.setup_distributed()
     args.world_size = world_size
-    assert args.pairs_per_step % world_size == 0, "pairs_per_step must divide by the number of ranks"
-    args.pairs_per_rank = args.pairs_per_step // world_size
+    assert args.prompts_per_step % world_size == 0, "prompts_per_step must divide by the number of ranks"
+    args.prompts_per_rank = args.prompts_per_step // world_size
     args.output_dir = args.output_dir or f"runs/{args.exp_name}__{args.seed}"
     args.gpu_memory_utilization = args.gpu_memory_utilization or (0.3 if device.type == "cuda" else 0.15)
     if args.samples_per_prompt < 2:
@@ -234,40 +234,42 @@ def main(args: Args) -> None:
     # -----------------------------------------------------------------------------------------
     tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
     pairs_path = args.pairs or os.path.join(args.output_dir, "pairs.jsonl")
-    # ALGO LOGIC: s = ∞, the pairs are built once; a resumed run trains on the file it wrote
-    build = not args.pairs and not os.path.exists(pairs_path)
-    rows = []
+    build = not args.pairs and not (args.resume and os.path.exists(pairs_path))  # a resumed run trains on its file
+    rows, prompt_ids, dropped = [], [], 0
     if build:
-        rows = common.load_prompts(args.dataset, args.dataset_split, args.math_template, args.max_prompts or None,
+        rows = common.load_prompts(args.dataset, args.dataset_split, args.math_template,
                                    paper_math_filter=args.paper_math_filter, verbose=rank == 0)
         rows, prompt_ids, dropped = common.fit_prompts(tokenizer, rows, args.max_model_len - args.max_new_tokens,
-                                                       need=1, what="--dataset")
+                                                       need=args.prompts_per_step, what="--dataset")
     else:  # read before any model loads, so a bad file fails in seconds
-        pairs = common.load_pairs(pairs_path, args.pairs_split, verbose=rank == 0)
+        data = common.load_pairs(pairs_path, args.pairs_split, verbose=rank == 0)
     eval_rows, eval_dropped = [], 0
     if args.eval_dataset and args.eval_every > 0:  # the same length filter: room to answer in full
         eval_rows = common.load_prompts(args.eval_dataset, args.eval_split, args.math_template, verbose=rank == 0)
         eval_rows, _, eval_dropped = common.fit_prompts(tokenizer, eval_rows, args.max_model_len - args.max_new_tokens,
                                                         need=1, what="--eval-dataset")
 
-    def batch_indices(step: int) -> list[int]:
-        """This rank's pairs for `step` (1-based): a slice of a seeded per-epoch permutation, so
-        a resumed run replays exactly the pairs it had not trained on yet."""
+    def batch_indices(step: int, size: int) -> list[int]:
+        """This rank's items (of `size`) for `step` (1-based): a slice of a seeded per-epoch permutation, so
+        a resumed run replays exactly the items it had not trained on yet."""
         out = []
-        for j in range((step - 1) * args.pairs_per_step, step * args.pairs_per_step):
-            epoch, pos = divmod(j, len(pairs))
-            out.append(common.shuffled_indices(len(pairs), args.seed, epoch)[pos])
-        return out[rank * args.pairs_per_rank : (rank + 1) * args.pairs_per_rank]
+        for j in range((step - 1) * args.prompts_per_step, step * args.prompts_per_step):
+            epoch, pos = divmod(j, size)
+            out.append(common.shuffled_indices(size, args.seed, epoch)[pos])
+        return out[rank * args.prompts_per_rank : (rank + 1) * args.prompts_per_rank]
 
-    def sampling_seeds(indices: list[int]) -> list[int]:
-        """CRUCIAL: one vLLM seed per training prompt, a function of (run seed, prompt) only: the
-        pairs do not depend on the number of ranks."""
-        return [args.seed * 1_000_003 + i for i in indices]
+    def sampling_seeds(step: int) -> list[int]:
+        """CRUCIAL: one vLLM seed per prompt, distinct across (run seed, step, prompt): ranks never draw
+        the same samples, and the prompt's place in the step, not the rank, decides them (1 or 8 ranks
+        sample the same rollouts)."""
+        base = (args.seed * 1_000_003 + step) * args.prompts_per_step + rank * args.prompts_per_rank
+        return [base + j for j in range(args.prompts_per_rank)]
 
     # -----------------------------------------------------------------------------------------
     # models & optimizer
     # -----------------------------------------------------------------------------------------
     policy = common.fsdp_wrap(common.load_model(args.model, device, trust_remote_code=args.trust_remote_code))
+    # ALGO LOGIC: the fixed seed is the reference of offline DPO
     reference = common.fsdp_wrap(common.load_model(args.model, device, trainable=False,
                                                     trust_remote_code=args.trust_remote_code))
     reward_model = None
@@ -292,131 +294,89 @@ def main(args: Args) -> None:
                                      trust_remote_code=args.trust_remote_code)
 
     # -----------------------------------------------------------------------------------------
-    # build pairs: ALGO LOGIC: the only rollouts of the run, all from the seed model
+    # build pairs: ALGO LOGIC: s = ∞. Before training, the seed samples for exactly the prompts the
+    # online scripts consume at each step (same batch_indices, same sampling_seeds), and each step
+    # keeps its own pairs: no pair is reused
     # -----------------------------------------------------------------------------------------
-    n = args.samples_per_prompt
+    n, P = args.samples_per_prompt, args.prompts_per_rank
     build_metrics = {}
     if build:
-        t_build, t_generate, t_score = time.time(), 0.0, 0.0
-        mine = list(range(rank, len(rows), world_size))  # this rank's prompts
-        built = []
-        local = {"reward_sum": 0.0, "reward_sq": 0.0, "samples": 0, "zero_std": 0, "groups": 0, "nonfinite": 0, "truncated": 0,
-                 "completion_tokens": 0, **{f"{task}_{x}": 0.0 for task in ("math", "chat") for x in ("reward", "samples", "tokens")}}
-        chunk = 256  # prompts per vLLM call: bounds memory and shows progress; results do not depend on it
-        for k in range(0, len(mine), chunk):
-            # ---- rollout
-            t0 = time.time()
-            idx = mine[k : k + chunk]
-            batch = [rows[i] for i in idx]
-            prompts = [prompt_ids[i] for i in idx]
-            outs = generator.generate(prompts, n=n, temperature=args.temperature, top_p=args.top_p,
-                                      max_tokens=args.max_new_tokens, seed=sampling_seeds(idx))
-            completions = [c for o in outs for c in o]  # (P*n), grouped by prompt
-            t_generate += time.time() - t0
-
-            # ---- score
-            t0 = time.time()
-            rewards = torch.zeros(len(batch), n)  # (P, n)
-            math_idx = [j for j, row in enumerate(batch) if row["task"] == "math"]
-            chat_idx = [j for j, row in enumerate(batch) if row["task"] == "chat"]
-            if math_idx:  # each task's rows in one call: one batched reward-model pass (one move with --rm-offload)
-                rewards[math_idx] = torch.tensor(common.math_rewards(
-                    [c.text for j in math_idx for c in outs[j]], [batch[j]["answer"] for j in math_idx for _ in range(n)])).view(-1, n)
-            if chat_idx:
-                rewards[chat_idx] = torch.tensor(reward_model.score(
-                    [batch[j]["prompt"] for j in chat_idx for _ in range(n)], [c.text for j in chat_idx for c in outs[j]])).view(-1, n)
-            # CRUCIAL: a NaN / inf from the reward model is counted and never trained on: its group
-            # becomes all-equal (no pair)
-            nonfinite = ~torch.isfinite(rewards).all(dim=1)  # (P,)
-            rewards[nonfinite] = 0.0
-            t_score += time.time() - t0
-
-            # ---- pairs: ALGO LOGIC: one (chosen, rejected) pair per prompt at most, online DPO's rules;
-            # a per-prompt rng, so the choice does not depend on the chunk or the number of ranks
-            for j, (i, row) in enumerate(zip(idx, batch, strict=True)):
-                for _, c, r in select_pairs(rewards[j : j + 1], [row["task"]], random.Random(sampling_seeds([i])[0])):
-                    built.append({"index": i, "task": row["task"], "prompt": row["prompt"], "answer": row["answer"],
-                                  "chosen": outs[j][c].text, "rejected": outs[j][r].text,
+        timer, built, sums = common.PhaseTimer(), [], {}
+        steps_per_call = max(1, 256 // P)  # bounds memory and shows progress; the samples do not depend on it
+        for first in range(1, args.num_steps + 1, steps_per_call):
+            window = range(first, min(first + steps_per_call, args.num_steps + 1))
+            with timer("generate"):
+                flat = generator.generate([prompt_ids[i] for t in window for i in batch_indices(t, len(rows))], n=n,
+                                          temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_new_tokens,
+                                          seed=[x for t in window for x in sampling_seeds(t)])
+            for k, step in enumerate(window):
+                batch, outs = [rows[i] for i in batch_indices(step, len(rows))], flat[k * P : (k + 1) * P]
+                with timer("score"):
+                    rewards, nonfinite = common.score(reward_model, batch, outs)  # (P, n), (P,)
+                pairs = select_pairs(rewards, [r["task"] for r in batch], sampling_seeds(step))
+                for j, c, r in pairs:
+                    chosen, rejected = outs[j][c], outs[j][r]
+                    built.append({"step": step, "position": rank * P + j, **batch[j],
+                                  "chosen": chosen.text, "rejected": rejected.text,
                                   "chosen_reward": rewards[j, c].item(), "rejected_reward": rewards[j, r].item(),
-                                  "chosen_eos": outs[j][c].finish_reason == "stop",
-                                  "rejected_eos": outs[j][r].finish_reason == "stop"})
-            lengths = torch.tensor([[len(c.token_ids) for c in o] for o in outs], dtype=torch.float)  # (P, n)
-            local["reward_sum"] += rewards.sum().item()
-            local["reward_sq"] += (rewards**2).sum().item()
-            local["samples"] += rewards.numel()
-            for task in ("math", "chat"):  # per task: a mixed batch's rewards are on different scales
-                rows_t = torch.tensor([r["task"] == task for r in batch], dtype=torch.bool)
-                local[f"{task}_reward"] += rewards[rows_t].sum().item()
-                local[f"{task}_samples"] += rewards[rows_t].numel()
-                local[f"{task}_tokens"] += lengths[rows_t].sum().item()
-            local["zero_std"] += (rewards.std(dim=1) == 0).sum().item()
-            local["groups"] += len(batch)
-            local["nonfinite"] += nonfinite.sum().item()
-            local["truncated"] += sum(c.finish_reason == "length" for c in completions)
-            local["completion_tokens"] += lengths.sum().item()
+                                  "chosen_eos": chosen.finish_reason == "stop", "rejected_eos": rejected.finish_reason == "stop",
+                                  "chosen_ids": chosen.token_ids, "rejected_ids": rejected.token_ids})
+                sums |= {f"{step}:{key}": v for key, v in common.rollout_sums(batch, outs, rewards, nonfinite).items()}
             if rank == 0:
-                print(f"building pairs: {min(k + chunk, len(mine)) * world_size}/{len(rows)} prompts, "
-                      f"{len(built) * world_size} pairs (rank 0 x {world_size}), {time.time() - t_build:.0f} s", flush=True)
+                print(f"sampling from the seed: step {window[-1]}/{args.num_steps}, {len(built) * world_size} pairs "
+                      f"(rank 0 x {world_size}), {timer.total():.0f} s", flush=True)
         gathered = [None] * world_size
         if dist.is_initialized():
             dist.all_gather_object(gathered, built)
         else:
             gathered = [built]
-        if rank == 0:  # in prompt order, written aside then renamed: a crash never leaves half a file
-            built = sorted((p for part in gathered for p in part), key=lambda p: p.pop("index"))
+        s = common.all_reduce(sums)  # every step's rollout sums, in one collective
+        built = sorted((p for part in gathered for p in part), key=lambda p: (p["step"], p["position"]))
+        if not built:
+            raise common.UserError("the seed's rollouts gave no pair: every prompt's samples were all correct, all "
+                                   "wrong or all equal; sample more (--samples-per-prompt) or use other prompts")
+        if rank == 0:  # written aside, then renamed: a crash never leaves half a file
             os.makedirs(args.output_dir, exist_ok=True)
-            with open(pairs_path + ".tmp", "w") as f:
-                f.writelines(json.dumps(p) + "\n" for p in built)
-            os.rename(pairs_path + ".tmp", pairs_path)
-            print(f"wrote {len(built)} pairs from {len(rows)} prompts ({dropped} too long, dropped) to {pairs_path}")
+            steps = [{"step": t, **common.rollout_metrics({key.split(":", 1)[1]: v for key, v in s.items()
+                                                            if key.startswith(f"{t}:")})} for t in range(1, args.num_steps + 1)]
+            for path, lines in ((pairs_path, built), (os.path.join(args.output_dir, "rollouts.jsonl"), steps)):
+                with open(path + ".tmp", "w") as f:
+                    f.writelines(json.dumps(x) + "\n" for x in lines)
+                os.rename(path + ".tmp", path)
+            print(f"wrote {len(built)} pairs from {args.num_steps} steps x {args.prompts_per_step} prompts to {pairs_path}")
         if dist.is_initialized():
             dist.barrier()
-        s = common.all_reduce(local)
-        reward_mean = s["reward_sum"] / s["samples"]
-        build_metrics = {
-            "rollout/reward_mean": reward_mean,
-            "rollout/reward_std": max(s["reward_sq"] / s["samples"] - reward_mean**2, 0.0) ** 0.5,
-            "rollout/accuracy": s["math_reward"] / s["math_samples"] if s["math_samples"] else float("nan"),
-            "rollout/zero_std_frac": s["zero_std"] / s["groups"],
-            "rollout/nonfinite_groups": s["nonfinite"],
-            "rollout/length_mean": s["completion_tokens"] / s["samples"],
-            "rollout/truncated_frac": s["truncated"] / s["samples"],
-            "rollout/prompts": s["groups"],
-            "perf/generate_s": t_generate, "perf/score_s": t_score, "perf/rollout_tokens": s["completion_tokens"],
-            "perf/rollout_tokens_per_s": s["completion_tokens"] / max(t_generate, 1e-9),
-        }
-        for task, key in (("math", "accuracy"), ("chat", "reward_mean")):  # keys only for tasks in the data
-            if s[f"{task}_samples"]:
-                build_metrics[f"rollout/{task}/{key}"] = s[f"{task}_reward"] / s[f"{task}_samples"]
-                build_metrics[f"rollout/{task}/length_mean"] = s[f"{task}_tokens"] / s[f"{task}_samples"]
-        if s["chat_samples"]:  # the paper picked chat checkpoints by this: its reward model favours length
-            build_metrics["rollout/chat/reward_per_token"] = build_metrics["rollout/chat/reward_mean"] / max(build_metrics["rollout/chat/length_mean"], 1)
+        rollout_tokens = sum(v for key, v in s.items() if key.endswith(":completion_tokens"))
+        build_metrics = {"perf/generate_s": timer.s["generate"], "perf/score_s": timer.s["score"],
+                         "perf/rollout_tokens": rollout_tokens, "perf/rollout_tokens_per_s": rollout_tokens / timer.s["generate"]}
+        data = common.load_pairs(pairs_path)  # train on exactly what was saved: a rerun with --pairs trains the same
 
-    # ---- the training data: prompt and reply token ids of every pair
-    if build:  # train on exactly what was saved: a rerun with --pairs trains the same
-        pairs = common.load_pairs(pairs_path)
-    pair_prompt_ids = common.encode_prompts(tokenizer, [p["prompt"] for p in pairs])
-    eos = [tokenizer.eos_token_id]
-    # CRUCIAL: EOS only after a reply that ended; a reply cut at max_new_tokens did not stop there
-    chosen_ids = [tokenizer(p["chosen"], add_special_tokens=False)["input_ids"] + eos * p["chosen_eos"] for p in pairs]
-    rejected_ids = [tokenizer(p["rejected"], add_special_tokens=False)["input_ids"] + eos * p["rejected_eos"] for p in pairs]
-    keep = [i for i, p in enumerate(pair_prompt_ids)
-            if len(p) + max(len(chosen_ids[i]), len(rejected_ids[i])) <= args.max_model_len]
-    if len(keep) < args.pairs_per_step:
-        raise common.UserError(f"{pairs_path}: only {len(keep)} of {len(pairs)} pairs fit max_model_len "
-                               f"({args.max_model_len}); need at least pairs_per_step ({args.pairs_per_step})")
-    dropped_pairs = len(pairs) - len(keep)
-    pairs = [pairs[i] for i in keep]
-    pair_prompt_ids, chosen_ids, rejected_ids = ([x[i] for i in keep] for x in (pair_prompt_ids, chosen_ids, rejected_ids))
-    args.num_pairs = len(pairs)
-    args.num_steps = args.num_steps or math.ceil(args.epochs * len(pairs) / args.pairs_per_step)
+    # ---- the training data: each step's pairs, as token ids (the sampled ones, from a file built here)
+    data, pair_prompt_ids, pair_completions, dropped_pairs = common.encode_pairs(tokenizer, data, args.max_model_len)
+    if not data:
+        raise common.UserError(f"{pairs_path}: no pair fits in --max-model-len {args.max_model_len}")
+    data_tasks = {p["task"] for p in data}
+    by_step, rollout_log = None, {}
+    if "step" in data[0]:  # sampled for the run's steps: step t trains on the pairs of its own prompts
+        by_step = defaultdict(list)
+        for i, p in enumerate(data):
+            if p["position"] // P == rank:  # CRUCIAL: each rank trains on the pairs of its own prompts
+                by_step[p["step"]].append(i)
+        rollouts_path = os.path.join(os.path.dirname(pairs_path), "rollouts.jsonl")  # each step's rollout/* metrics
+        if os.path.exists(rollouts_path):
+            rollout_log = {x.pop("step"): x for x in map(json.loads, open(rollouts_path))}
+        built_steps = max([p["step"] for p in data] + list(rollout_log))
+        if args.num_steps > built_steps:
+            raise common.UserError(f"{pairs_path} holds the pairs of {built_steps} steps, fewer than --num-steps "
+                                   f"{args.num_steps}; train fewer steps, or start a run that samples more")
+    elif args.epochs:  # an existing preference dataset: prompts_per_step pairs per step
+        args.num_steps = math.ceil(args.epochs * len(data) / args.prompts_per_step)
     logger = common.MetricsLogger(args.output_dir, asdict(args), args.track, args.wandb_project_name,
                                   f"{args.exp_name}__{args.seed}", resume_step=start_step) if rank == 0 else None
     if rank == 0:
-        print(f"{args.exp_name}: {len(pairs)} pairs from {pairs_path} ({dropped_pairs} too long, dropped), "
-              f"{len(eval_rows)} held out ({eval_dropped} too long, dropped), "
-              f"{world_size} rank(s), {args.num_steps} steps of {args.pairs_per_step} pairs "
-              f"({args.num_steps * args.pairs_per_step / len(pairs):.1f} epochs) -> {args.output_dir}")
+        print(f"{args.exp_name}: {len(data)} pairs from {pairs_path} ({dropped_pairs} too long, dropped), "
+              f"{len(eval_rows)} held out ({eval_dropped} too long, dropped), {world_size} rank(s), "
+              f"{args.num_steps} steps of {args.prompts_per_step} prompts -> {args.output_dir}")
 
     def evaluate(step: int) -> dict:
         """eval/* on the held-out prompts (math accuracy, chat reward), sharded over ranks, reduced."""
@@ -434,93 +394,101 @@ def main(args: Args) -> None:
         logger.log({"step": 0, **build_metrics, **eval_metrics})
         if eval_metrics:
             print("step 0 | " + common.eval_line(eval_metrics))
+    last_sync = 0  # ALGO LOGIC: s = ∞, the generator held the seed's weights (0 optimizer steps) for every rollout
     for step in range(start_step + 1, args.num_steps + 1):
-        t_step = time.time()
-        # ---- build batch: ALGO LOGIC: ready-made pairs; no sync, no rollout, no scoring
+        timer = common.PhaseTimer()
+        # ---- rollout: ALGO LOGIC: no sync, no sampling: the step's pairs came from the seed before training
+        idx = by_step.get(step, []) if by_step is not None else batch_indices(step, len(data))
+        batch = [data[i] for i in idx]
+        prompts = [pair_prompt_ids[i] for i in idx]
+        outs = [pair_completions[i] for i in idx]  # (chosen, rejected) of each prompt with a pair
+        rewards = torch.tensor([[p.get("chosen_reward", math.nan), p.get("rejected_reward", math.nan)] for p in batch])
+
+        # ---- build batch: ALGO LOGIC: the step's (chosen, rejected) pairs
+        pairs = [(j, 0, 1) for j in range(len(batch))]
         # Speed: pairs sorted by length, so a micro-batch pads little (a pair stays in one micro-batch)
-        idx = sorted(batch_indices(step), key=lambda i: len(pair_prompt_ids[i]) + max(len(chosen_ids[i]), len(rejected_ids[i])))
-        batch = [pairs[i] for i in idx]
-        flat_prompts = [pair_prompt_ids[i] for i in idx for _ in (0, 1)]  # chosen, rejected, chosen, ...
-        flat_completions = [ids[i] for i in idx for ids in (chosen_ids, rejected_ids)]
+        pairs.sort(key=lambda p: len(prompts[p[0]]) + max(len(outs[p[0]][i].token_ids) for i in p[1:]))
+        flat_prompts = [prompts[j] for j, _, _ in pairs for _ in (0, 1)]  # chosen, rejected, chosen, ...
+        flat_completions = [outs[j][i] for j, c, r in pairs for i in (c, r)]
+        # CRUCIAL: FSDP needs every rank to run the same number of passes; a rank with fewer pairs
+        # (or none) runs padding passes whose loss is multiplied by 0.
         pairs_per_mb = max(args.micro_batch_size // 2, 1)
-        micro_batches = [slice(2 * k, 2 * (k + pairs_per_mb)) for k in range(0, len(idx), pairs_per_mb)]
+        n_mb = int(common.all_reduce({"n": math.ceil(len(pairs) / pairs_per_mb)}, op="max")["n"])
+        micro_batches = [slice(2 * k * pairs_per_mb, 2 * (k + 1) * pairs_per_mb) for k in range(n_mb)]
+        chosen_tokens = sum(len(c.token_ids) for c in flat_completions[0::2])  # the NLL term's pooling
 
         # ---- reference logprobs, update: one optimizer step, gradients accumulated over micro-batches
-        t0 = time.time()
         lr = args.learning_rate * min(1.0, step / max(args.warmup_steps, 1))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        stats = {"loss": 0.0, "kl_sum": 0.0, "tokens": 0.0, "entropy_sum": 0.0,
-                 "chosen_logratio": 0.0, "rejected_logratio": 0.0, "nll": 0.0, "pair_correct": 0.0}
-        for mb in micro_batches:
-            mb_prompts, mb_tokens = flat_prompts[mb], flat_completions[mb]
-            with torch.no_grad(), autocast:
-                ref_logps = common.completion_logprobs(reference, mb_prompts, mb_tokens, args.temperature,
-                                                       tokenizer.pad_token_id)[0]
-            with autocast:
-                logps, mask, entropy = common.completion_logprobs(policy, mb_prompts, mb_tokens, args.temperature,
-                                                                  tokenizer.pad_token_id, with_entropy=True)
-            seq, ref_seq = (logps * mask).sum(-1), (ref_logps * mask).sum(-1)  # (2K,) summed over tokens
-            loss, chosen_logratio, rejected_logratio, nll = dpo_loss(
-                seq[0::2], seq[1::2], ref_seq[0::2], ref_seq[1::2], mask[0::2].sum(-1), args.beta,
-                args.nll_scale, args.pairs_per_rank)
-            loss.backward()
-            delta = ref_logps - logps.detach()
-            stats["loss"] += loss.item()
-            # ALGO LOGIC: KL(ref ‖ π) by k1: the tokens were sampled from the seed (= the reference), where
-            # the online scripts' k3 (tokens from π) would blow up on a token the policy pushed down
-            stats["kl_sum"] += (delta * mask).sum().item()
-            stats["tokens"] += mask.sum().item()
-            stats["entropy_sum"] += entropy.sum().item()
-            stats["chosen_logratio"] += chosen_logratio.sum().item()
-            stats["rejected_logratio"] += rejected_logratio.sum().item()
-            stats["nll"] += nll.sum().item()
-            stats["pair_correct"] += (chosen_logratio > rejected_logratio).sum().item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        t_train = time.time() - t0
+        sums = {"loss": 0.0, "kl_sum": 0.0, "tokens": 0.0, "entropy_sum": 0.0,
+                "chosen_logratio": 0.0, "rejected_logratio": 0.0, "nll_sum": 0.0, "chosen_tokens": 0.0, "pair_correct": 0.0}
+        with timer("train"):
+            for mb in micro_batches:
+                mb_prompts, mb_completions, weight = flat_prompts[mb], flat_completions[mb], 1.0
+                if not mb_completions:  # padding pass: same collectives, no gradient, no stats
+                    mb_prompts, mb_completions, weight = [pair_prompt_ids[0]] * 2, [pair_completions[0][0]] * 2, 0.0
+                mb_tokens = [c.token_ids for c in mb_completions]
+                with torch.no_grad(), autocast:
+                    ref_logps = common.completion_logprobs(reference, mb_prompts, mb_tokens, args.temperature,
+                                                           tokenizer.pad_token_id)[0]
+                with autocast:
+                    logps, mask, entropy = common.completion_logprobs(policy, mb_prompts, mb_tokens, args.temperature,
+                                                                      tokenizer.pad_token_id, with_entropy=True)
+                seq, ref_seq = (logps * mask).sum(-1), (ref_logps * mask).sum(-1)  # (2K,) summed over tokens
+                loss, chosen_logratio, rejected_logratio = dpo_loss(
+                    seq[0::2], seq[1::2], ref_seq[0::2], ref_seq[1::2], args.beta, args.nll_scale,
+                    len(pairs) / max(chosen_tokens, 1), args.prompts_per_rank)
+                (loss * weight).backward()
+                if not weight:
+                    continue
+                sums["loss"] += loss.item()
+                sums["kl_sum"] += seq.sum().item() - ref_seq.sum().item()  # k1: log π - log π_ref per sampled token
+                sums["tokens"] += mask.sum().item()
+                sums["entropy_sum"] += entropy.sum().item()
+                sums["chosen_logratio"] += chosen_logratio.sum().item()
+                sums["rejected_logratio"] += rejected_logratio.sum().item()
+                sums["nll_sum"] -= seq[0::2].sum().item()
+                sums["chosen_tokens"] += mask[0::2].sum().item()
+                sums["pair_correct"] += (chosen_logratio > rejected_logratio).sum().item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
-        # ---- log: sums over ranks, then ratios
-        local = {
-            "loss": stats["loss"], "kl_sum": stats["kl_sum"], "tokens": stats["tokens"],
-            "entropy_sum": stats["entropy_sum"], "pairs": len(batch),
-            **{f"{task}_pairs": sum(p["task"] == task for p in batch) for task in ("math", "chat")},
-            "chosen_logratio": stats["chosen_logratio"], "rejected_logratio": stats["rejected_logratio"],
-            "nll": stats["nll"], "pair_correct": stats["pair_correct"],
-            "train_tokens": sum(len(p) + len(c) for p, c in zip(flat_prompts, flat_completions, strict=True)),
-        }
-        s = common.all_reduce(local)
-        s_max = common.all_reduce({"memory": common.peak_memory_gb(device)}, op="max")
-        step_s = time.time() - t_step
+        # ---- log: sums over ranks, then ratios (ranks may hold different numbers of math rows)
+        sums["train_tokens"] = sum(len(p) + len(c.token_ids) for p, c in zip(flat_prompts, flat_completions, strict=True))
+        sums |= {"pairs": len(pairs), "reward_margin": sum(rewards[j, c] - rewards[j, r] for j, c, r in pairs).item() if pairs else 0.0}
+        sums |= {f"{task}_pairs": sum(batch[j]["task"] == task for j, _, _ in pairs) for task in ("math", "chat")}
+        s, s_max = common.reduce_step(sums, {}, device)
         metrics = {
             "step": step,
-            "train/loss": s["loss"] / world_size,  # each rank's loss is already / its pairs
+            "train/loss": s["loss"] / world_size,  # each rank's loss is already / its prompts
             "train/kl": s["kl_sum"] / max(s["tokens"], 1),
             "train/grad_norm": grad_norm.item() if hasattr(grad_norm, "item") else float(grad_norm),
             "train/lr": lr,
             "train/pairs": s["pairs"],
-            "train/math/pairs": s["math_pairs"], "train/chat/pairs": s["chat_pairs"],
+            "train/reward_margin": s["reward_margin"] / max(s["pairs"], 1),
             "train/pair_accuracy": s["pair_correct"] / max(s["pairs"], 1),
             "train/chosen_logratio": s["chosen_logratio"] / max(s["pairs"], 1),
             "train/rejected_logratio": s["rejected_logratio"] / max(s["pairs"], 1),
-            "train/nll": s["nll"] / max(s["pairs"], 1),
-            "train/epoch": step * args.pairs_per_step / len(pairs),
-            "rollout/entropy": s["entropy_sum"] / max(s["tokens"], 1),
-            "rollout/policy_lag": step - 1,  # ALGO LOGIC: the pairs come from the seed: s = ∞
-            "perf/train_s": t_train, "perf/step_s": step_s, "perf/train_tokens": s["train_tokens"],
-            "perf/train_tokens_per_s": s["train_tokens"] / t_train if s["train_tokens"] else float("nan"),
-            "perf/peak_memory_gb": s_max["memory"],
+            "train/nll": s["nll_sum"] / max(s["chosen_tokens"], 1),
+            **{f"train/{task}/pairs": s[f"{task}_pairs"] for task in ("math", "chat") if task in data_tasks},
+            "rollout/policy_lag": step - 1 - last_sync,
+            **rollout_log.get(step, {}), **common.trainer_metrics(s, s_max, timer),
         }
+        reward_mean, step_s = metrics.get("rollout/reward_mean", math.nan), metrics["perf/step_s"]
+        if by_step is None:
+            metrics["train/epoch"] = step * args.prompts_per_step / len(data)
         if eval_rows and (step % args.eval_every == 0 or step == args.num_steps):
             metrics.update(evaluate(step))
         steps_done += 1
         if rank == 0:
             logger.log(metrics)
             eta = (time.time() - t_start) / steps_done * (args.num_steps - step)
-            line = (f"step {step}/{args.num_steps} | loss {metrics['train/loss']:+.4f} | "
-                    f"epoch {metrics['train/epoch']:.2f} | pair acc {metrics['train/pair_accuracy']:.2f} | "
-                    f"kl {metrics['train/kl']:.2e} | {step_s:.2f} s/step | eta {eta / 60:.1f} min")
+            line = (f"step {step}/{args.num_steps} | loss {metrics['train/loss']:+.4f} | reward {reward_mean:.3f} | "
+                    f"pairs {int(s['pairs'])} | "
+                    f"kl {metrics['train/kl']:.2e} | pair acc {metrics['train/pair_accuracy']:.2f} | "
+                    f"{step_s:.2f} s/step | eta {eta / 60:.1f} min")
             if any(k.startswith("eval/") for k in metrics):
                 line += " | " + common.eval_line(metrics)
             print(line, flush=True)

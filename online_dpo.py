@@ -12,23 +12,23 @@ Every step:
 5. reference logprobs of the chosen and rejected completions;
 6. one optimizer step on  Σ_pairs -log σ(β [(log π(y_c) - log π_ref(y_c)) - (log π(y_r) - log π_ref(y_r))]) / B
    with log-probs *summed* over completion tokens and B the global number of prompts (skipped
-   prompts still count), plus `nll_scale` × the chosen completion's per-token NLL (default 0);
+   prompts still count), plus `nll_scale` × the chosen completions' NLL pooled over tokens as in
+   the authors' code (default 0);
 7. log one metrics dict, evaluate every `eval_every` steps, checkpoint every `save_every`.
 
 Choices where the paper is silent: 8 samples per prompt; constant learning rate after a linear
-warm-up; AdamW betas (0.9, 0.95), no weight decay; `rollout/entropy` and the logprob gap are
-measured on the chosen and rejected completions (the ones the trainer runs on). A mixed math +
-chat batch follows each prompt's task: its own reward, its own pair rule, and with `--ref-sync
-auto` its own reference (math pairs against a reference re-synced with the generator, chat
-pairs against the fixed seed: two frozen copies, both run on every micro-batch so that FSDP
-ranks stay in step, each row keeping its task's). Not deterministic: vLLM on GPU
-(batch-dependent kernels).
+warm-up; AdamW betas (0.9, 0.95), no weight decay; `rollout/entropy`, `train/kl` (k1: log π - log π_ref per
+token) and the logprob gap are measured on the chosen and rejected completions (the
+ones the trainer runs on). A mixed math + chat batch follows each prompt's task: its own reward
+and its own pair rule, against one fixed reference (the paper's V+NV run); `--ref-sync per-task`
+re-syncs a second reference for the math rows (both run on every micro-batch so that FSDP ranks
+stay in step). Not deterministic: vLLM on GPU (batch-dependent kernels).
 
 Run:
     python online_dpo.py                                    # embedded default, CPU, a few minutes
     torchrun --standalone --nproc_per_node=2 online_dpo.py  # 2 processes (CPU: gloo; GPU: NCCL)
     torchrun --nproc_per_node 8 online_dpo.py \\            # the paper's math run (Llama-3.1-8B)
-        --model meta-llama/Llama-3.1-8B-Instruct --dataset AI-MO/NuminaMath-CoT \\
+        --model meta-llama/Llama-3.1-8B-Instruct --dataset AI-MO/NuminaMath-CoT --paper-math-filter \\
         --eval-dataset HuggingFaceH4/MATH-500 --eval-split test --num-steps 1000 \\
         --prompts-per-step 64 --samples-per-prompt 8 --max-new-tokens 2048 --max-model-len 4096 \\
         --learning-rate 1e-6 --adam-eps 1e-4 --max-grad-norm 0.1 --beta 0.1 \\
@@ -146,8 +146,10 @@ class Args:
     """DPO β (the paper: 0.1 math, 0.01 chat)"""
     nll_scale: float = 0.0
     """weight of the chosen completion's per-token NLL (the paper's ablation: 1.0, no gain)"""
-    ref_sync: Literal["auto", "yes", "no"] = "auto"
-    """re-sync the reference to the policy with the generator; auto: for math prompts, not for chat (the paper)"""
+    ref_sync: Literal["auto", "yes", "no", "per-task"] = "auto"
+    """re-sync the reference to the policy with the generator. auto (the paper): yes for math-only data,
+    no for chat and for mixed math + chat (its V+NV run); per-task: math rows against a re-synced
+    reference, chat rows against the fixed seed"""
 
     # filled in after parsing
     world_size: int = 0
@@ -158,39 +160,42 @@ class Args:
     """tasks whose reference re-syncs with the generator (ref_sync resolved)"""
 
 
-def select_pairs(rewards: torch.Tensor, tasks: list[str], rng: random.Random) -> list[tuple[int, int, int]]:
+def select_pairs(rewards: torch.Tensor, tasks: list[str], seeds: list[int]) -> list[tuple[int, int, int]]:
     """(prompt j, chosen i, rejected i) for each prompt that yields a pair, from (P, n) rewards.
 
-    math: a random correct (reward 1) vs a random incorrect (reward 0) completion; all-correct or
-    all-wrong prompts are skipped. chat: the highest vs the lowest reward-model score (first of
-    ties); skipped when every score is equal.
+    math: a random correct (reward 1) vs a random incorrect (reward 0) completion, drawn with the
+    prompt's own seed; all-correct or all-wrong prompts are skipped. chat: the highest vs the
+    lowest reward-model score (first of ties); skipped when every score is equal.
     """
     pairs = []
-    for j, (r, task) in enumerate(zip(rewards.tolist(), tasks, strict=True)):
+    for j, (r, task, seed) in enumerate(zip(rewards.tolist(), tasks, seeds, strict=True)):
         if task == "math":
             correct = [i for i, x in enumerate(r) if x > 0.5]
             wrong = [i for i, x in enumerate(r) if x <= 0.5]
             if correct and wrong:
+                rng = random.Random(seed)
                 pairs.append((j, rng.choice(correct), rng.choice(wrong)))
         elif max(r) > min(r):
             pairs.append((j, r.index(max(r)), r.index(min(r))))
     return pairs
 
 
-def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths,
-             beta: float, nll_scale: float, num_prompts: int):
-    """Σ_pairs [-log σ(β (Δ_chosen - Δ_rejected)) + nll_scale · NLL_chosen] / num_prompts.
+def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float,
+             nll_scale: float, pairs_per_token: float, num_prompts: int):
+    """(Σ_pairs -log σ(β (Δ_chosen - Δ_rejected)) + nll_scale · NLL) / num_prompts.
 
-    Inputs are (K,) per-pair *summed* log-probs (Δ = log π - log π_ref) and chosen lengths in
-    tokens; NLL_chosen is per token. Dividing by the whole batch's prompts, not the pairs, keeps
-    a step with few valid pairs from being up-weighted. Returns (loss, chosen Δ, rejected Δ, NLL).
+    Inputs are (K,) per-pair *summed* log-probs (Δ = log π - log π_ref). Dividing by the whole
+    batch's prompts, not the pairs, keeps a step with few valid pairs from being up-weighted. NLL
+    is the chosen completions' negative log-likelihood pooled as in the authors' code: summed over
+    tokens × `pairs_per_token` (this rank's pairs / its chosen tokens, so over a rank's micro-batches
+    it sums to a token-pooled mean × pairs). Returns (loss, chosen Δ, rejected Δ).
     """
     chosen_logratio = chosen_logps - ref_chosen_logps
     rejected_logratio = rejected_logps - ref_rejected_logps
     losses = -F.logsigmoid(beta * (chosen_logratio - rejected_logratio))
-    nll = -chosen_logps / chosen_lengths
-    loss = (losses + nll_scale * nll).sum() / num_prompts
-    return loss, chosen_logratio.detach(), rejected_logratio.detach(), nll.detach()
+    nll = -chosen_logps.sum() * pairs_per_token
+    loss = (losses.sum() + nll_scale * nll) / num_prompts
+    return loss, chosen_logratio.detach(), rejected_logratio.detach()
 
 
 def main(args: Args) -> None:
@@ -221,8 +226,11 @@ def main(args: Args) -> None:
                                paper_math_filter=args.paper_math_filter, verbose=rank == 0)
     rows, prompt_ids, dropped = common.fit_prompts(tokenizer, rows, args.max_model_len - args.max_new_tokens,
                                                    need=args.prompts_per_step, what="--dataset")
-    # ALGO LOGIC: the paper re-syncs the reference for verifiable rewards only
-    args.synced_tasks = {"auto": ("math",), "yes": ("math", "chat"), "no": ()}[args.ref_sync]
+    # ALGO LOGIC: the paper re-syncs the reference for verifiable rewards only, and keeps one fixed
+    # reference for a mixed math + chat run
+    math_only = all(r["task"] == "math" for r in rows)
+    args.synced_tasks = {"auto": ("math",) if math_only else (), "yes": ("math", "chat"), "no": (),
+                         "per-task": ("math",)}[args.ref_sync]
     eval_rows, eval_dropped = [], 0
     if args.eval_dataset and args.eval_every > 0:  # the same length filter: room to answer in full
         eval_rows = common.load_prompts(args.eval_dataset, args.eval_split, args.math_template, verbose=rank == 0)
@@ -239,8 +247,10 @@ def main(args: Args) -> None:
         return out[rank * args.prompts_per_rank : (rank + 1) * args.prompts_per_rank]
 
     def sampling_seeds(step: int) -> list[int]:
-        """CRUCIAL: one vLLM seed per prompt, distinct across (run seed, step, rank, prompt)."""
-        base = ((args.seed * 1_000_003 + step) * world_size + rank) * args.prompts_per_rank
+        """CRUCIAL: one vLLM seed per prompt, distinct across (run seed, step, prompt): ranks never draw
+        the same samples, and the prompt's place in the step, not the rank, decides them (1 or 8 ranks
+        sample the same rollouts)."""
+        base = (args.seed * 1_000_003 + step) * args.prompts_per_step + rank * args.prompts_per_rank
         return [base + j for j in range(args.prompts_per_rank)]
 
     # -----------------------------------------------------------------------------------------
@@ -315,7 +325,7 @@ def main(args: Args) -> None:
             rewards, nonfinite = common.score(reward_model, batch, outs)  # (P, n), (P,)
 
         # ---- build batch: ALGO LOGIC: one (chosen, rejected) pair per prompt at most
-        pairs = select_pairs(rewards, [r["task"] for r in batch], random.Random(sampling_seeds(step)[0]))
+        pairs = select_pairs(rewards, [r["task"] for r in batch], sampling_seeds(step))
         # Speed: pairs sorted by length, so a micro-batch pads little (a pair stays in one micro-batch)
         pairs.sort(key=lambda p: len(prompts[p[0]]) + max(len(outs[p[0]][i].token_ids) for i in p[1:]))
         flat_prompts = [prompts[j] for j, _, _ in pairs for _ in (0, 1)]  # chosen, rejected, chosen, ...
@@ -326,13 +336,14 @@ def main(args: Args) -> None:
         pairs_per_mb = max(args.micro_batch_size // 2, 1)
         n_mb = int(common.all_reduce({"n": math.ceil(len(pairs) / pairs_per_mb)}, op="max")["n"])
         micro_batches = [slice(2 * k * pairs_per_mb, 2 * (k + 1) * pairs_per_mb) for k in range(n_mb)]
+        chosen_tokens = sum(len(c.token_ids) for c in flat_completions[0::2])  # the NLL term's pooling
 
         # ---- reference logprobs, update: one optimizer step, gradients accumulated over micro-batches
         lr = args.learning_rate * min(1.0, step / max(args.warmup_steps, 1))
         for group in optimizer.param_groups:
             group["lr"] = lr
         sums = {"loss": 0.0, "kl_sum": 0.0, "tokens": 0.0, "entropy_sum": 0.0, "gap_sum": 0.0,
-                "chosen_logratio": 0.0, "rejected_logratio": 0.0, "nll": 0.0, "pair_correct": 0.0}
+                "chosen_logratio": 0.0, "rejected_logratio": 0.0, "nll_sum": 0.0, "chosen_tokens": 0.0, "pair_correct": 0.0}
         gap_max = 0.0
         with timer("train"):
             for mb in micro_batches:
@@ -348,24 +359,24 @@ def main(args: Args) -> None:
                     logps, mask, entropy = common.completion_logprobs(policy, mb_prompts, mb_tokens, args.temperature,
                                                                       tokenizer.pad_token_id, with_entropy=True)
                 seq, ref_seq = (logps * mask).sum(-1), (ref_logps * mask).sum(-1)  # (2K,) summed over tokens
-                loss, chosen_logratio, rejected_logratio, nll = dpo_loss(
-                    seq[0::2], seq[1::2], ref_seq[0::2], ref_seq[1::2], mask[0::2].sum(-1), args.beta,
-                    args.nll_scale, args.prompts_per_rank)
+                loss, chosen_logratio, rejected_logratio = dpo_loss(
+                    seq[0::2], seq[1::2], ref_seq[0::2], ref_seq[1::2], args.beta, args.nll_scale,
+                    len(pairs) / max(chosen_tokens, 1), args.prompts_per_rank)
                 (loss * weight).backward()
                 if not weight:
                     continue
                 # vLLM's logprob of each sampled token vs the trainer's: ~0 right after a sync
                 gap_sum, mb_gap_max = common.logprob_gap(logps, mask, mb_completions)
                 gap_max = max(gap_max, mb_gap_max)
-                delta = ref_logps - logps.detach()
                 sums["loss"] += loss.item()
-                sums["kl_sum"] += ((torch.exp(delta) - delta - 1) * mask).sum().item()  # k3, as in grpo.py
+                sums["kl_sum"] += seq.sum().item() - ref_seq.sum().item()  # k1: log π - log π_ref per sampled token
                 sums["tokens"] += mask.sum().item()
                 sums["entropy_sum"] += entropy.sum().item()
                 sums["gap_sum"] += gap_sum
                 sums["chosen_logratio"] += chosen_logratio.sum().item()
                 sums["rejected_logratio"] += rejected_logratio.sum().item()
-                sums["nll"] += nll.sum().item()
+                sums["nll_sum"] -= seq[0::2].sum().item()
+                sums["chosen_tokens"] += mask[0::2].sum().item()
                 sums["pair_correct"] += (chosen_logratio > rejected_logratio).sum().item()
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
             optimizer.step()
@@ -389,7 +400,7 @@ def main(args: Args) -> None:
             "train/pair_accuracy": s["pair_correct"] / max(s["pairs"], 1),
             "train/chosen_logratio": s["chosen_logratio"] / max(s["pairs"], 1),
             "train/rejected_logratio": s["rejected_logratio"] / max(s["pairs"], 1),
-            "train/nll": s["nll"] / max(s["pairs"], 1),
+            "train/nll": s["nll_sum"] / max(s["chosen_tokens"], 1),
             **{f"train/{task}/pairs": s[f"{task}_pairs"] for task in ("math", "chat") if s[f"{task}_samples"]},
             "rollout/policy_lag": step - 1 - last_sync,
             **common.rollout_metrics(s), **common.trainer_metrics(s, s_max, timer),

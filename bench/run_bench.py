@@ -185,17 +185,15 @@ def run_regime(size: str, name: str, script: str, extra: list[str], args: Args) 
     flags = ["--model", cfg["model"], "--dataset", cfg["dataset"], "--max-new-tokens", str(cfg["max_new_tokens"]),
              "--max-model-len", str(cfg["max_model_len"]), "--num-steps", str(args.steps), "--eval-every", "0",
              "--save-every", str(10**9), "--log-samples-every", "0", "--output-dir", out, *extra]
-    if script == "offline_dpo.py":  # build pairs from as many prompts as the steps use
-        flags += ["--max-prompts", str(args.steps * 8)]
     run([sys.executable, script, *flags], os.path.join(out, "log.txt"))
     records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     row, note = summarize(records, args.measure_from), None
     if script == "offline_dpo.py":  # its only generation: the one-time build at step 0
         build = records[0]
         row["rollout_tok_s"] = build["perf/rollout_tokens_per_s"]
-        note = (f"offline DPO builds its pairs once before training: {build['rollout/prompts']:.0f} prompts x 8 samples "
-                f"in {build['perf/generate_s']:.1f} s generate + {build['perf/score_s']:.1f} s score (its rollout tok/s); "
-                "its steps only train")
+        note = (f"offline DPO samples the whole run's rollouts from the seed before training: {args.steps} steps x 8 "
+                f"prompts x 8 samples in {build['perf/generate_s']:.1f} s generate + {build['perf/score_s']:.1f} s score "
+                "(its rollout tok/s); its steps only train")
     return row, note
 
 

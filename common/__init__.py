@@ -18,6 +18,7 @@ Importing `common` installs an excepthook that prints a `UserError` as one line 
 from common.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from common.data import (
     PAPER_MATH_TEMPLATE,
+    encode_pairs,
     fit_prompts,
     last_boxed,
     load_pairs,
@@ -62,7 +63,7 @@ from common.utils import (
 
 __all__ = [
     "find_checkpoint", "load_checkpoint", "save_checkpoint",
-    "eval_chat", "eval_line", "eval_math", "evaluate", "mean_and_se", "mean_se_from_sums", "PAPER_MATH_TEMPLATE", "fit_prompts", "last_boxed", "load_pairs", "load_prompts", "shuffled_indices",
+    "eval_chat", "eval_line", "eval_math", "evaluate", "mean_and_se", "mean_se_from_sums", "PAPER_MATH_TEMPLATE", "encode_pairs", "fit_prompts", "last_boxed", "load_pairs", "load_prompts", "shuffled_indices",
     "Completion", "Generator", "completion_logprobs", "default_dtype", "encode_prompts", "fsdp_wrap", "full_state_dict", "load_model",
     "load_tokenizer", "RewardModel", "math_reward", "math_rewards", "MetricsLogger", "UserError",
     "all_reduce", "peak_memory_gb", "seed_everything", "setup_distributed", "score", "PhaseTimer", "logprob_gap",

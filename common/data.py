@@ -412,6 +412,35 @@ def load_pairs(spec: str, split: str = "train", verbose: bool = False) -> list[d
     return pairs
 
 
+def encode_pairs(tokenizer, pairs: list[dict], max_model_len: int):
+    """Token ids of each pair: (pairs, prompt_ids, completions, dropped), `completions[i]` the
+    (chosen, rejected) `Completion`s. A file written by offline_dpo.py carries the token ids the
+    generator sampled, used as they are (re-tokenising a sampled text can give other tokens); other
+    datasets are tokenised from text, with the tokenizer's EOS appended only to a reply that ended
+    (`*_eos`: a reply cut at max_new_tokens is not taught to stop there). Pairs longer than
+    `max_model_len` are dropped and counted."""
+    from common.generation import Completion
+    from common.models import encode_prompts
+
+    prompt_ids = encode_prompts(tokenizer, [p["prompt"] for p in pairs])
+    completions = []
+    for p in pairs:
+        pair = []
+        for side in ("chosen", "rejected"):
+            ids = p.get(f"{side}_ids")
+            if ids is None:
+                ids = tokenizer(p[side], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] * p[f"{side}_eos"]
+            elif tokenizer.decode(ids, skip_special_tokens=True) != p[side]:
+                raise UserError(f"the token ids in the pairs file do not decode to its texts with this tokenizer "
+                                f"(step {p.get('step')}): it was built with another --model")
+            pair.append(Completion(token_ids=list(ids), text=p[side], logprobs=[],
+                                   finish_reason="stop" if p[f"{side}_eos"] else "length"))
+        completions.append(tuple(pair))
+    keep = [i for i, (p, (c, r)) in enumerate(zip(prompt_ids, completions, strict=True))
+            if len(p) + max(len(c.token_ids), len(r.token_ids)) <= max_model_len]
+    return [pairs[i] for i in keep], [prompt_ids[i] for i in keep], [completions[i] for i in keep], len(pairs) - len(keep)
+
+
 @functools.lru_cache(maxsize=4)
 def shuffled_indices(n: int, seed: int, epoch: int) -> tuple[int, ...]:
     """The dataset order for one epoch: a pure function of (seed, epoch), so a resumed run

@@ -69,10 +69,10 @@ def make_data(out: Path, seed: int) -> dict[str, list[dict]]:
     rng.shuffle(problems)
     math = [math_row(a, b) for a, b in problems]
     chat_rng = random.Random(seed + 1)
-    chat = [{"task": "chat", "prompt": chat_prompt(chat_rng), "answer": None} for _ in range(2200)]
+    chat = [{"task": "chat", "prompt": chat_prompt(chat_rng), "answer": None} for _ in range(2400)]
     data = {
         "math_train": math[:500], "math_val": math[500:600], "math_test": math[600:],
-        "chat_train": chat[:2000], "chat_test": chat[2000:],
+        "chat_train": chat[:2000], "chat_test": chat[2000:2200], "chat_val": chat[2200:],
     }
     data["mix_train"] = [r for pair in zip(data["math_train"], data["chat_train"][:500], strict=True) for r in pair]
     for name, rows in data.items():
@@ -356,7 +356,8 @@ def main():
         corr=seed["chat_quality_rm_correlation"], size_kb=dir_kb(rm_dir)))
     what = {"math_train": "RL training prompts (math)", "math_val": "stops the seed's SFT",
             "math_test": "held-out math evaluation", "chat_train": "RL training prompts (chat)",
-            "chat_test": "held-out chat evaluation", "mix_train": "math and chat, alternating"}
+            "chat_test": "held-out chat evaluation", "chat_val": "chat checkpoint / learning-rate selection (the study)",
+            "mix_train": "math and chat, alternating"}
     (out / "data" / "README.md").write_text(DATA_CARD.format(rows="\n".join(
         f"| `{k}.jsonl` | {len(v)} | {what[k]} |" for k, v in data.items())))
     print(json.dumps(report["seed"] | {"rm_pairwise_accuracy": rm["pairwise_accuracy"]}, indent=1))

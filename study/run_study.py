@@ -1,20 +1,32 @@
-"""The paper's experiment in miniature: the seed against offline DPO (s = ∞), semi-online DPO
-(two values of s), online DPO (s = 1) and GRPO, on the embedded math task (Math-Verify) and on
-the embedded instruction task (reward model), with equal budgets and the same seeds.
+"""The paper's experiment in miniature, like for like: the seed against offline DPO (s = ∞),
+semi-online DPO (two values of s), online DPO (s = 1) and GRPO, on the embedded math task
+(Math-Verify) and the embedded instruction task (reward model).
 
-Every regime trains for `--steps` optimizer steps of 8 prompts (offline DPO: 8 pairs, built once
-from the seed) with its script's default hyperparameters, evaluates on held-out prompts every
-`--eval-every` steps, and its final checkpoint is evaluated with evaluate.py (math: 300 test
-problems x 8 samples at T = 0.6 plus greedy; chat: 200 test prompts, reward-model score, length,
-length-normalised score and win rate against the seed). Writes `study/results/results.md`
-(table), `study/results/{math,chat}.png` (held-out metric, rollout entropy and response length
-vs step per regime) and `study/results/results.json`. A finished run is not trained again, so an
-interrupted study picks up where it stopped.
+Like for like, as in the paper (PAPER.md):
+- every regime sees the same prompts in the same order: offline DPO samples, from the seed, the
+  rollouts of exactly the steps the others train on (it is s = ∞ of the same run);
+- the paper's settings where they transfer: math DPO β 0.1, Adam ε 1e-4, grad clip 0.1 and a
+  reference re-synced with the generator (offline: fixed); chat DPO β 0.01, ε 1e-8, clip 0.1, fixed
+  reference; GRPO KL 0.001, ε 1e-8, clip 0.1;
+- the learning rate (the paper's 1e-6 is for an 8B model) picked per regime and task from one
+  grid, the same for all, on the validation split (`math_val`, `chat_val`) with seed 1;
+- chat checkpoints picked the paper's way: the step with the best length-normalised reward-model
+  score (mean reward / mean length) on the validation split; math: the final checkpoint;
+- `--seeds` seeds per regime at its picked learning rate; the test metrics are reported as the
+  mean over seeds with the standard error across seeds.
 
-    .venv/bin/python study/run_study.py          # ~40 minutes on 2 CPU cores
+Test evaluation with evaluate.py: math 300 test problems x `--final-samples` samples at T = 0.6 plus
+greedy; chat 200 test prompts x `--final-samples` samples scored by the reward model, their length,
+and the win rate against the seed's samples. Writes `study/results/results.md` (tables),
+`study/results/{math,chat}.png` (validation metric, rollout entropy and length vs step, mean over
+seeds) and `study/results/results.json`. A finished run or evaluation is not redone, so an
+interrupted study continues where it stopped.
+
+    .venv/bin/python study/run_study.py          # ~3 hours on 2 CPU cores (see README)
 """
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -25,45 +37,49 @@ from dataclasses import dataclass
 import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = "embedded/data"
 
 
 @dataclass
 class Args:
     steps: int = 100
-    """optimizer steps per regime (the same budget for all)"""
+    """optimizer steps per run (8 prompts each: the same budget and prompts for every regime)"""
     eval_every: int = 20
-    """held-out evaluation during training every N steps"""
-    eval_limit: int = 100
-    """held-out prompts per evaluation during training"""
+    """validation evaluation during training every N steps (the candidate chat checkpoints)"""
+    lr_grid: tuple[float, ...] = (2e-5, 5e-5, 1e-4)
+    """learning rates tried for every regime and task (seed 1), picked on the validation split"""
+    seeds: tuple[int, ...] = (1, 2, 3)
+    """seeds per regime at its picked learning rate"""
+    semi_intervals: tuple[int, int] = (20, 5)
+    """the two sync intervals of semi-online DPO"""
     final_samples: int = 8
-    """samples per prompt in the final evaluation"""
-    seed: int = 1
-    """the same seed for every run"""
+    """samples per test prompt in the final evaluation"""
     runs_dir: str = "runs/study"
     """where the runs go"""
     out_dir: str = "study/results"
-    """where the table, plots and JSON go"""
-    semi_intervals: tuple[int, int] = (20, 5)
-    """the two sync intervals of semi-online DPO"""
+    """where the tables, plots and JSON go"""
 
 
+DPO = {"math": ["--beta", "0.1", "--adam-eps", "1e-4", "--max-grad-norm", "0.1"],
+       "chat": ["--beta", "0.01", "--adam-eps", "1e-8", "--max-grad-norm", "0.1"]}
+GRPO = ["--kl-coef", "0.001", "--adam-eps", "1e-8", "--max-grad-norm", "0.1"]
 TASKS = {
-    "math": {"train": ["--dataset", "embedded/data/math_train.jsonl", "--eval-dataset", "embedded/data/math_test.jsonl"],
-             "offline": [], "eval": ["--chat-dataset", ""], "metric": "eval/accuracy", "label": "held-out accuracy"},
-    "chat": {"train": ["--dataset", "embedded/data/chat_train.jsonl", "--eval-dataset", "embedded/data/chat_test.jsonl"],
-             "offline": ["--max-prompts", "800"], "eval": ["--math-datasets", ""],
-             "metric": "eval/chat/reward_mean", "label": "held-out RM reward"},
+    "math": {"train": f"{DATA}/math_train.jsonl", "val": f"{DATA}/math_val.jsonl", "val_limit": 100,
+             "test": ["--chat-dataset", ""], "metric": "eval/accuracy", "label": "validation accuracy"},
+    "chat": {"train": f"{DATA}/chat_train.jsonl", "val": f"{DATA}/chat_val.jsonl", "val_limit": 200,
+             "test": ["--math-datasets", ""], "metric": "eval/chat/reward_per_token",
+             "label": "validation RM reward / length"},
 }
 
 
-def regimes(args: Args) -> list[tuple[str, str, str, list[str]]]:
-    """(key, label, script, extra flags), offline to online."""
+def regimes(args: Args) -> list[tuple[str, str, str, dict[str, list[str]]]]:
+    """(key, label, script, the paper's flags per task), offline to online."""
     s1, s2 = args.semi_intervals
-    return [("offline_dpo", "offline DPO (s=∞)", "offline_dpo.py", []),
-            (f"semi_s{s1}", f"semi-online DPO (s={s1})", "semi_online_dpo.py", ["--sync-interval", str(s1)]),
-            (f"semi_s{s2}", f"semi-online DPO (s={s2})", "semi_online_dpo.py", ["--sync-interval", str(s2)]),
-            ("online_dpo", "online DPO (s=1)", "online_dpo.py", []),
-            ("grpo", "GRPO (s=1)", "grpo.py", [])]
+    return [("offline_dpo", "offline DPO (s=∞)", "offline_dpo.py", DPO),
+            (f"semi_s{s1}", f"semi-online DPO (s={s1})", "semi_online_dpo.py", DPO),
+            (f"semi_s{s2}", f"semi-online DPO (s={s2})", "semi_online_dpo.py", DPO),
+            ("online_dpo", "online DPO (s=1)", "online_dpo.py", DPO),
+            ("grpo", "GRPO (s=1)", "grpo.py", {"math": GRPO, "chat": GRPO})]
 
 
 def run(cmd: list[str], tag: str) -> float:
@@ -75,8 +91,8 @@ def run(cmd: list[str], tag: str) -> float:
     tail = []
     for line in proc.stdout:
         tail = (tail + [line])[-30:]
-        if line.startswith(("step ", "building pairs", "wrote ", "math ", "chat ", "done")):
-            print(f"[{tag}] {line.rstrip()[:160]}", flush=True)
+        if line.startswith(("step ", "wrote ", "math ", "chat ", "done")) and ("eval" in line or not line.startswith("step ")):
+            print(f"[{tag}] {line.rstrip()[:150]}", flush=True)
     if proc.wait() != 0:
         sys.exit(f"study: {' '.join(cmd)} failed:\n{''.join(tail)}")
     return time.time() - t0
@@ -87,82 +103,138 @@ def finished(run_dir: str, steps: int) -> bool:
     return os.path.exists(path) and json.load(open(path))["step"] == steps
 
 
+def metrics_of(run_dir: str) -> list[dict]:
+    return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+
+
+def train(args: Args, task: str, regime: tuple, lr: float, seed: int, steps: int | None = None,
+          pairs: str = "") -> tuple[str, float | None]:
+    """One training run (validation every `eval_every` steps); returns (run dir, seconds or None if done)."""
+    key, _, script, flags = regime
+    steps = steps or args.steps
+    name = f"{task}_{key}_lr{lr:g}_seed{seed}" + (f"_to{steps}" if steps != args.steps else "")
+    run_dir = os.path.join(args.runs_dir, name)
+    if finished(run_dir, steps):
+        return run_dir, None
+    shutil.rmtree(run_dir, ignore_errors=True)  # a half-done run starts over (same seeds, same result)
+    spec = TASKS[task]
+    cmd = [script, "--dataset", spec["train"], "--eval-dataset", spec["val"], "--eval-limit", str(spec["val_limit"]),
+           "--num-steps", str(steps), "--eval-every", str(args.eval_every), "--learning-rate", f"{lr:g}",
+           "--seed", str(seed), "--output-dir", run_dir, "--save-every", str(steps), "--log-samples-every", "0",
+           *flags[task]]
+    if key.startswith("semi_s"):
+        cmd += ["--sync-interval", key.removeprefix("semi_s")]
+    if pairs:
+        cmd += ["--pairs", pairs]
+    return run_dir, run(cmd, name)
+
+
+def val_score(task: str, metrics: list[dict]) -> tuple[float, int]:
+    """(validation score, step): math -> the final step's accuracy; chat -> the best step by length-
+    normalised reward (the paper's checkpoint choice), among the steps evaluated during training."""
+    evals = [(m[TASKS[task]["metric"]], m["step"]) for m in metrics if TASKS[task]["metric"] in m and m["step"] > 0]
+    return evals[-1] if task == "math" else max(evals)
+
+
+def evaluate(args: Args, task: str, model: str, out: str, seed: int) -> dict:
+    if not os.path.exists(out):
+        run(["evaluate.py", "--model", model, "--samples", str(args.final_samples), "--seed", str(seed),
+             "--output", out, *TASKS[task]["test"], *(["--baseline", "embedded/policy"] if task == "chat" else [])],
+            f"eval {out}")
+    return json.load(open(out))
+
+
+def mean_se(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs)) if len(xs) > 1 else float("nan"))
+
+
 def main(args: Args) -> None:
     os.makedirs(args.out_dir, exist_ok=True)
-    results = {"seed": {}, "runs": {}, "args": vars(args)}
-    todo = [(task, *r) for task in TASKS for r in regimes(args)]
-    t_study = time.time()
-
-    # ---- the seed: one evaluation on both tasks
-    seed_eval = os.path.join(args.runs_dir, "seed_eval.json")
-    if not os.path.exists(seed_eval):
-        run(["evaluate.py", "--model", "embedded/policy", "--samples", str(args.final_samples), "--seed", str(args.seed),
-             "--output", seed_eval], "seed eval")
-    results["seed"] = json.load(open(seed_eval))
-
-    # ---- train and evaluate every regime on every task
-    for i, (task, key, label, script, extra) in enumerate(todo, 1):
-        tag = f"{i}/{len(todo)} {task} {key}"
-        run_dir = os.path.join(args.runs_dir, f"{task}_{key}")
-        train_s = None
-        if not finished(run_dir, args.steps):
-            shutil.rmtree(run_dir, ignore_errors=True)  # a half-done run starts over (same seeds)
-            cmd = [script, "--num-steps", str(args.steps), "--eval-every", str(args.eval_every),
-                   "--eval-limit", str(args.eval_limit), "--seed", str(args.seed), "--output-dir", run_dir,
-                   "--save-every", str(args.steps), "--log-samples-every", "0", *TASKS[task]["train"], *extra]
-            if script == "offline_dpo.py":
-                cmd += TASKS[task]["offline"]
-            train_s = run(cmd, tag)
-        eval_path = os.path.join(run_dir, "final_eval.json")
-        if not os.path.exists(eval_path):
-            run(["evaluate.py", "--model", os.path.join(run_dir, "checkpoint"), "--samples", str(args.final_samples),
-                 "--seed", str(args.seed), "--output", eval_path, *TASKS[task]["eval"]], tag + " eval")
-        metrics = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-        results["runs"][f"{task}/{key}"] = {"task": task, "key": key, "label": label, "train_s": train_s,
-                                            "final": json.load(open(eval_path)), "metrics": metrics}
-        print(f"study: {tag} done ({(time.time() - t_study) / 60:.1f} min so far)", flush=True)
-
+    os.makedirs(args.runs_dir, exist_ok=True)
+    t_study, train_s = time.time(), 0.0
+    results = {"args": vars(args), "seed": {}, "runs": {}}
+    for seed in args.seeds:  # the seed model, evaluated with each sampling seed
+        results["seed"][seed] = {task: evaluate(args, task, "embedded/policy",
+                                                os.path.join(args.runs_dir, f"seed_{task}_{seed}.json"), seed)
+                                 for task in TASKS}
+    for task in TASKS:
+        for regime in regimes(args):
+            key = regime[0]
+            # ---- the learning rate, on the validation split with the first seed
+            grid = {}
+            for lr in args.lr_grid:
+                run_dir, s = train(args, task, regime, lr, args.seeds[0])
+                train_s += s or 0.0
+                grid[lr] = val_score(task, metrics_of(run_dir))[0]
+            lr = max(grid, key=grid.get)
+            # ---- every seed at that learning rate; the checkpoint the paper's way; the test evaluation
+            per_seed = {}
+            for seed in args.seeds:
+                run_dir, s = train(args, task, regime, lr, seed)
+                train_s += s or 0.0
+                score, step = val_score(task, metrics_of(run_dir))
+                ckpt_dir = run_dir
+                if step != args.steps:  # chat: retrain to the chosen step (the runs replay exactly)
+                    pairs = os.path.join(run_dir, "pairs.jsonl") if key == "offline_dpo" else ""
+                    ckpt_dir, s = train(args, task, regime, lr, seed, steps=step, pairs=pairs)
+                    train_s += s or 0.0
+                final = evaluate(args, task, os.path.join(ckpt_dir, "checkpoint"),
+                                 os.path.join(ckpt_dir, "test_eval.json"), seed)
+                per_seed[seed] = {"val": score, "step": step, "test": final, "metrics": metrics_of(run_dir)}
+            results["runs"][f"{task}/{key}"] = {"task": task, "key": key, "label": regime[1], "lr": lr,
+                                                "grid": grid, "seeds": per_seed}
+            print(f"study: {task} {key}: lr {lr:g} (validation {grid}), {(time.time() - t_study) / 60:.0f} min so far",
+                  flush=True)
+    results["wall_min"], results["train_min"] = (time.time() - t_study) / 60, train_s / 60
     with open(os.path.join(args.out_dir, "results.json"), "w") as f:
-        json.dump({k: v for k, v in results.items() if k != "runs"} |
-                  {"runs": {k: {**v, "metrics": None} for k, v in results["runs"].items()}}, f, indent=2)
+        slim = {k: {**v, "seeds": {s: {kk: vv for kk, vv in x.items() if kk != "metrics"} for s, x in v["seeds"].items()}}
+                for k, v in results["runs"].items()}
+        json.dump({**results, "runs": slim}, f, indent=2)
     write_table(args, results)
     plot(args, results)
-    print(f"study: done in {(time.time() - t_study) / 60:.1f} min -> {args.out_dir}/results.md")
+    print(f"study: done in {results['wall_min']:.0f} min -> {args.out_dir}/results.md")
+
+
+def test_numbers(task: str, final: dict) -> dict[str, float]:
+    if task == "math":
+        m = final["math"][f"{DATA}/math_test.jsonl"]
+        return {"accuracy": m["accuracy"], "greedy": m["greedy_accuracy"]}
+    c = final["chat"]
+    return {"reward": c["reward_mean"], "length": c["length_mean"], "reward_per_token": c["reward_per_token"],
+            "win_rate": c.get("win_rate", 0.5)}
 
 
 def write_table(args: Args, results: dict) -> None:
-    seed = results["seed"]
-    math_key = "embedded/data/math_test.jsonl"
-    lines = ["| regime | math accuracy | math greedy | chat RM reward | chat length | chat reward / length | chat win rate vs seed |",
-             "|---|---|---|---|---|---|---|"]
-
-    def row(label, m, c):
-        acc = f"{m['accuracy']:.3f} ± {m['accuracy_se']:.3f}" if m else "-"
-        greedy = f"{m['greedy_accuracy']:.3f}" if m else "-"
-        if c:
-            chat = (f"{c['reward_mean']:.3f} ± {c['reward_se']:.3f} | {c['length_mean']:.1f} | "
-                    f"{c['reward_per_token']:.3f} | {c.get('win_rate', float('nan')):.3f}")
-        else:
-            chat = "- | - | - | -"
-        return f"| {label} | {acc} | {greedy} | {chat} |"
-
-    lines.append(row("seed", seed["math"].get(math_key), seed["chat"]))
-    for key, label, *_ in regimes(args):
-        m = results["runs"].get(f"math/{key}", {}).get("final", {}).get("math", {}).get(math_key)
-        c = results["runs"].get(f"chat/{key}", {}).get("final", {}).get("chat")
-        lines.append(row(label, m, c))
-    a = args
-    header = (f"Embedded default, {a.steps} steps of 8 prompts per regime (offline DPO: 8 pairs), seed {a.seed}, "
-              f"each script's default hyperparameters. Final evaluation: math 300 test problems x "
-              f"{a.final_samples} samples (T = 0.6, top-p 0.9) with standard errors, and greedy; chat 200 test "
-              f"prompts x {a.final_samples} samples, scored by the embedded reward model; win rate against the "
-              f"seed's samples (ties count half).\n")
-    times = ["", "| run | training wall time (s) |", "|---|---|"]
-    for k, v in results["runs"].items():
-        if v["train_s"] is not None:
-            times.append(f"| {k} | {v['train_s']:.0f} |")
+    cols = {"math": ["accuracy", "greedy"], "chat": ["reward", "length", "reward_per_token", "win_rate"]}
+    head = {"math": "| regime | lr | test accuracy | test greedy accuracy | checkpoint |",
+            "chat": "| regime | lr | test RM reward | length | reward / length | win rate vs seed | checkpoint (step) |"}
+    out = [f"Embedded default: {args.steps} steps of 8 prompts per run, the same prompts for every regime; the "
+           f"paper's β / Adam ε / clip / reference per task; learning rate picked per regime from {list(args.lr_grid)} on "
+           f"the validation split (seed {args.seeds[0]}); mean ± standard error over seeds {list(args.seeds)}. Test: math 300 "
+           f"problems x {args.final_samples} samples (T = 0.6, top-p 0.9) and greedy; chat 200 prompts x {args.final_samples} "
+           f"samples scored by the embedded reward model, win rate against the seed's samples (ties half). Chat "
+           f"checkpoints: the step with the best validation reward / length. Wall time {results['wall_min']:.0f} min "
+           f"(training {results['train_min']:.0f} min) on 2 CPU cores.\n"]
+    for task in TASKS:
+        out += [f"\n**{task}**\n", head[task], "|" + "---|" * (head[task].count("|") - 1)]
+        seed_vals = [test_numbers(task, results["seed"][s][task]) for s in args.seeds]
+        cells = [f"{m:.3f} ± {se:.3f}" for m, se in (mean_se([v[c] for v in seed_vals]) for c in cols[task])]
+        out.append(f"| seed | - | {' | '.join(cells)} | - |")
+        for key, label, *_ in regimes(args):
+            r = results["runs"].get(f"{task}/{key}")
+            if not r:
+                continue
+            vals = [test_numbers(task, x["test"]) for x in r["seeds"].values()]
+            cells = [f"{m:.3f} ± {se:.3f}" for m, se in (mean_se([v[c] for v in vals]) for c in cols[task])]
+            steps = ", ".join(str(x["step"]) for x in r["seeds"].values())
+            out.append(f"| {label} | {r['lr']:g} | {' | '.join(cells)} | {'final' if task == 'math' else steps} |")
+        out += ["", "Validation score per learning rate (seed 1): " + "; ".join(
+            f"{results['runs'][f'{task}/{key}']['label']}: " + ", ".join(f"{lr:g} -> {v:.3f}" for lr, v in
+                                                                         results["runs"][f"{task}/{key}"]["grid"].items())
+            for key, *_ in regimes(args) if f"{task}/{key}" in results["runs"])]
     with open(os.path.join(args.out_dir, "results.md"), "w") as f:
-        f.write(header + "\n" + "\n".join(lines) + "\n" + "\n".join(times) + "\n")
+        f.write("\n".join(out) + "\n")
 
 
 def plot(args: Args, results: dict) -> None:
@@ -173,21 +245,23 @@ def plot(args: Args, results: dict) -> None:
 
     for task, spec in TASKS.items():
         fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-        length_key = "rollout/length_mean" if task == "math" else "rollout/chat/length_mean"
-        for key, label, *_ in regimes(args):
-            run = results["runs"].get(f"{task}/{key}")
-            if not run:
+        length_key = "rollout/length_mean"
+        for i, (key, label, *_) in enumerate(regimes(args)):
+            r = results["runs"].get(f"{task}/{key}")
+            if not r:
                 continue
             for ax, metric in zip(axes, [spec["metric"], "rollout/entropy", length_key], strict=True):
-                pts = [(m["step"], m[metric]) for m in run["metrics"] if metric in m]
-                if len(pts) == 1:  # offline DPO's one-time generation: a constant over the run
-                    ax.axhline(pts[0][1], linestyle="--", color=f"C{[r[0] for r in regimes(args)].index(key)}",
-                               label=label)
-                elif pts:
-                    ax.plot(*zip(*pts, strict=True), marker="o" if metric.startswith("eval") else None,
-                            markersize=3, label=label, color=f"C{[r[0] for r in regimes(args)].index(key)}")
-        for ax, title in zip(axes, [spec["label"], "rollout entropy (policy, per token)", "response length (tokens)"], strict=True):
-            ax.set_title(f"{task}: {title}")
+                per_step: dict[int, list[float]] = {}
+                for x in r["seeds"].values():
+                    for m in x["metrics"]:
+                        if metric in m and m["step"] > 0 or (metric == spec["metric"] and metric in m):
+                            per_step.setdefault(m["step"], []).append(m[metric])
+                if per_step:
+                    steps = sorted(per_step)
+                    ax.plot(steps, [sum(per_step[s]) / len(per_step[s]) for s in steps], label=f"{label}, lr {r['lr']:g}",
+                            color=f"C{i}", marker="o" if metric == spec["metric"] else None, markersize=3)
+        for ax, title in zip(axes, [spec["label"], "rollout entropy (per token)", "rollout length (tokens)"], strict=True):
+            ax.set_title(f"{task}: {title} (mean over seeds)")
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=8)

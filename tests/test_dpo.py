@@ -2,7 +2,6 @@
 s = 1 reproduces online DPO; s = 3 makes the generator stale between syncs; resume."""
 
 import math
-import random
 import subprocess
 import sys
 
@@ -25,39 +24,40 @@ def test_select_pairs_by_hand():
         [0.3, 2.0, -1.0, 2.0],  # chat -> highest (first of ties) vs lowest
         [0.5, 0.5, 0.5, 0.5],  # chat, all equal -> skipped
     ])
-    pairs = select_pairs(rewards, ["math", "math", "math", "chat", "chat"], random.Random(0))
+    pairs = select_pairs(rewards, ["math", "math", "math", "chat", "chat"], [0, 1, 2, 3, 4])
     assert [p[0] for p in pairs] == [0, 3]
     j, c, r = pairs[0]
     assert rewards[j, c] == 1.0 and rewards[j, r] == 0.0
     assert pairs[1] == (3, 1, 2)
-    # the random choice covers every correct / incorrect completion
-    seen = {select_pairs(rewards[:1], ["math"], random.Random(s))[0][1:] for s in range(50)}
+    # the random choice covers every correct / incorrect completion, and depends on the prompt's seed only
+    seen = {select_pairs(rewards[:1], ["math"], [s])[0][1:] for s in range(50)}
     assert seen == {(0, 1), (0, 3), (2, 1), (2, 3)}
+    assert select_pairs(rewards[:1], ["math"], [7]) == select_pairs(rewards[:2], ["math", "math"], [7, 8])
 
 
 def test_dpo_loss_by_hand():
     chosen = torch.tensor([-5.0, -2.0], requires_grad=True)
     rejected = torch.tensor([-4.0, -6.0], requires_grad=True)
     ref_c, ref_r = torch.tensor([-5.5, -2.0]), torch.tensor([-4.0, -5.0])
-    lengths = torch.tensor([5.0, 4.0])
     beta, nll_scale, B = 0.1, 0.5, 4  # 4 prompts in the batch, 2 valid pairs
-    loss, c_lr, r_lr, nll = dpo_loss(chosen, rejected, ref_c, ref_r, lengths, beta, nll_scale, B)
+    pairs_per_token = 2 / 9  # the chosen completions hold 5 + 4 tokens
+    loss, c_lr, r_lr = dpo_loss(chosen, rejected, ref_c, ref_r, beta, nll_scale, pairs_per_token, B)
     logsig = lambda x: -math.log1p(math.exp(-x))
     m0, m1 = (0.5 - 0.0), (0.0 - (-1.0))  # Δc - Δr per pair
-    expected = (-logsig(beta * m0) - logsig(beta * m1) + nll_scale * (5 / 5 + 2 / 4)) / B
+    nll = (5 + 2) / 9 * 2  # the authors' pooling: the token-pooled mean NLL x the pairs
+    expected = (-logsig(beta * m0) - logsig(beta * m1) + nll_scale * nll) / B
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     assert c_lr.tolist() == [0.5, 0.0] and r_lr.tolist() == [0.0, -1.0]
-    assert nll.tolist() == pytest.approx([1.0, 0.5])
     loss.backward()
     sig = lambda x: 1 / (1 + math.exp(-x))
-    # d/dchosen_0 = [-β σ(-β m0) - nll_scale / len0] / B ; d/drejected_0 = β σ(-β m0) / B
-    assert chosen.grad[0].item() == pytest.approx((-beta * sig(-beta * m0) - nll_scale / 5) / B, rel=1e-6)
+    # d/dchosen_0 = [-β σ(-β m0) - nll_scale · pairs / tokens] / B ; d/drejected_0 = β σ(-β m0) / B
+    assert chosen.grad[0].item() == pytest.approx((-beta * sig(-beta * m0) - nll_scale * 2 / 9) / B, rel=1e-6)
     assert rejected.grad[0].item() == pytest.approx(beta * sig(-beta * m0) / B, rel=1e-6)
 
 
 def test_dpo_loss_at_the_reference_is_log2():
     x = torch.tensor([-3.0])
-    loss, *_ = dpo_loss(x, x - 1, x, x - 1, torch.tensor([3.0]), 0.1, 0.0, 1)
+    loss, *_ = dpo_loss(x, x - 1, x, x - 1, 0.1, 0.0, 1 / 3, 1)
     assert loss.item() == pytest.approx(math.log(2))
 
 
