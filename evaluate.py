@@ -31,7 +31,6 @@ import torch.distributed as dist
 import tyro
 
 import common
-from common.models import check_model_path
 
 
 @dataclass
@@ -67,18 +66,17 @@ class Args:
     output: str = ""
     """JSON result path (default: <model>/eval.json for a local folder, else eval.json)"""
     gpu_memory_utilization: float = 0.0
-    """memory fraction vLLM reserves (0: 0.5 on GPU; on CPU, of the NUMA node, 0.15)"""
+    """GPU memory fraction vLLM takes (0: 0.5); on CPU, 0 sizes its KV cache to 256 sequences at once"""
     trust_remote_code: bool = False
     """allow model repos to run their own code"""
 
 
 def main(args: Args) -> None:
     rank, world_size, device = common.setup_distributed()
-    args.gpu_memory_utilization = args.gpu_memory_utilization or (0.5 if device.type == "cuda" else 0.15)
+    common.check_args(args, world_size)  # every flag and local path, before any model loads
+    args.gpu_memory_utilization = args.gpu_memory_utilization or (0.5 if device.type == "cuda" else 0.0)
     args.output = args.output or (os.path.join(args.model, "eval.json") if os.path.isdir(args.model) else "eval.json")
     tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
-    if args.baseline:
-        check_model_path(args.baseline, "baseline model")  # fail now, not after the math evaluation
     limit = args.limit or None
     math_sets = {}
     max_prompt = args.max_model_len - args.max_new_tokens
@@ -96,6 +94,7 @@ def main(args: Args) -> None:
     reward_model = common.RewardModel(args.reward_model, device, trust_remote_code=args.trust_remote_code) \
         if chat_rows else None
     generator = common.Generator(args.model, max_model_len=args.max_model_len,
+                                 max_num_seqs=256,
                                  gpu_memory_utilization=args.gpu_memory_utilization,
                                  dtype=common.default_dtype(device), seed=args.seed,
                                  trust_remote_code=args.trust_remote_code)
@@ -103,13 +102,23 @@ def main(args: Args) -> None:
     result = {"args": asdict(args), "math": {}, "chat": {}}
     t0 = time.time()
 
+    def save() -> None:
+        """Write what is measured so far: a later failure (say, an unreachable baseline) loses nothing."""
+        if rank == 0:
+            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+            with open(args.output + ".tmp", "w") as f:
+                json.dump(result, f, indent=2)
+            os.replace(args.output + ".tmp", args.output)
+
     # ---- math: k samples per problem, and greedy
     for spec, rows in math_sets.items():
+        if rank == 0:
+            print(f"math {spec}: {len(rows)} problems x {args.samples} samples, then greedy", flush=True)
         mine = rows[rank::world_size]
         accs = common.eval_math(generator, tokenizer, mine, k=args.samples, temperature=args.temperature,
-                                top_p=args.top_p, max_tokens=args.max_new_tokens, seed=seed)
+                                top_p=args.top_p, max_tokens=args.max_new_tokens, seed=seed, progress=rank == 0)
         greedy = common.eval_math(generator, tokenizer, mine, k=1, temperature=0.0, top_p=1.0,
-                                  max_tokens=args.max_new_tokens, seed=seed)
+                                  max_tokens=args.max_new_tokens, seed=seed, progress=rank == 0)
         s = common.all_reduce({"n": len(accs), "sum": sum(accs), "sq": sum(a * a for a in accs), "greedy": sum(greedy)})
         acc, se = common.mean_se_from_sums(s["n"], s["sum"], s["sq"])
         result["math"][spec] = {"accuracy": acc, "accuracy_se": se, "greedy_accuracy": s["greedy"] / s["n"],
@@ -117,16 +126,29 @@ def main(args: Args) -> None:
         if rank == 0:
             print(f"math {spec}: accuracy {acc:.3f} ± {se:.3f}, greedy {s['greedy'] / s['n']:.3f} "
                   f"({int(s['n'])} problems, {time.time() - t0:.0f} s)", flush=True)
+        save()
 
     # ---- chat: reward-model score, length, length-normalised score, win rate vs the baseline
     if chat_rows:
         mine = chat_rows[rank::world_size]
         sampling = {"k": args.samples, "temperature": args.temperature, "top_p": args.top_p,
-                    "max_tokens": args.max_new_tokens}
+                    "max_tokens": args.max_new_tokens, "progress": rank == 0}
+        if rank == 0:
+            print(f"chat {args.chat_dataset}: {len(chat_rows)} prompts x {args.samples} samples"
+                  + (f", then the baseline's {args.baseline}" if args.baseline else ""), flush=True)
         scores, lengths = common.eval_chat(generator, tokenizer, reward_model, mine, seed=seed + 1, **sampling)
         per_prompt = scores.mean(dim=1)
-        local = {"n": len(mine), "sum": per_prompt.sum().item(), "sq": (per_prompt**2).sum().item(),
-                 "tokens": lengths.mean(dim=1).sum().item()}
+        s = common.all_reduce({"n": len(mine), "sum": per_prompt.sum().item(), "sq": (per_prompt**2).sum().item(),
+                               "tokens": lengths.mean(dim=1).sum().item()})
+        reward, reward_se = common.mean_se_from_sums(s["n"], s["sum"], s["sq"])
+        length = s["tokens"] / s["n"]
+        result["chat"] = {"dataset": args.chat_dataset, "reward_mean": reward, "reward_se": reward_se,
+                          "length_mean": length, "reward_per_token": reward / max(length, 1), "prompts": int(s["n"]),
+                          "samples": args.samples}
+        if rank == 0:
+            print(f"chat {args.chat_dataset}: reward {reward:.3f} ± {reward_se:.3f}, length {length:.1f} "
+                  f"({int(s['n'])} prompts, {time.time() - t0:.0f} s)", flush=True)
+        save()
         if args.baseline:
             base = common.load_model(args.baseline, torch.device("cpu"), dtype=common.default_dtype(device),
                                      trainable=False, trust_remote_code=args.trust_remote_code)
@@ -134,25 +156,12 @@ def main(args: Args) -> None:
             del base
             base_scores, _ = common.eval_chat(generator, tokenizer, reward_model, mine, seed=seed + 2, **sampling)
             wins = (scores > base_scores).float() + 0.5 * (scores == base_scores).float()  # (P, k)
-            local["wins"], local["pairs"] = wins.sum().item(), wins.numel()
-        s = common.all_reduce(local)
-        reward, reward_se = common.mean_se_from_sums(s["n"], s["sum"], s["sq"])
-        length = s["tokens"] / s["n"]
-        result["chat"] = {"dataset": args.chat_dataset, "reward_mean": reward, "reward_se": reward_se,
-                          "length_mean": length, "reward_per_token": reward / max(length, 1), "prompts": int(s["n"]),
-                          "samples": args.samples}
-        if args.baseline:
-            result["chat"]["win_rate"] = s["wins"] / s["pairs"]
-            result["chat"]["baseline"] = args.baseline
-        if rank == 0:
-            print(f"chat {args.chat_dataset}: reward {reward:.3f} ± {reward_se:.3f}, length {length:.1f} "
-                  f"({int(s['n'])} prompts, {time.time() - t0:.0f} s)", flush=True)
+            w = common.all_reduce({"wins": wins.sum().item(), "pairs": wins.numel()})
+            result["chat"] |= {"win_rate": w["wins"] / w["pairs"], "baseline": args.baseline}
+            save()
 
     # ---- report
     if rank == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w") as f:
-            json.dump(result, f, indent=2)
         print(f"\n{args.model}\n")
         if result["math"]:
             print(f"| math dataset | accuracy ({args.samples} samples, T={args.temperature}) | greedy | problems |")
@@ -173,4 +182,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    common.run(main, tyro.cli(Args))

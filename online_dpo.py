@@ -137,7 +137,7 @@ class Args:
     log_samples_every: int = 25
     """print a few prompt / completion / reward samples every N steps"""
     gpu_memory_utilization: float = 0.0
-    """memory fraction vLLM reserves (0: 0.3 on GPU; on CPU, of the NUMA node, 0.15)"""
+    """GPU memory fraction vLLM takes (0: 0.3); on CPU, 0 sizes its KV cache to one step's sequences"""
     vllm_sleep: bool = False
     """GPU: free vLLM's memory while the trainer updates (sleep mode)"""
 
@@ -203,19 +203,14 @@ def main(args: Args) -> None:
     # distributed setup & seeding
     # -----------------------------------------------------------------------------------------
     rank, world_size, device = common.setup_distributed()
-    args.world_size = world_size
-    assert args.prompts_per_step % world_size == 0, "prompts_per_step must divide by the number of ranks"
-    args.prompts_per_rank = args.prompts_per_step // world_size
+    common.check_args(args, world_size)  # every flag and local path, before any model loads
+    args.world_size, args.prompts_per_rank = world_size, args.prompts_per_step // world_size
     args.output_dir = args.output_dir or f"runs/{args.exp_name}__{args.seed}"
-    args.gpu_memory_utilization = args.gpu_memory_utilization or (0.3 if device.type == "cuda" else 0.15)
-    if args.samples_per_prompt < 2:
-        raise common.UserError("samples_per_prompt must be >= 2: one sample per prompt gives nothing to compare")
-    common.seed_everything(args.seed)  # CRUCIAL: the same seed on every rank (identical init)
+    common.claim_output_dir(args.output_dir, args.resume, world_size, rank)  # this run's alone, while it runs
     ckpt_dir = os.path.join(args.output_dir, "checkpoint")
-    if rank == 0 and not args.resume and os.path.exists(os.path.join(args.output_dir, "metrics.jsonl")):
-        raise common.UserError(f"{args.output_dir} already holds a run; pass --resume or another --output-dir")
-    if args.resume and not common.find_checkpoint(ckpt_dir):
-        raise common.UserError(f"--resume: no checkpoint in {args.output_dir}")
+    if args.resume:
+        common.find_checkpoint(ckpt_dir)  # puts back a checkpoint a crash left half-renamed
+    common.seed_everything(args.seed)  # CRUCIAL: the same seed on every rank (identical init)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
     # -----------------------------------------------------------------------------------------
@@ -275,6 +270,7 @@ def main(args: Args) -> None:
     # generation engine
     # -----------------------------------------------------------------------------------------
     generator = common.Generator(args.model, max_model_len=args.max_model_len,
+                                 max_num_seqs=args.prompts_per_rank * args.samples_per_prompt,
                                  gpu_memory_utilization=args.gpu_memory_utilization,
                                  dtype=common.default_dtype(device), seed=args.seed,
                                  enable_sleep_mode=args.vllm_sleep, trust_remote_code=args.trust_remote_code)
@@ -301,6 +297,7 @@ def main(args: Args) -> None:
     if eval_metrics and rank == 0:
         logger.log({"step": 0, **eval_metrics})
         print("step 0 | " + common.eval_line(eval_metrics))
+    t_loop = time.time()  # the ETA counts the training steps (with their evaluations), not step 0's
     for step in range(start_step + 1, args.num_steps + 1):
         timer = common.PhaseTimer()
         # ---- sync: ALGO LOGIC: s = 1, the generator gets the weights being trained every step.
@@ -411,7 +408,7 @@ def main(args: Args) -> None:
         steps_done += 1
         if rank == 0:
             logger.log(metrics)
-            eta = (time.time() - t_start) / steps_done * (args.num_steps - step)
+            eta = (time.time() - t_loop) / steps_done * (args.num_steps - step)
             line = (f"step {step}/{args.num_steps} | loss {metrics['train/loss']:+.4f} | reward {reward_mean:.3f} | "
                     f"pairs {int(s['pairs'])} | "
                     f"kl {metrics['train/kl']:.2e} | len {metrics['rollout/length_mean']:.1f} | "
@@ -451,4 +448,4 @@ def copy_weights(src: torch.nn.Module, dst: torch.nn.Module) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    common.run(main, tyro.cli(Args))

@@ -12,7 +12,8 @@
 - checkpoint: save / resume (HF model folder + per-rank safetensors trainer state, atomic)
 - evaluation: held-out math accuracy and chat reward with standard errors, over ranks
 
-Importing `common` installs an excepthook that prints a `UserError` as one line (exit 2).
+- launch:     flag and path checks before any model loads, the output folder's lock, and `run`:
+                one line for a user error or a Ctrl-C, under python and torchrun
 """
 
 from common.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
@@ -34,6 +35,7 @@ from common.evaluation import (
     mean_se_from_sums,
 )
 from common.generation import Completion, Generator
+from common.launch import check_args, claim_output_dir, run
 from common.metrics import (
     PhaseTimer,
     logprob_gap,
@@ -67,5 +69,5 @@ __all__ = [
     "Completion", "Generator", "completion_logprobs", "default_dtype", "encode_prompts", "fsdp_wrap", "full_state_dict", "load_model",
     "load_tokenizer", "RewardModel", "math_reward", "math_rewards", "MetricsLogger", "UserError",
     "all_reduce", "peak_memory_gb", "seed_everything", "setup_distributed", "score", "PhaseTimer", "logprob_gap",
-    "reduce_step", "rollout_metrics", "rollout_sums", "trainer_metrics",
+    "reduce_step", "rollout_metrics", "rollout_sums", "trainer_metrics", "check_args", "claim_output_dir", "run",
 ]

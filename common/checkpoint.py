@@ -80,6 +80,11 @@ def save_checkpoint(ckpt_dir: str, step: int, policy: torch.nn.Module, optimizer
             json.dump({"step": step, "world_size": world}, f)
     _barrier()  # CRUCIAL: every rank's shard is on disk before the rename makes it the checkpoint
     if rank == 0:
+        umask = os.umask(0)
+        os.umask(umask)
+        for d, _, files in os.walk(tmp):  # normal modes: safetensors writes its files 0600
+            for f in files:
+                os.chmod(os.path.join(d, f), 0o666 & ~umask)
         shutil.rmtree(ckpt_dir + ".old", ignore_errors=True)
         if os.path.exists(ckpt_dir):
             os.rename(ckpt_dir, ckpt_dir + ".old")

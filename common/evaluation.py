@@ -28,12 +28,13 @@ def mean_se_from_sums(n: float, total: float, sq: float) -> tuple[float, float]:
 
 
 def eval_math(generator, tokenizer, rows: list[dict], *, k: int, temperature: float, top_p: float,
-              max_tokens: int, seed: int) -> list[float]:
+              max_tokens: int, seed: int, progress: bool = False) -> list[float]:
     """Per-problem accuracy, each the mean over `k` samples (the paper: T=0.6, top-p 0.9, 50
     samples). `mean_and_se` of the result is the figure to report; under torchrun each rank
     evaluates a shard and the scripts reduce (sum, sum of squares, count)."""
     outs = generator.generate(encode_prompts(tokenizer, [r["prompt"] for r in rows]), n=k,
-                              temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
+                              temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
+                              progress=progress)
     per_problem = []
     for row, completions in zip(rows, outs, strict=True):
         scores = math_rewards([c.text for c in completions], [row["answer"]] * len(completions))
@@ -42,11 +43,12 @@ def eval_math(generator, tokenizer, rows: list[dict], *, k: int, temperature: fl
 
 
 def eval_chat(generator, tokenizer, reward_model, rows: list[dict], *, k: int, temperature: float,
-              top_p: float, max_tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+              top_p: float, max_tokens: int, seed: int, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(P, k) reward-model scores and (P, k) lengths in tokens of `k` samples per chat prompt,
     scored in one batched reward-model call."""
     outs = generator.generate(encode_prompts(tokenizer, [r["prompt"] for r in rows]), n=k,
-                              temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
+                              temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
+                              progress=progress)
     scores = reward_model.score([r["prompt"] for r in rows for _ in range(k)], [c.text for o in outs for c in o])
     lengths = [len(c.token_ids) for o in outs for c in o]
     return torch.tensor(scores).view(-1, k), torch.tensor(lengths, dtype=torch.float).view(-1, k)

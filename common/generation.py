@@ -6,7 +6,12 @@ place (tests/test_generation.py) and not the training scripts.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import sys
+import tempfile
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +22,61 @@ from common.models import full_state_dict
 # In-process engine: the engine core runs in this process, so `collective_rpc` reaches the model
 # runner directly and the trainer's tensors are handed over without serialization.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+# A quiet console: vLLM logs ~50 lines at start-up and 3 per weight sync at INFO / WARNING, none of
+# which a training run acts on. `VLLM_LOGGING_LEVEL=INFO python grpo.py ...` shows them again.
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm\.")
+
+
+class _RotaryReloadFilter(logging.Filter):
+    """Drops vLLM's "RotaryEmbedding: Failed to load weights", logged at every weight sync: a rotary
+    embedding's only tensor is its cos/sin cache, computed from the config and never in a
+    checkpoint, so a reload has nothing to put there and vLLM keeps the cache it built at start-up.
+    Harmless; `rollout/logprob_gap_max` ~1e-6 right after every sync (and
+    tests/test_generation.py) is the proof that the reload is complete."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg == "%s: Failed to load weights" and record.args == ("RotaryEmbedding",))
+
+
+logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_RotaryReloadFilter())
+
+
+@contextlib.contextmanager
+def _start_up_output_shown_only_on_failure():
+    """Hold back what the engine's start-up prints on stderr (C++ warnings and progress bars that no
+    log level reaches), and show it only if the start-up fails, or when `VLLM_LOGGING_LEVEL` asks
+    for more than errors."""
+    if os.environ.get("VLLM_LOGGING_LEVEL") != "ERROR":
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            held.seek(0)
+            sys.stderr.write(held.read().decode(errors="replace"))
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def kv_cache_bytes(model: str, tokens: int, dtype: torch.dtype, trust_remote_code: bool = False) -> int:
+    """Bytes of KV cache for `tokens` tokens of `model`: keys and values of every layer's KV heads."""
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    c = getattr(c, "text_config", c)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    return 2 * c.num_hidden_layers * kv_heads * head_dim * dtype.itemsize * tokens
 
 
 @dataclass
@@ -35,13 +95,18 @@ class Generator:
     group torchrun already set up instead of spawning workers.
     """
 
-    def __init__(self, model: str, *, max_model_len: int, gpu_memory_utilization: float,
-                 dtype: torch.dtype, seed: int = 0, enable_sleep_mode: bool = False,
-                 trust_remote_code: bool = False):
-        from vllm import LLM
-
-        kwargs = {}
-        if not torch.cuda.is_available():
+    def __init__(self, model: str, *, max_model_len: int, max_num_seqs: int = 256,
+                 gpu_memory_utilization: float = 0.0, dtype: torch.dtype, seed: int = 0,
+                 enable_sleep_mode: bool = False, trust_remote_code: bool = False):
+        """`max_num_seqs`: the sequences one step generates (prompts x samples on this rank): the
+        engine runs that many at once. `gpu_memory_utilization`: on a GPU the fraction of its memory
+        vLLM takes (0: 0.3); on the CPU 0 sizes the KV cache to exactly those sequences at full
+        length (vLLM's own CPU sizing counts the trainer's memory against the fraction, so a
+        real-size policy left it no room), a fraction > 0 is vLLM's CPU meaning (of the NUMA node)."""
+        kwargs = {"max_num_seqs": max_num_seqs}
+        if torch.cuda.is_available():
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization or 0.3
+        else:
             # CRUCIAL (CPU backend): a seeded request whose prompt is split across scheduler steps
             # (chunked prefill) makes vLLM rewind its torch.Generator, which CPU generators do not
             # support ("CPU Generator does not use offset"). Whole-prompt scheduling avoids it.
@@ -49,28 +114,36 @@ class Generator:
             # vLLM drops this process's torch threads to 1 "for serving" unless OMP_NUM_THREADS
             # is set; in-process, that would also halve the trainer's speed on a 2-core machine.
             os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+            if gpu_memory_utilization:
+                kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+            else:
+                kwargs["kv_cache_memory_bytes"] = kv_cache_bytes(model, max_num_seqs * max_model_len, dtype,
+                                                                 trust_remote_code)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             kwargs["distributed_executor_backend"] = "external_launcher"
         self.enable_sleep_mode, self.sleeping = enable_sleep_mode, False
-        self.llm = LLM(
-            model=model,
-            dtype=dtype,
-            seed=seed,  # engine-level seed; each request also carries its own (see generate)
-            max_model_len=max_model_len,
-            gpu_memory_utilization=gpu_memory_utilization,
-            enable_prefix_caching=True,
-            enable_sleep_mode=enable_sleep_mode,
-            trust_remote_code=trust_remote_code,
-            # Logprobs after temperature scaling: the distribution tokens were sampled from,
-            # which is what the trainer recomputes (common.completion_logprobs divides by T).
-            logprobs_mode="processed_logprobs",
-            tensor_parallel_size=1,
-            **kwargs,
-        )
+        with _start_up_output_shown_only_on_failure():
+            from vllm import LLM
+
+            self.llm = LLM(
+                model=model,
+                dtype=dtype,
+                seed=seed,  # engine-level seed; each request also carries its own (see generate)
+                max_model_len=max_model_len,
+                enable_prefix_caching=True,
+                enable_sleep_mode=enable_sleep_mode,
+                trust_remote_code=trust_remote_code,
+                # Logprobs after temperature scaling: the distribution tokens were sampled from,
+                # which is what the trainer recomputes (common.completion_logprobs divides by T).
+                logprobs_mode="processed_logprobs",
+                tensor_parallel_size=1,
+                use_tqdm_on_load=False,
+                **kwargs,
+            )
         self.tokenizer = self.llm.get_tokenizer()
 
     def generate(self, prompts: list[list[int]], *, n: int, temperature: float, top_p: float,
-                 max_tokens: int, seed: int | list[int]) -> list[list[Completion]]:
+                 max_tokens: int, seed: int | list[int], progress: bool = False) -> list[list[Completion]]:
         """`n` completions for each prompt (token ids, chat template already applied).
 
         `seed`: one sampling seed per prompt, or an int s meaning s, s+1, ... Give seeds that
@@ -93,7 +166,7 @@ class Generator:
             for s in seeds
         ]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
-                                    use_tqdm=False)
+                                    use_tqdm=progress)  # a progress bar for long calls (evaluate.py)
         token_ids = [list(o.token_ids) for out in outputs for o in out.outputs]
         texts = iter(self.tokenizer.batch_decode(token_ids, skip_special_tokens=True))
         ids = iter(token_ids)

@@ -9,9 +9,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import transformers
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from common.utils import UserError
+
+# No "Loading weights" / "Writing model shards" bars for the tiny files of every load and save.
+transformers.utils.logging.disable_progress_bar()
 
 
 def _looks_local(name: str) -> bool:
@@ -19,9 +24,28 @@ def _looks_local(name: str) -> bool:
 
 
 def check_model_path(name: str, what: str = "model") -> None:
-    """A name that looks like a local path must be an existing folder (not a hub id to try)."""
-    if _looks_local(name) and not Path(name).expanduser().is_dir():
+    """A name that looks like a local path must be an existing folder (not a hub id to try), and
+    its safetensors files whole: a truncated or corrupt file is named now, not deep in a load."""
+    if not _looks_local(name):  # a hub id: its config (a small file) must be reachable now, not after a long load
+        from transformers import AutoConfig
+
+        try:
+            AutoConfig.from_pretrained(name)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{what} '{name}' is not a local folder and not a reachable hub id "
+                            f"({str(e).splitlines()[0]})") from None
+        return
+    path = Path(name).expanduser()
+    if not path.is_dir():
         raise UserError(f"{what} folder '{name}' does not exist")
+    from safetensors import SafetensorError, safe_open
+
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{what} weights file {f} is unreadable ({e}); copy it again") from None
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -148,13 +172,21 @@ def completion_logprobs(model: torch.nn.Module, prompts: list[list[int]],
     # Logits at position t predict token t+1; the earliest completion token of any row sits at
     # min(lens_p), so the last K = L - min(lens_p) + 1 positions cover every one of them.
     K = L - min(lens_p) + 1
-    logits = model(input_ids=input_ids, logits_to_keep=K).logits  # (B, K, V)
+    logits = model(input_ids=input_ids, logits_to_keep=K).logits  # (B, K, V), the model's dtype
     offset = L - K  # absolute position of logits[:, 0]
     # Next-token targets for every kept position (B, K); pad where a position predicts nothing.
     targets = torch.full((len(seqs), K), pad_id, dtype=torch.long, device=device)
     targets[:, :-1] = input_ids[:, offset + 1 :]
-    scaled = logits.float() / temperature  # (B, K, V)
-    logps_k = scaled.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - scaled.logsumexp(-1)  # (B, K)
+    # Memory: the fp32 log-softmax of a (B, K, V) block is the largest tensor of an update at a
+    # 128k vocabulary. It is computed a few rows at a time, and with gradients each chunk is
+    # recomputed in the backward pass (checkpointed) instead of kept: only `logits` stays alive.
+    # The same arithmetic, row by row, as one full-size pass.
+    rows = max(1, _LOGITS_CHUNK // (K * logits.shape[-1]))
+    chunks = [(logits[i : i + rows], targets[i : i + rows]) for i in range(0, len(seqs), rows)]
+    if torch.is_grad_enabled():
+        logps_k = torch.cat([checkpoint(_token_logps, lg, tg, temperature, use_reentrant=False) for lg, tg in chunks])
+    else:
+        logps_k = torch.cat([_token_logps(lg, tg, temperature) for lg, tg in chunks])  # (B, K)
     # Re-index to completion coordinates: column j of row i is completion token j.
     idx = torch.zeros(len(seqs), Tc, dtype=torch.long)
     mask = torch.zeros(len(seqs), Tc)
@@ -166,6 +198,24 @@ def completion_logprobs(model: torch.nn.Module, prompts: list[list[int]],
     entropy = None
     if with_entropy:
         with torch.no_grad():
-            lp = F.log_softmax(scaled, dim=-1)
-            entropy = (-(lp.exp() * lp).sum(-1)).gather(1, idx) * mask  # (B, Tc)
+            entropy = torch.cat([_token_entropy(lg, temperature) for lg, _ in chunks]).gather(1, idx) * mask  # (B, Tc)
+    if not torch.is_grad_enabled() and hasattr(model, "reshard"):
+        model.reshard()  # FSDP2 keeps a root unsharded after a no-grad forward (embeddings + LM head)
     return logps, mask, entropy
+
+
+# Elements of one fp32 logits chunk in `completion_logprobs` (2^25: 128 MiB). Memory only: the
+# results do not depend on it.
+_LOGITS_CHUNK = 2**25
+
+
+def _token_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(b, K) log-probabilities of `targets` under softmax(logits / T), in fp32."""
+    scaled = logits.float() / temperature
+    return scaled.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - scaled.logsumexp(-1)
+
+
+def _token_entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(b, K) entropy of softmax(logits / T), in fp32."""
+    lp = F.log_softmax(logits.float() / temperature, dim=-1)
+    return -(lp.exp() * lp).sum(-1)

@@ -92,8 +92,8 @@ class MetricsLogger:
                  project: str = "bridging-rl", run_name: str | None = None, resume_step: int = 0):
         self.path = Path(output_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step and self.path.exists():  # drop lines logged after the checkpoint: they are redone
-            lines = self.path.read_text().splitlines(keepends=True)
+        if self.path.exists():  # a resumed run redoes the lines after its checkpoint; a new run starts empty
+            lines = self.path.read_text().splitlines(keepends=True) if resume_step else []
             self.path.write_text("".join(line for line in lines if line.strip() and json.loads(line)["step"] <= resume_step))
         self.wandb = None
         if track:

@@ -138,5 +138,5 @@ def test_resume_replays_exactly(tmp_path):
 def test_bad_sync_interval_is_one_line():
     r = subprocess.run([sys.executable, "semi_online_dpo.py", "--sync-interval", "0"], cwd=ROOT,
                        capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.strip().endswith("sync_interval must be >= 1 (1 is online DPO)")
+    assert r.returncode == 2 and r.stderr.strip().endswith("error: --sync-interval must be > 0 (got 0)")
     assert "Traceback" not in r.stderr

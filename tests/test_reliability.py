@@ -144,7 +144,7 @@ def test_reward_model_nan_is_counted_never_trained_on(tmp_path):
 ONE_LINE = [
     (["--model", "./no/such/model"], "model folder './no/such/model' does not exist"),
     (["--dataset", "./no/such.jsonl"], "dataset file './no/such.jsonl' does not exist"),
-    (["--samples-per-prompt", "1"], "samples_per_prompt must be >= 2"),
+    (["--samples-per-prompt", "1"], "--samples-per-prompt must be >= 2"),
 ]
 
 

@@ -1,0 +1,129 @@
+"""Starting and ending a run the way a person reads it: every flag checked before a model loads,
+an output folder owned by one run at a time, one line for a user error or a Ctrl-C.
+
+Explicit here rather than a `sys.excepthook`: torchrun's elastic error handler and vLLM replace or
+wrap hooks, and a message printed by a hook was lost under both (FIELD_NOTES).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import sys
+import time
+
+from common.utils import UserError
+
+# flag -> what it must be. Checked by name on any script's Args that has the field.
+_POSITIVE = ("num_steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "max_model_len", "learning_rate",
+             "adam_eps", "max_grad_norm", "micro_batch_size", "save_every", "eval_samples", "eval_limit", "temperature",
+             "top_p", "eval_top_p", "beta", "sync_interval", "samples")
+_NON_NEGATIVE = ("warmup_steps", "eval_every", "log_samples_every", "eval_temperature", "nll_scale", "kl_coef", "epochs",
+                 "gpu_memory_utilization", "limit")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_args(args, world_size: int) -> None:
+    """Every flag and local path a user can get wrong, before any model loads: one `UserError`
+    line naming the fix."""
+    from common.models import check_model_path
+
+    for name, what in (("model", "model"), ("reward_model", "reward model"), ("baseline", "baseline model")):
+        if getattr(args, name, ""):
+            check_model_path(getattr(args, name), what)
+    for name in _POSITIVE + _NON_NEGATIVE:
+        value = getattr(args, name, None)
+        if value is not None and not (value > 0 if name in _POSITIVE else value >= 0):
+            raise UserError(f"{_flag(name)} must be {'> 0' if name in _POSITIVE else '>= 0'} (got {value})")
+    for name in ("top_p", "eval_top_p"):
+        if getattr(args, name, 1.0) > 1:
+            raise UserError(f"{_flag(name)} must be at most 1 (got {getattr(args, name)})")
+    if getattr(args, "gpu_memory_utilization", 0.0) >= 1:
+        raise UserError(f"--gpu-memory-utilization is a fraction below 1 (got {args.gpu_memory_utilization})")
+    if getattr(args, "samples_per_prompt", 2) < 2:
+        raise UserError("--samples-per-prompt must be >= 2: one sample per prompt gives nothing to compare")
+    if hasattr(args, "prompts_per_step") and args.prompts_per_step % world_size:
+        raise UserError(f"--prompts-per-step {args.prompts_per_step} must divide by the number of ranks ({world_size})")
+    if hasattr(args, "max_new_tokens") and args.max_new_tokens >= args.max_model_len:
+        raise UserError(f"--max-new-tokens ({args.max_new_tokens}) must be below --max-model-len ({args.max_model_len}): "
+                        "the prompt needs room too")
+    for temperature, samples in (("eval_temperature", "eval_samples"), ("temperature", "samples")):
+        if getattr(args, temperature, 1.0) == 0 and getattr(args, samples, 1) > 1:
+            raise UserError(f"{_flag(temperature)} 0 is greedy: one sample per prompt; set {_flag(samples)} 1 "
+                            "or a temperature above 0")
+
+
+def claim_output_dir(output_dir: str, resume: bool, world_size: int, rank: int) -> None:
+    """Make `output_dir` this run's, before any model loads: created and proven writable, locked
+    for the run's lifetime (an OS lock, released when the process dies, so a killed run never
+    leaves a stale one), and consistent with `--resume`. A folder whose run stopped before its
+    first checkpoint is simply started over."""
+    step_json = os.path.join(output_dir, "checkpoint", "step.json")
+    if rank == 0:
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+            probe = os.path.join(output_dir, ".write_test")
+            with open(probe, "w") as f:
+                f.write("ok")
+            os.remove(probe)
+        except OSError as e:
+            raise UserError(f"--output-dir {output_dir} is not writable ({e.strerror})") from None
+        lock = open(os.path.join(output_dir, ".lock"), "a+")  # noqa: SIM115 -- held until the process ends
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            raise UserError(f"{output_dir} is in use by another run (pid {lock.read().strip() or '?'}); "
+                            "wait for it or pass another --output-dir") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        claim_output_dir.lock = lock  # keep the file (and so the lock) open for the run
+    has_checkpoint = os.path.exists(step_json) or os.path.exists(os.path.join(output_dir, "checkpoint.old", "step.json"))
+    if resume and not has_checkpoint:
+        raise UserError(f"--resume: no checkpoint in {output_dir} (run without --resume to start over)")
+    if not resume and has_checkpoint:
+        raise UserError(f"{output_dir} holds a run with a checkpoint; pass --resume to continue it, or another --output-dir")
+    if resume and os.path.exists(step_json):
+        written_by = json.load(open(step_json))["world_size"]
+        if written_by != world_size:
+            raise UserError(f"--resume: {output_dir} was written by {written_by} rank(s); resume with the same "
+                            f"number (this run has {world_size})")
+
+
+def run(main, args) -> None:
+    """`main(args)`, with the endings a person can read: a `UserError` prints one line (`error: ...`,
+    prefixed with the rank under torchrun) and exits 2; Ctrl-C (or torchrun's SIGTERM) prints one
+    line saying what was saved and how to continue, and exits 130; any other exception keeps its
+    traceback. The process then ends at once: vLLM's exit-time teardown would only add noise."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # torchrun stops workers with SIGTERM
+    rank = os.environ.get("RANK")
+    prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+    try:
+        main(args)
+        return
+    except UserError as e:
+        message, code = f"{prefix}error: {e}", 2
+        if os.environ.get("TORCHELASTIC_ERROR_FILE"):  # torchrun's failure summary then names the cause
+            with contextlib.suppress(OSError), open(os.environ["TORCHELASTIC_ERROR_FILE"], "w") as f:
+                json.dump({"message": {"message": f"UserError: {e}", "extraInfo": {
+                    "py_callstack": f"UserError: {e}", "timestamp": str(int(time.time()))}}}, f)
+    except KeyboardInterrupt:
+        message, code = f"{prefix}interrupted", 130
+        output_dir = getattr(args, "output_dir", "")
+        step_json = os.path.join(output_dir, "checkpoint", "step.json")
+        if output_dir and os.path.exists(step_json):
+            message += (f": {output_dir}/checkpoint holds step {json.load(open(step_json))['step']}; continue with the "
+                        "same command and --resume")
+        elif output_dir:
+            message += f" before the first checkpoint: nothing to resume; the same command starts over in {output_dir}"
+    sys.stdout.flush()
+    print(message, file=sys.stderr, flush=True)
+    os._exit(code)

@@ -1,0 +1,182 @@
+"""What a person sees when a run starts or stops badly: every flag checked before a model loads,
+one line per error under python and torchrun, before and after the engine starts; an output
+folder owned by one run at a time; Ctrl-C in one line; a quiet console; normal file modes."""
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import ROOT, run_script, write_jsonl
+from tests.test_grpo import SMALL, metrics
+
+ENV = dict(os.environ, PYTHONPATH=ROOT)
+
+
+def one_line(r, message):
+    """Exit 2, no traceback, and the last line of stderr says `message`."""
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert message in last, last
+    return last
+
+
+FLAGS = [  # (flags, what the one line says): all refused before any model loads
+    (["--learning-rate", "-1e-5"], "--learning-rate must be > 0 (got -1e-05)"),
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be > 0"),
+    (["--max-new-tokens", "300"], "--max-new-tokens (300) must be below --max-model-len (256)"),
+    (["--num-steps", "0"], "--num-steps must be > 0"),
+    (["--eval-temperature", "0"], "--eval-temperature 0 is greedy: one sample per prompt; set --eval-samples 1"),
+    (["--top-p", "1.5"], "--top-p must be at most 1"),
+    (["--samples-per-prompt", "1"], "--samples-per-prompt must be >= 2"),
+    (["--micro-batch-size", "0"], "--micro-batch-size must be > 0"),
+]
+
+
+@pytest.mark.parametrize("flags,message", FLAGS, ids=[f[0][0] + "=" + f[0][1] for f in FLAGS])
+def test_bad_flags_are_one_line_before_any_model_loads(tmp_path, flags, message):
+    r = subprocess.run([sys.executable, "online_dpo.py", *flags, "--output-dir", str(tmp_path / "o")], cwd=ROOT,
+                       env=ENV, capture_output=True, text=True, timeout=300)
+    one_line(r, message)
+    assert "vllm" not in (r.stdout + r.stderr).lower()  # refused before the engine (or any model) loaded
+
+
+def test_bad_paths_are_one_line(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    r = subprocess.run([sys.executable, "grpo.py", "--output-dir", str(a_file / "run")], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    one_line(r, f"--output-dir {a_file / 'run'} is not writable")
+    # a truncated weights file is named
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(os.path.join(ROOT, "embedded", "policy"), model)
+    weights = model / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)
+    r = subprocess.run([sys.executable, "grpo.py", "--model", str(model), "--output-dir", str(tmp_path / "o")],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    one_line(r, f"model weights file {weights} is unreadable")
+
+
+@pytest.mark.slow
+def test_errors_reach_the_user_under_torchrun(tmp_path):
+    """Under torchrun the elastic error handler wraps the entry point: the line must still show,
+    from every rank, and torchrun's own summary names it."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "grpo.py",
+           "--prompts-per-step", "3", "--output-dir", str(tmp_path / "o")]
+    r = subprocess.run(cmd, cwd=ROOT, env=dict(ENV, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0
+    lines = [x for x in r.stderr.splitlines() if "error: --prompts-per-step 3 must divide by the number of ranks (2)" in x]
+    assert any(x.startswith("[rank 0] error:") for x in lines) and any(x.startswith("[rank 1] error:") for x in lines)
+    assert "AssertionError" not in r.stderr and "UserError: --prompts-per-step" in r.stderr  # torchrun's summary
+
+
+@pytest.mark.slow
+def test_an_error_after_the_engine_started_is_one_line(tmp_path):
+    """offline_dpo.py asked for more steps than its pairs file holds, found after the vLLM engine
+    started (for evaluation): vLLM's hooks must not swallow the line."""
+    out = tmp_path / "built"
+    run_script("offline_dpo.py", ["--num-steps", "2", "--eval-every", "0", "--output-dir", str(out), *SMALL])
+    r = subprocess.run([sys.executable, "offline_dpo.py", "--pairs", str(out / "pairs.jsonl"), "--num-steps", "5",
+                        "--eval-every", "5", "--eval-limit", "8", "--output-dir", str(tmp_path / "again")],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    one_line(r, "holds the pairs of 2 steps, fewer than --num-steps 5")
+
+
+def _start(args, out):
+    return subprocess.Popen([sys.executable, "grpo.py", *args, "--output-dir", str(out)], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _wait_for(path, text, proc, timeout=600):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if path.exists() and text in path.read_text():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{text!r} never appeared in {path}")
+
+
+@pytest.mark.slow
+def test_one_run_per_output_dir_and_ctrl_c_in_one_line(tmp_path):
+    out = tmp_path / "run"
+    args = ["--num-steps", "50", "--eval-every", "0", "--save-every", "1000", *SMALL]
+    first = _start(args, out)
+    _wait_for(out / "metrics.jsonl", '"step": 1,', first)
+    # a second run into the same folder is refused at once, while the first keeps going
+    second = subprocess.run([sys.executable, "grpo.py", *args, "--output-dir", str(out)], cwd=ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=300)
+    one_line(second, f"{out} is in use by another run (pid {first.pid})")
+    # Ctrl-C before the first checkpoint: one line, and the folder can simply be reused
+    os.killpg(first.pid, signal.SIGINT)
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == (f"interrupted before the first checkpoint: nothing to resume; the same "
+                                            f"command starts over in {out}")
+    run_script("grpo.py", ["--num-steps", "2", "--eval-every", "0", "--output-dir", str(out), *SMALL])
+    assert [x["step"] for x in metrics(out)] == [1, 2]  # started over: the interrupted run's lines are gone
+
+
+@pytest.mark.slow
+def test_ctrl_c_after_a_checkpoint_says_how_to_resume(tmp_path):
+    out = tmp_path / "run"
+    proc = _start(["--num-steps", "50", "--eval-every", "0", "--save-every", "1", *SMALL], out)
+    _wait_for(out / "metrics.jsonl", '"step": 2,', proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    step = json.load(open(out / "checkpoint" / "step.json"))["step"]
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"interrupted: {out}/checkpoint holds step {step}; continue with the same "
+                                            "command and --resume")
+    r = subprocess.run([sys.executable, "grpo.py", "--output-dir", str(out)], cwd=ROOT, env=ENV, capture_output=True,
+                       text=True, timeout=300)
+    one_line(r, "holds a run with a checkpoint; pass --resume to continue it")
+
+
+@pytest.mark.slow
+def test_quiet_console_honest_eta_and_normal_file_modes(tmp_path):
+    """No vLLM start-up or per-sync lines, no weight-loading bars: the console shows the data lines,
+    the start-up line and one line per step. Checkpoint files get the umask's modes."""
+    out = tmp_path / "run"
+    old = os.umask(0o022)
+    try:
+        r = run_script("grpo.py", ["--num-steps", "3", "--eval-every", "3", "--log-samples-every", "0",
+                                   "--eval-limit", "16", "--output-dir", str(out)])
+    finally:
+        os.umask(old)
+    lines = [x for x in (r.stdout + r.stderr).splitlines() if x.strip()]
+    assert len(lines) <= 8, lines  # 2 data lines, the start-up line, step 0 and 3 steps, done
+    assert not [x for x in lines if "INFO" in x or "WARNING" in x or "RotaryEmbedding" in x or "%|" in x], lines
+    modes = {f: stat.S_IMODE(os.stat(os.path.join(d, f)).st_mode) for d, _, fs in os.walk(out / "checkpoint") for f in fs}
+    assert set(modes.values()) == {0o644}, modes
+    eta = [float(x.split("eta ")[1].split(" min")[0]) for x in lines if x.startswith("step 1/3")]
+    step_s = metrics(out)[1]["perf/step_s"]
+    assert eta[0] * 60 < 3 * step_s + 1  # the step-0 evaluation is not counted in the rate
+
+
+def test_resume_without_a_checkpoint_and_on_another_rank_count(tmp_path):
+    r = subprocess.run([sys.executable, "grpo.py", "--resume", "--output-dir", str(tmp_path / "new")], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    one_line(r, "--resume: no checkpoint in")
+    ckpt = tmp_path / "old" / "checkpoint"
+    ckpt.mkdir(parents=True)
+    json.dump({"step": 2, "world_size": 2}, open(ckpt / "step.json", "w"))
+    r = subprocess.run([sys.executable, "grpo.py", "--resume", "--output-dir", str(tmp_path / "old")], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    one_line(r, "was written by 2 rank(s); resume with the same number (this run has 1)")
+
+
+def test_data_errors_are_one_line(tmp_path):
+    proofs = write_jsonl(tmp_path / "proofs.jsonl", [{"problem": "Prove it.", "solution": "Long.\nProof."}] * 3)
+    r = subprocess.run([sys.executable, "grpo.py", "--dataset", proofs, "--output-dir", str(tmp_path / "o")], cwd=ROOT,
+                       env=ENV, capture_output=True, text=True, timeout=300)
+    one_line(r, "no usable row in 3 (3 math row without a gold answer (line 1, line 2, line 3))")
