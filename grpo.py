@@ -36,6 +36,7 @@ import contextlib
 import os
 import time
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -109,6 +110,9 @@ class Args:
     """gradient clipping (the paper: 0.1)"""
     micro_batch_size: int = 64
     """sequences per forward/backward pass (gradients accumulate to one step; sorted by length)"""
+    activation_checkpointing: Literal["auto", "on", "off"] = "auto"
+    """recompute each decoder layer's activations in the backward pass instead of keeping them
+    (auto: on a GPU, where an 8B update needs it; on the CPU it only costs time)"""
     eval_every: int = 25
     """evaluate every N steps (and at the start and the end; 0 disables)"""
     eval_samples: int = 4
@@ -217,7 +221,8 @@ def main(args: Args) -> None:
     # -----------------------------------------------------------------------------------------
     # models & optimizer
     # -----------------------------------------------------------------------------------------
-    policy = common.fsdp_wrap(common.load_model(args.model, device, trust_remote_code=args.trust_remote_code))
+    policy = common.fsdp_wrap(common.load_model(args.model, device, trust_remote_code=args.trust_remote_code,
+                                                 activation_checkpointing=args.activation_checkpointing))
     reference = None
     if args.kl_coef > 0:  # ALGO LOGIC: GRPO's KL is to the fixed seed model
         reference = common.fsdp_wrap(common.load_model(args.model, device, trainable=False,

@@ -128,6 +128,9 @@ class Args:
     """gradient clipping (the paper: 0.1)"""
     micro_batch_size: int = 64
     """sequences per forward/backward pass (gradients accumulate to one step; sorted by length)"""
+    activation_checkpointing: Literal["auto", "on", "off"] = "auto"
+    """recompute each decoder layer's activations in the backward pass instead of keeping them
+    (auto: on a GPU, where an 8B update needs it; on the CPU it only costs time)"""
     eval_every: int = 25
     """evaluate every N steps (and at the start and the end; 0 disables)"""
     eval_samples: int = 4
@@ -259,7 +262,8 @@ def main(args: Args) -> None:
     # -----------------------------------------------------------------------------------------
     # models & optimizer
     # -----------------------------------------------------------------------------------------
-    policy = common.fsdp_wrap(common.load_model(args.model, device, trust_remote_code=args.trust_remote_code))
+    policy = common.fsdp_wrap(common.load_model(args.model, device, trust_remote_code=args.trust_remote_code,
+                                                 activation_checkpointing=args.activation_checkpointing))
     # one frozen reference per kind the data needs: "synced" (moves with the generator), "fixed" (the seed)
     references = {kind: common.fsdp_wrap(common.load_model(args.model, device, trainable=False,
                                                             trust_remote_code=args.trust_remote_code))

@@ -16,6 +16,10 @@ the same run varied by up to 30% from one minute to the next), with the range ov
 
 Sizes:
 - small: the embedded default (0.9M-parameter policy, math, 48 new tokens);
+- qwen2-0.5b: a random model of Qwen2-0.5B's exact shape (494M parameters, vocabulary 151,936,
+  the embedded tokenizer), chat, 4 prompts x 4 samples of 32 tokens per step, online DPO and GRPO
+  on one process and on two, and TRL: what a user trying Qwen2.5-0.5B-Instruct on a laptop meets;
+  with the machine's peak memory for all the run's processes together;
 - large: a random 3.2M-parameter Qwen2 (hidden 256, 4 layers, the embedded tokenizer) on the chat
   task, scored by the embedded reward model (a random policy never solves math, so DPO would get
   no pairs), 256 new tokens: long rollouts.
@@ -45,6 +49,11 @@ SIZES = {
               "max_model_len": 256, "rounds": 3},
     "large": {"model": "runs/bench/models/qwen2-3m", "dataset": "embedded/data/chat_train.jsonl",
               "max_new_tokens": 256, "max_model_len": 512, "rounds": 1},
+    # a real model's shape on a laptop: online DPO and GRPO on 1 and 2 processes, and TRL
+    "qwen2-0.5b": {"model": "runs/bench/models/qwen2-0.5b", "dataset": "embedded/data/chat_train.jsonl",
+                   "max_new_tokens": 32, "max_model_len": 256, "rounds": 1, "steps": 6, "measure_from": 3,
+                   "flags": ["--prompts-per-step", "4", "--samples-per-prompt", "4"],
+                   "regimes": ["online DPO (s = 1)", "GRPO (s = 1)"], "nprocs": (1, 2)},
 }
 REGIMES = [  # (name, script, extra flags)
     ("offline DPO (s = ∞)", "offline_dpo.py", []),
@@ -59,8 +68,9 @@ PHASES = ["sync", "generate", "score", "train"]
 
 @dataclass
 class Args:
-    sizes: tuple[str, ...] = ("small", "large")
-    """which configurations to run (small: the embedded default; large: a random 3.2M model, long rollouts)"""
+    sizes: tuple[str, ...] = ("small", "large", "qwen2-0.5b")
+    """which configurations to run (small: the embedded default; large: a random 3.2M model, long rollouts;
+    qwen2-0.5b: a real model's shape, 1 and 2 processes)"""
     steps: int = 20
     """optimizer steps per run"""
     measure_from: int = 11
@@ -73,6 +83,15 @@ class Args:
     """where the runs and their logs go"""
     out_dir: str = "bench/results"
     """where results.md and results.json go"""
+
+
+def make_model(size: str, path: str) -> None:
+    if size == "large":
+        make_large_model(path)
+    elif size == "qwen2-0.5b":
+        from bench.memory import make_model as make_qwen2_05b
+
+        make_qwen2_05b(path, 151936)
 
 
 def make_large_model(path: str) -> None:
@@ -91,15 +110,28 @@ def make_large_model(path: str) -> None:
     tok.save_pretrained(path)
 
 
-def run(cmd: list[str], log: str) -> float:
-    """Run one benchmark process to completion, its output in `log`; returns wall seconds."""
-    t0 = time.time()
+def _available() -> int:
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def run(cmd: list[str], log: str, env: dict | None = None) -> float:
+    """Run one benchmark process (or torchrun and its ranks) to completion, its output in `log`;
+    returns the machine's peak memory use during the run in GiB (MemAvailable sampled every
+    0.2 s against its value at the start): what all of the run's processes took together."""
+    start = low = _available()
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        while proc.poll() is None:
+            low = min(low, _available())
+            time.sleep(0.2)
     if proc.returncode != 0:
         tail = open(log).read().splitlines()[-15:]
         raise SystemExit(f"benchmark run failed: {' '.join(cmd)}\n" + "\n".join(tail) + f"\n(full log: {log})")
-    return time.time() - t0
+    return (start - low) / 2**30
 
 
 def summarize(records: list[dict], first: int) -> dict:
@@ -139,23 +171,25 @@ def fmt(x: float, digits: int = 2) -> str:
 
 def table(size: str, rows: dict[str, dict], notes: dict[str, str]) -> str:
     out = [f"**{size}** ({describe(size)})", "",
-           "| run | s/step | sync | generate | score | train | other | rollout tok/s | train tok/s | peak RSS GiB | sync share | other share |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| run | s/step | sync | generate | score | train | other | rollout tok/s | train tok/s | peak RSS GiB (a rank) | machine peak GiB (all) | sync share | other share |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         spread = r.get("step_s_rounds", [r["step_s"]])
         step = f"{r['step_s']:.2f}" + (f" [{min(spread):.2f}–{max(spread):.2f}]" if len(spread) > 1 else "")
         out.append(f"| {name} | {step} | {r['sync_s']:.3f} | {r['generate_s']:.2f} | {r['score_s']:.2f} | "
                    f"{r['train_s']:.2f} | {r['other_s']:.3f} | {fmt(r['rollout_tok_s'], 0)} | {r['train_tok_s']:.0f} | "
-                   f"{r['peak_gb']:.2f} | {r['sync_share']:.1%} | {r['other_share']:.1%} |")
+                   f"{r['peak_gb']:.2f} | {fmt(r.get('system_gb', float('nan')))} | {r['sync_share']:.1%} | {r['other_share']:.1%} |")
     out += [""] + [f"- {n}" for n in notes.values()]
     return "\n".join(out)
 
 
 def describe(size: str) -> str:
     c = SIZES[size]
-    model = "embedded 0.9M policy" if size == "small" else "random 3.2M Qwen2"
+    model = {"small": "embedded 0.9M policy", "large": "random 3.2M Qwen2",
+             "qwen2-0.5b": "random Qwen2-0.5B shape (494M, vocabulary 151,936)"}[size]
     task = "math (Math-Verify)" if "math" in c["dataset"] else "chat (reward model)"
-    return f"{model}, {task}, 8 prompts x 8 samples per step, {c['max_new_tokens']} new tokens"
+    batch = "4 prompts x 4 samples" if size == "qwen2-0.5b" else "8 prompts x 8 samples"
+    return f"{model}, {task}, {batch} per step, {c['max_new_tokens']} new tokens, no memory flag"
 
 
 def targets(rows: dict[str, dict]) -> list[str]:
@@ -176,18 +210,21 @@ def targets(rows: dict[str, dict]) -> list[str]:
     return out
 
 
-def run_regime(size: str, name: str, script: str, extra: list[str], args: Args) -> tuple[dict, str | None]:
-    """One of this project's scripts for `args.steps` steps; its summary and a note (offline)."""
+def run_regime(size: str, name: str, script: str, extra: list[str], args: Args, nproc: int = 1) -> tuple[dict, str | None]:
+    """One of this project's scripts for the size's steps; its summary and a note (offline)."""
     cfg = SIZES[size]
-    out = os.path.join(ROOT, args.runs_dir, size, re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_"))
+    steps, first = cfg.get("steps", args.steps), cfg.get("measure_from", args.measure_from)
+    out = os.path.join(ROOT, args.runs_dir, size, re.sub(r"[^a-z0-9]+", "_", f"{name} {nproc}p".lower()).strip("_"))
     shutil.rmtree(out, ignore_errors=True)
-    os.makedirs(out)
     flags = ["--model", cfg["model"], "--dataset", cfg["dataset"], "--max-new-tokens", str(cfg["max_new_tokens"]),
-             "--max-model-len", str(cfg["max_model_len"]), "--num-steps", str(args.steps), "--eval-every", "0",
-             "--save-every", str(10**9), "--log-samples-every", "0", "--output-dir", out, *extra]
-    run([sys.executable, script, *flags], os.path.join(out, "log.txt"))
+             "--max-model-len", str(cfg["max_model_len"]), "--num-steps", str(steps), "--eval-every", "0",
+             "--save-every", str(10**9), "--log-samples-every", "0", "--output-dir", out, *cfg.get("flags", []), *extra]
+    launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                  f"--nproc_per_node={nproc}"]
+    os.makedirs(out)
+    system_gb = run([*launch, script, *flags], os.path.join(out, "log.txt"), {"OMP_NUM_THREADS": "1"} if nproc > 1 else None)
     records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    row, note = summarize(records, args.measure_from), None
+    row, note = summarize(records, first) | {"system_gb": system_gb}, None
     if script == "offline_dpo.py":  # its only generation: the one-time build at step 0
         build = records[0]
         row["rollout_tok_s"] = build["perf/rollout_tokens_per_s"]
@@ -200,19 +237,20 @@ def run_regime(size: str, name: str, script: str, extra: list[str], args: Args) 
 def run_trl(size: str, args: Args) -> tuple[dict, str]:
     """TRL's GRPOTrainer on grpo.py's configuration (bench/trl_grpo.py)."""
     cfg = SIZES[size]
+    steps, first = cfg.get("steps", args.steps), cfg.get("measure_from", args.measure_from)
     out = os.path.join(ROOT, args.runs_dir, size, "trl_grpo")
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
-    run([sys.executable, "bench/trl_grpo.py", "--model", cfg["model"], "--dataset", cfg["dataset"],
-         "--max-new-tokens", str(cfg["max_new_tokens"]), "--num-steps", str(args.steps),
-         "--out", os.path.join(out, "metrics.jsonl"), "--output-dir", out], os.path.join(out, "log.txt"))
+    system_gb = run([sys.executable, "bench/trl_grpo.py", "--model", cfg["model"], "--dataset", cfg["dataset"],
+                     "--max-new-tokens", str(cfg["max_new_tokens"]), "--num-steps", str(steps), *cfg.get("flags", []),
+                     "--out", os.path.join(out, "metrics.jsonl"), "--output-dir", out], os.path.join(out, "log.txt"))
     records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     import trl
 
     note = (f"TRL {trl.__version__} GRPOTrainer, grpo.py's configuration; on the CPU it generates with transformers' "
             "`generate` (its in-process vLLM cannot reload weights on vLLM's CPU backend), so it has no sync; "
             "its 'train' holds everything but generate and score")
-    return summarize(records, args.measure_from), note
+    return summarize(records, first) | {"system_gb": system_gb}, note
 
 
 def main(args: Args) -> None:
@@ -226,24 +264,26 @@ def main(args: Args) -> None:
     print(f"benchmark on {results['machine']}", flush=True)
     for size in args.sizes:
         cfg = SIZES[size]
-        if size == "large":
-            make_large_model(os.path.join(ROOT, cfg["model"]))
+        make_model(size, os.path.join(ROOT, cfg["model"]))
         rounds = args.rounds or cfg["rounds"]
         runs, notes = {}, {}  # name -> one summary per round
+        regimes = [r for r in REGIMES + EXTRA.get(size, []) if r[0] in cfg.get("regimes", [r[0]])]
+        configs = [(f"{name}, {n} processes" if n > 1 else name, script, extra, n)
+                   for name, script, extra in regimes for n in cfg.get("nprocs", (1,))]
         for r in range(rounds):  # interleaved, so a slow minute on the machine hits one round, not one configuration
-            for name, script, extra in REGIMES + EXTRA.get(size, []) + ([("TRL GRPOTrainer", None, [])] if args.trl else []):
+            for name, script, extra, nproc in configs + ([("TRL GRPOTrainer", None, [], 1)] if args.trl else []):
                 print(f"[{size}, round {r + 1}/{rounds}] {name} ...", flush=True)
                 t0 = time.time()
-                row, note = run_trl(size, args) if script is None else run_regime(size, name, script, extra, args)
+                row, note = run_trl(size, args) if script is None else run_regime(size, name, script, extra, args, nproc)
                 runs.setdefault(name, []).append(row)
                 if note:
                     notes[name] = note
                 print(f"    {row['step_s']:.2f} s/step ({time.time() - t0:.0f} s wall)", flush=True)
         rows = {name: min(rs, key=lambda x: x["step_s"]) | {"step_s_rounds": [x["step_s"] for x in rs]}
                 for name, rs in runs.items()}
-        results["sizes"][size] = {"config": cfg, "rows": rows, "targets": targets(rows)}
-        md.append(table(size, rows, notes) + "\n\nTargets, measured in this run:\n" +
-                  "\n".join(f"- {t}" for t in targets(rows)))
+        results["sizes"][size] = {"config": cfg, "rows": rows, "targets": targets(rows) if size != "qwen2-0.5b" else []}
+        md.append(table(size, rows, notes) + ("\n\nTargets, measured in this run:\n" +
+                                              "\n".join(f"- {t}" for t in targets(rows)) if size != "qwen2-0.5b" else ""))
         print("\n" + md[-1] + "\n", flush=True)
     header = (f"Measured {results['date']} on {results['machine']}; steps {args.measure_from}-{args.steps} of "
               f"{args.steps}, seconds per step (means over those steps; each configuration's fastest of the rounds, "

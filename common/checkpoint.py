@@ -2,7 +2,8 @@
 trainer state that `--resume` needs, all in safetensors and JSON: nothing is unpickled on resume.
 
 Layout of `<output_dir>/checkpoint/`:
-- `model.safetensors`, `config.json`, tokenizer files: the full policy (rank 0 writes it);
+- `model.safetensors`, `config.json`, tokenizer files: the full policy (rank 0 writes it), in
+  bf16 on GPUs (fp32 on the CPU);
 - `trainer_state/rank<r>.safetensors`: rank r's own shards of the weights (fp32 master copy)
   and of the AdamW state, by parameter name (each rank writes its own: no gather of the
   optimizer state, which is twice the model);
@@ -25,7 +26,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from common.models import full_state_dict
+from common.models import default_dtype, full_state_dict
 from common.utils import UserError
 
 
@@ -65,8 +66,10 @@ def save_checkpoint(ckpt_dir: str, step: int, policy: torch.nn.Module, optimizer
     _barrier()
     if hasattr(policy, "reshard"):  # CRUCIAL: FSDP2 leaves a root unsharded after a no-grad forward
         policy.reshard()
-    # collective on every rank; only rank 0 keeps the gathered copy (it alone writes the HF folder)
-    full = {name: t.cpu() for name, t in full_state_dict(policy) if rank == 0}
+    # collective on every rank; only rank 0 keeps the gathered copy (it alone writes the HF folder),
+    # in the dtype models run in (bf16 on GPUs: half the bytes; the trainer state keeps fp32)
+    dtype = default_dtype(next(policy.parameters()).device)
+    full = {name: t.cpu() for name, t in full_state_dict(policy, dtype) if rank == 0}
     shard = {}
     for name, p in policy.named_parameters():
         shard[f"model/{name}"] = _local(p.detach()).cpu().contiguous()
@@ -74,7 +77,10 @@ def save_checkpoint(ckpt_dir: str, step: int, policy: torch.nn.Module, optimizer
             shard[f"optim/{name}/{key}"] = _local(value).cpu().contiguous()
     save_file(shard, os.path.join(tmp, "trainer_state", f"rank{rank}.safetensors"))
     if rank == 0:
-        getattr(policy, "module", policy).save_pretrained(tmp, state_dict=full)
+        model = getattr(policy, "module", policy)
+        master_dtype, model.config.dtype = model.config.dtype, dtype  # config.json says what the file holds
+        model.save_pretrained(tmp, state_dict=full)
+        model.config.dtype = master_dtype
         tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, "step.json"), "w") as f:
             json.dump({"step": step, "world_size": world}, f)

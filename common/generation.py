@@ -121,7 +121,7 @@ class Generator:
                                                                  trust_remote_code)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             kwargs["distributed_executor_backend"] = "external_launcher"
-        self.enable_sleep_mode, self.sleeping = enable_sleep_mode, False
+        self.enable_sleep_mode, self.sleeping, self.dtype = enable_sleep_mode, False, dtype
         with _start_up_output_shown_only_on_failure():
             from vllm import LLM
 
@@ -190,7 +190,7 @@ class Generator:
         CRUCIAL: the prefix cache holds KV computed with the old weights; reset it.
         """
         self.wake_up()  # CRUCIAL: wake first, then push the weights, then generate
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": full_state_dict(model)})
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": full_state_dict(model, self.dtype)})
         self.llm.reset_prefix_cache()
 
     def sleep(self) -> None:

@@ -119,15 +119,21 @@ class RewardModel:
         self.tokenizer.padding_side = "right"
         self.model.eval().requires_grad_(False)
         self.device, self.max_length, self.batch_size, self.offload_between = device, max_length, batch_size, offload
-        if not offload:
+        if offload:
+            self.offload()
+        else:
             self.model.to(device)
 
     def offload(self) -> None:
-        """Park the weights in CPU memory (an 8B RM frees ~16 GB of GPU memory between uses)."""
+        """Park the weights in pinned CPU memory (an 8B RM frees ~16 GB of GPU memory between uses;
+        pinned, the next move back is a fast asynchronous copy rather than a pageable one)."""
         self.model.to("cpu")
+        if self.device.type == "cuda":
+            for p in self.model.parameters():
+                p.data = p.data.pin_memory()
 
     def onload(self) -> None:
-        self.model.to(self.device)
+        self.model.to(self.device, non_blocking=True)
 
     @torch.no_grad()
     def score(self, prompts: list[str | list[dict]], responses: list[str]) -> list[float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import random
@@ -47,7 +48,9 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
-        dist.init_process_group("nccl", device_id=device)
+        # Semi-online DPO generates a whole window in one call (s = 100: 6,400 sequences per rank)
+        # while the other ranks wait in the next collective; NCCL's default 10 minutes is too short.
+        dist.init_process_group("nccl", device_id=device, timeout=datetime.timedelta(hours=2))
     else:
         device = torch.device("cpu")
         dist.init_process_group("gloo")

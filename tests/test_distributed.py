@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from tests.conftest import make_tiny_model, run_script
+from tests.conftest import FP32_GAP, make_tiny_model, run_script
 
 HERE = os.path.dirname(__file__)
 
@@ -17,6 +17,6 @@ def test_fsdp2_sync_two_ranks(tmp_path):
     for rank in (0, 1):
         res = json.load(open(tmp_path / f"rank{rank}.json"))
         assert res["world"] == 2
-        assert res["before"] < 1e-4, res  # engine loaded the same init as the trainer
+        assert res["before"] < FP32_GAP, res  # engine loaded the same init as the trainer
         assert res["stale"] > 1e-2, res  # the step changed the trainer, not the engine
-        assert res["after"] < 1e-4, res  # the sync brought the engine up to date
+        assert res["after"] < FP32_GAP, res  # the sync brought the engine up to date

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from online_dpo import dpo_loss, select_pairs
-from tests.conftest import ROOT, run_script
+from tests.conftest import GAP, ROOT, SEQ_TOL, run_script
 from tests.test_grpo import KEYS, SMALL, metrics
 
 DPO_KEYS = KEYS + ["train/pairs", "train/reward_margin", "train/pair_accuracy", "train/chosen_logratio",
@@ -77,7 +77,7 @@ def test_end_to_end_one_process(tmp_path, script):
     run_script(script, ["--num-steps", "3", "--eval-every", "3", "--output-dir", str(out), *SMALL])
     m = check_dpo_run(out, 3)
     if script == "online_dpo.py":
-        assert all(x["rollout/logprob_gap_max"] < 1e-3 and x["rollout/policy_lag"] == 0 for x in m[1:])
+        assert all(x["rollout/logprob_gap_max"] < GAP and x["rollout/policy_lag"] == 0 for x in m[1:])
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(str(out / "checkpoint"))
@@ -113,10 +113,9 @@ def test_sync_interval_three_is_stale_between_syncs(tmp_path):
                                "--learning-rate", "1e-3", "--output-dir", str(out), *SMALL])
     m = {x["step"]: x for x in metrics(out)}
     assert [m[t]["rollout/policy_lag"] for t in range(1, 6)] == [0, 1, 2, 0, 1]
-    for t in (1, 4):
-        assert m[t]["rollout/logprob_gap_max"] < 1e-3, m[t]
-    assert max(m[t]["rollout/logprob_gap_max"] for t in (2, 3, 5)) > 1e-3
-    assert abs(m[1]["train/chosen_logratio"]) < 1e-5 and abs(m[4]["train/chosen_logratio"]) < 1e-5  # ref == policy at a sync
+    synced, stale = ([m[t]["rollout/logprob_gap_max"] for t in steps] for steps in ((1, 4), (2, 3, 5)))
+    assert max(synced) < GAP and max(stale) > 10 * max(synced), (synced, stale)
+    assert abs(m[1]["train/chosen_logratio"]) < SEQ_TOL and abs(m[4]["train/chosen_logratio"]) < SEQ_TOL  # ref == policy at a sync
     # the window's rollouts are counted at the step that generated them: 3 steps' worth, then 2
     assert [m[t]["perf/rollout_tokens"] > 0 for t in range(1, 6)] == [True, False, False, True, False]
     assert m[1]["perf/rollout_tokens"] > 2 * 64 * m[1]["rollout/length_mean"] * 0.9
