@@ -3,7 +3,7 @@
 Every step:
 1. sync: push the trainer's weights into the vLLM generator, before every generation (s = 1);
 2. rollout: sample `samples_per_prompt` completions for each of this rank's prompts;
-3. score: Math-Verify for math prompts, the reward model for chat prompts (1 / 0 / a scalar);
+3. score: Math-Verify for math prompts, the reward model for chat prompts;
 4. advantages: A_i = r_i - mean(group), divided by std(group) + eps (the authors' code; the
    paper's formula is mean-only: `--no-std-normalize`); groups with equal rewards get A = 0;
 5. reference logprobs from the fixed seed model (only when `kl_coef` > 0; not even loaded else);
@@ -14,9 +14,12 @@ Every step:
    estimator exp(ref - logp) - (ref - logp) - 1;
 7. log one metrics dict, evaluate every `eval_every` steps, checkpoint every `save_every`.
 
-Choices where the paper is silent: constant learning rate after a linear warm-up; AdamW
-betas (0.9, 0.95), no weight decay; prompts longer than `max_model_len - max_new_tokens` are
-dropped at start (and counted). Not deterministic: vLLM on GPU (batch-dependent kernels).
+Choices where the paper is silent: constant learning rate after a linear warm-up; AdamW betas
+(0.9, 0.95), no weight decay; `rollout/entropy` and the logprob gap are measured on the
+completions the trainer runs on; a mixed math + chat batch follows each prompt's task (its own
+reward). Not deterministic: vLLM on GPU (batch-dependent kernels).
+GRPO: advantages within each prompt's group, so the verifier's 0 / 1 and a reward model's scale
+never meet in one normalisation.
 
 Run:
     python grpo.py                                          # embedded default, CPU, a few minutes
@@ -35,11 +38,11 @@ every sample instead of one chosen/rejected pair per prompt) and the fixed refer
 import contextlib
 import os
 import time
+from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 import tyro
 
 import common
@@ -62,6 +65,10 @@ class Args:
     """seed policy (and reference): a hub id or a local Hugging Face folder"""
     reward_model: str = "embedded/reward_model"
     """scalar reward model for chat prompts (loaded only if the data has chat rows)"""
+    rm_max_length: int = 4096
+    """reward model: (prompt, response) truncated to this many of its tokens (the paper: 4096)"""
+    rm_batch_size: int = 8
+    """reward model: sequences per forward pass (memory only)"""
     rm_offload: bool = False
     """keep the reward model in CPU memory between uses, on the device only while it scores"""
     dataset: str = "embedded/data/math_train.jsonl"
@@ -108,6 +115,10 @@ class Args:
     """AdamW epsilon (the paper: 1e-8 chat; 1e-4 stopped DPO divergence on math)"""
     max_grad_norm: float = 1.0
     """gradient clipping (the paper: 0.1)"""
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas (the paper does not say; the authors' fairseq2 recipe: 0.9, 0.95)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay (the paper does not say; the authors' fairseq2 recipe: 0.1)"""
     micro_batch_size: int = 64
     """sequences per forward/backward pass (gradients accumulate to one step; sorted by length)"""
     activation_checkpointing: Literal["auto", "on", "off"] = "auto"
@@ -183,8 +194,6 @@ def main(args: Args) -> None:
     args.output_dir = args.output_dir or f"runs/{args.exp_name}__{args.seed}"
     common.claim_output_dir(args.output_dir, args.resume, world_size, rank)  # this run's alone, while it runs
     ckpt_dir = os.path.join(args.output_dir, "checkpoint")
-    if args.resume:
-        common.find_checkpoint(ckpt_dir)  # puts back a checkpoint a crash left half-renamed
     common.seed_everything(args.seed)  # CRUCIAL: the same seed on every rank (identical init)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
@@ -192,31 +201,15 @@ def main(args: Args) -> None:
     # data
     # -----------------------------------------------------------------------------------------
     tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
+    max_prompt = args.max_model_len - args.max_new_tokens  # room to answer in full, held-out prompts too
     rows = common.load_prompts(args.dataset, args.dataset_split, args.math_template,
                                paper_math_filter=args.paper_math_filter, verbose=rank == 0)
-    rows, prompt_ids, dropped = common.fit_prompts(tokenizer, rows, args.max_model_len - args.max_new_tokens,
-                                                   need=args.prompts_per_step, what="--dataset")
+    rows, prompt_ids, dropped = common.fit_prompts(tokenizer, rows, max_prompt, args.prompts_per_step, "--dataset")
     eval_rows, eval_dropped = [], 0
-    if args.eval_dataset and args.eval_every > 0:  # the same length filter: room to answer in full
+    if args.eval_dataset and args.eval_every > 0:
         eval_rows = common.load_prompts(args.eval_dataset, args.eval_split, args.math_template, verbose=rank == 0)
-        eval_rows, _, eval_dropped = common.fit_prompts(tokenizer, eval_rows, args.max_model_len - args.max_new_tokens,
-                                                        need=1, what="--eval-dataset")
-
-    def batch_indices(step: int) -> list[int]:
-        """This rank's prompts for `step` (1-based): a slice of a seeded per-epoch permutation, so
-        a resumed run replays exactly the prompts it had not trained on yet."""
-        out = []
-        for j in range((step - 1) * args.prompts_per_step, step * args.prompts_per_step):
-            epoch, pos = divmod(j, len(rows))
-            out.append(common.shuffled_indices(len(rows), args.seed, epoch)[pos])
-        return out[rank * args.prompts_per_rank : (rank + 1) * args.prompts_per_rank]
-
-    def sampling_seeds(step: int) -> list[int]:
-        """CRUCIAL: one vLLM seed per prompt, distinct across (run seed, step, prompt): ranks never draw
-        the same samples, and the prompt's place in the step, not the rank, decides them (1 or 8 ranks
-        sample the same rollouts)."""
-        base = (args.seed * 1_000_003 + step) * args.prompts_per_step + rank * args.prompts_per_rank
-        return [base + j for j in range(args.prompts_per_rank)]
+        eval_rows, _, eval_dropped = common.fit_prompts(tokenizer, eval_rows, max_prompt, 1, "--eval-dataset")
+    order = common.StepOrder(len(rows), args.seed, args.prompts_per_step, rank, world_size)  # each step's prompts, seeds
 
     # -----------------------------------------------------------------------------------------
     # models & optimizer
@@ -229,13 +222,12 @@ def main(args: Args) -> None:
                                                         trust_remote_code=args.trust_remote_code))
     reward_model = None
     if any(r["task"] == "chat" for r in rows + eval_rows):
-        reward_model = common.RewardModel(args.reward_model, device, offload=args.rm_offload,
+        reward_model = common.RewardModel(args.reward_model, device, max_length=args.rm_max_length,
+                                          batch_size=args.rm_batch_size, offload=args.rm_offload,
                                           trust_remote_code=args.trust_remote_code)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, betas=(0.9, 0.95),
-                                  eps=args.adam_eps, weight_decay=0.0)
-    start_step = 0
-    if args.resume:
-        start_step = common.load_checkpoint(ckpt_dir, policy, optimizer)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, betas=args.adam_betas,
+                                  eps=args.adam_eps, weight_decay=args.weight_decay)
+    start_step = common.load_checkpoint(ckpt_dir, policy, optimizer) if args.resume else 0
 
     # -----------------------------------------------------------------------------------------
     # generation engine
@@ -262,13 +254,13 @@ def main(args: Args) -> None:
     # -----------------------------------------------------------------------------------------
     # training loop
     # -----------------------------------------------------------------------------------------
-    n = args.samples_per_prompt
-    t_start, steps_done = time.time(), 0
-    eval_metrics = evaluate(start_step) if eval_rows and start_step == 0 else {}
-    if eval_metrics and rank == 0:
-        logger.log({"step": 0, **eval_metrics})
-        print("step 0 | " + common.eval_line(eval_metrics))
-    t_loop = time.time()  # the ETA counts the training steps (with their evaluations), not step 0's
+    n, t_start = args.samples_per_prompt, time.time()
+    if eval_rows and start_step == 0:
+        eval_metrics = evaluate(0)
+        if rank == 0:
+            logger.log({"step": 0, **eval_metrics})
+            print("step 0 | " + common.eval_line(eval_metrics), flush=True)
+    progress = common.Progress(args.num_steps, args.log_samples_every)
     for step in range(start_step + 1, args.num_steps + 1):
         timer = common.PhaseTimer()
         # ---- sync: ALGO LOGIC: s = 1, the generator gets the weights being trained every step.
@@ -279,13 +271,11 @@ def main(args: Args) -> None:
 
         # ---- rollout
         with timer("generate"):
-            idx = batch_indices(step)
-            batch = [rows[i] for i in idx]
-            prompts = [prompt_ids[i] for i in idx]
+            idx = order.indices(step)
+            batch, prompts = [rows[i] for i in idx], [prompt_ids[i] for i in idx]
             outs = generator.generate(prompts, n=n, temperature=args.temperature, top_p=args.top_p,
-                                      max_tokens=args.max_new_tokens, seed=sampling_seeds(step))
+                                      max_tokens=args.max_new_tokens, seed=order.seeds(step))
             generator.sleep()
-        completions = [c for o in outs for c in o]  # (P*n), grouped by prompt
 
         # ---- score: Math-Verify for math rows, the reward model for chat rows
         with timer("score"):
@@ -295,18 +285,15 @@ def main(args: Args) -> None:
         advantages = group_advantages(rewards, args.std_normalize, args.adv_eps).flatten()  # (P*n,)
         # Speed: sequences sorted by length, so a micro-batch pads little (with smaller micro-batches
         # and long, uneven rollouts); the loss is a sum over sequences, so their order is free
-        order = sorted(range(len(completions)), key=lambda i: len(prompts[i // n]) + len(completions[i].token_ids))
-        flat_prompts = [prompts[i // n] for i in order]
-        flat_completions = [completions[i] for i in order]
-        advantages = advantages[order]
+        by_length = sorted(range(len(prompts) * n), key=lambda i: len(prompts[i // n]) + len(outs[i // n][i % n].token_ids))
+        flat_prompts = [prompts[i // n] for i in by_length]
+        flat_completions = [outs[i // n][i % n] for i in by_length]
+        advantages = advantages[by_length]
         micro_batches = [slice(i, i + args.micro_batch_size) for i in range(0, len(flat_completions), args.micro_batch_size)]
 
         # ---- reference logprobs, update: one optimizer step, gradients accumulated over micro-batches
-        lr = args.learning_rate * min(1.0, step / max(args.warmup_steps, 1))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        sums = {"loss": 0.0, "kl_sum": 0.0, "tokens": 0.0, "entropy_sum": 0.0, "gap_sum": 0.0}
-        gap_max = 0.0
+        lr = common.set_lr(optimizer, args.learning_rate * min(1.0, step / max(args.warmup_steps, 1)))  # warm-up, then constant
+        sums, gap_max = defaultdict(float), 0.0
         with timer("train"):
             for mb in micro_batches:
                 mb_prompts, mb_completions = flat_prompts[mb], flat_completions[mb]
@@ -322,6 +309,7 @@ def main(args: Args) -> None:
                 loss, kl_sum = grpo_loss(logps, ref_logps, mask, advantages[mb].to(device), args.kl_coef,
                                          args.prompts_per_rank, n)
                 loss.backward()
+                # ~0 right after a sync, then growing with the policy lag: how stale the generator's samples are
                 gap_sum, mb_gap_max = common.logprob_gap(logps, mask, mb_completions)
                 gap_max = max(gap_max, mb_gap_max)
                 sums["loss"] += loss.item()
@@ -341,29 +329,17 @@ def main(args: Args) -> None:
         metrics = {
             "step": step,
             "train/loss": s["loss"] / world_size,  # each rank's loss is already / its prompts
-            "train/kl": s["kl_sum"] / s["tokens"],
+            "train/kl": s["kl_sum"] / max(s["tokens"], 1),
             "train/grad_norm": grad_norm.item() if hasattr(grad_norm, "item") else float(grad_norm),
             "train/lr": lr,
             "rollout/policy_lag": step - 1 - last_sync,
             **common.rollout_metrics(s), **common.trainer_metrics(s, s_max, timer),
         }
-        reward_mean, step_s = metrics["rollout/reward_mean"], metrics["perf/step_s"]
         if eval_rows and (step % args.eval_every == 0 or step == args.num_steps):
             metrics.update(evaluate(step))
-        steps_done += 1
         if rank == 0:
             logger.log(metrics)
-            eta = (time.time() - t_loop) / steps_done * (args.num_steps - step)
-            line = (f"step {step}/{args.num_steps} | loss {metrics['train/loss']:+.4f} | reward {reward_mean:.3f} | "
-                    f"kl {metrics['train/kl']:.2e} | len {metrics['rollout/length_mean']:.1f} | "
-                    f"gap {metrics['rollout/logprob_gap_max']:.1e} | {step_s:.2f} s/step | eta {eta / 60:.1f} min")
-            if any(k.startswith("eval/") for k in metrics):
-                line += " | " + common.eval_line(metrics)
-            print(line, flush=True)
-            if args.log_samples_every and step % args.log_samples_every == 0:
-                for j in range(min(2, len(batch))):
-                    print(f"    prompt: {str(batch[j]['prompt'])[:200]!r}\n    completion: {outs[j][0].text[:300]!r}"
-                          f"\n    reward: {rewards[j, 0].item():.3f}", flush=True)
+            progress.step(metrics, batch, outs, rewards)
 
         # ---- checkpoint
         if step % args.save_every == 0 or step == args.num_steps:
@@ -372,12 +348,7 @@ def main(args: Args) -> None:
     # -----------------------------------------------------------------------------------------
     # final save
     # -----------------------------------------------------------------------------------------
-    if rank == 0:
-        logger.finish()
-        print(f"done: {args.output_dir}/checkpoint holds the final model ({(time.time() - t_start) / 60:.1f} min)")
-    generator.shutdown()  # CRUCIAL: before destroy_process_group
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    common.finish(logger, generator, args.output_dir, t_start)
 
 
 if __name__ == "__main__":

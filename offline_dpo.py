@@ -1,38 +1,30 @@
 """Offline DPO (sync interval s = ∞), as in Lanchantin et al. 2025 (arXiv 2506.21495).
 
-The generator never receives the trainer's weights: every rollout of the run comes from the seed
-model. The run is the online run with s = ∞, so it first samples, from the frozen seed, exactly the
-rollouts the online scripts would sample at each step (the same prompts in the same order, the
-same sampling seeds), then trains each step on that step's pairs:
-
-Build the pairs, once, before training (skipped with `--pairs`, or on `--resume`):
-1. rollout: sample `samples_per_prompt` completions for every prompt of every step from the
-   seed with vLLM, a window of steps per call, prompts sharded over ranks as in online_dpo.py;
-2. score: Math-Verify for math prompts, the reward model for chat prompts;
-3. pairs, one per prompt at most, with online DPO's rules: math -> a random correct vs a random
-   incorrect completion (all-correct / all-wrong prompts are skipped); chat -> highest vs lowest
+Every step:
+1. sync: none (s = ∞: the generator never gets the trainer's weights); the reference is the fixed
+   seed model, as in the paper's offline DPO;
+2. rollout: the step's completions, sampled from the frozen seed before training, for the prompts,
+   in the order and with the sampling seeds of the online scripts;
+3. score: Math-Verify for math prompts, the reward model for chat prompts;
+4. pairs, one per prompt at most: math -> a random correct vs a random incorrect completion
+   (prompts with all-correct or all-wrong completions are skipped); chat -> highest vs lowest
    reward-model score (skipped when all equal);
-4. save them to `<output_dir>/pairs.jsonl`: an ordinary preference dataset (`prompt`, `chosen`,
-   `rejected`, their rewards, `task`, `answer`, plus the step, the sampled token ids) that
-   `datasets.load_dataset("json", ...)` reads and `--pairs` reuses, and each step's rollout
-   metrics to `<output_dir>/rollouts.jsonl`.
-Train, no sync ever:
-5. each step takes the pairs sampled for its prompts: no pair is reused;
-6. reference logprobs from the fixed seed model (the paper: offline DPO's reference never moves);
-7. one optimizer step on  Σ_pairs -log σ(β [(log π(y_c) - log π_ref(y_c)) - (log π(y_r) - log π_ref(y_r))]) / B
+5. reference logprobs of the chosen and rejected completions;
+6. one optimizer step on  Σ_pairs -log σ(β [(log π(y_c) - log π_ref(y_c)) - (log π(y_r) - log π_ref(y_r))]) / B
    with log-probs *summed* over completion tokens and B the global number of prompts (skipped
-   prompts still count), plus `nll_scale` × the chosen completions' NLL (default 0);
-8. log one metrics dict, evaluate every `eval_every` steps, checkpoint every `save_every`.
+   prompts still count), plus `nll_scale` × the chosen completions' NLL pooled over tokens as in
+   the authors' code (default 0);
+7. log one metrics dict, evaluate every `eval_every` steps, checkpoint every `save_every`.
 
-`--pairs` also trains on any existing preference dataset with chosen / rejected columns (hub or
-local; strings, chat messages or HH-RLHF transcripts, see README: Data), `prompts_per_step` pairs
-per step in a seeded per-epoch order, for `--epochs` passes (or `--num-steps`).
-
-Choices where the paper is silent: as online_dpo.py. The rollouts are sampled before training
-rather than step by step (the same samples: each prompt's samples depend only on its seed and the
-seed model's weights); `rollout/*` of a step are those of its own rollouts (read from
-rollouts.jsonl); no logprob gap (the sampler's logprobs are not kept). Not deterministic: vLLM on
-GPU (batch-dependent kernels) when the pairs are built.
+Choices where the paper is silent: constant learning rate after a linear warm-up; AdamW betas
+(0.9, 0.95), no weight decay; `rollout/entropy` and the logprob gap are measured on the
+completions the trainer runs on; a mixed math + chat batch follows each prompt's task (its own
+reward). Not deterministic: vLLM on GPU (batch-dependent kernels).
+DPO: 8 samples per prompt; `train/kl` is k1 (log π - log π_ref per sampled token). The sampled
+pairs go to `<output_dir>/pairs.jsonl`, an ordinary preference dataset that `--pairs` reuses (a
+resumed run trains on it), and each step's rollout metrics to `rollouts.jsonl`; no logprob gap (the
+sampler's logprobs are not kept). `--pairs` also trains on any existing preference dataset
+(README: Data): `prompts_per_step` pairs per step, seeded per-epoch order, `--epochs` passes.
 
 Run:
     python offline_dpo.py                                    # embedded default, CPU, a few minutes
@@ -41,19 +33,18 @@ Run:
         --model meta-llama/Llama-3.1-8B-Instruct --dataset AI-MO/NuminaMath-CoT --paper-math-filter \\
         --eval-dataset HuggingFaceH4/MATH-500 --eval-split test --num-steps 1000 \\
         --prompts-per-step 64 --samples-per-prompt 8 --max-new-tokens 2048 --max-model-len 4096 \\
-        --learning-rate 1e-6 --adam-eps 1e-4 --max-grad-norm 0.1 --beta 0.1 --micro-batch-size 4
+        --learning-rate 1e-6 --adam-eps 1e-4 --max-grad-norm 0.1 --beta 0.1 \\
+        --micro-batch-size 4
     python offline_dpo.py --pairs runs/offline_dpo__1/pairs.jsonl --output-dir runs/again  # reuse pairs
     python offline_dpo.py --pairs HuggingFaceH4/ultrafeedback_binarized --pairs-split train_prefs \\
         --model Qwen/Qwen2.5-0.5B-Instruct --eval-dataset '' --beta 0.01 --epochs 1  # an existing dataset
 
-Differs from `online_dpo.py` in: the sync interval (∞: the rollouts of the whole run are sampled
-from the seed before training, and the generator is never synced) and the reference (fixed, as
-in the paper for offline DPO). `semi_online_dpo.py --sync-interval <num_steps> --ref-sync no`
-reproduces it step for step (tested).
+Differs from `online_dpo.py` in: the sync interval (∞: the run's rollouts sampled from the seed
+before training, never a sync) and the reference (always the fixed seed).
+`semi_online_dpo.py --sync-interval <past the end> --ref-sync no` reproduces it step for step (tested).
 """
 
 import contextlib
-import json
 import math
 import os
 import random
@@ -63,7 +54,6 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 import tyro
 
@@ -87,6 +77,10 @@ class Args:
     """seed policy (and reference): a hub id or a local Hugging Face folder"""
     reward_model: str = "embedded/reward_model"
     """scalar reward model for chat prompts (loaded only if the data has chat rows)"""
+    rm_max_length: int = 4096
+    """reward model: (prompt, response) truncated to this many of its tokens (the paper: 4096)"""
+    rm_batch_size: int = 8
+    """reward model: sequences per forward pass (memory only)"""
     rm_offload: bool = False
     """keep the reward model in CPU memory between uses, on the device only while it scores"""
     dataset: str = "embedded/data/math_train.jsonl"
@@ -120,11 +114,11 @@ class Args:
     max_new_tokens: int = 48
     """completion length limit (the paper: 2048 math, 1024 chat)"""
     max_model_len: int = 256
-    """prompt + completion limit of the vLLM engine; longer prompts and pairs are dropped at start"""
+    """prompt + completion limit of the vLLM engine; longer prompts are dropped at start"""
     temperature: float = 1.0
-    """sampling temperature of the seed's rollouts (the paper: 1.0)"""
+    """sampling temperature of training rollouts (the paper: 1.0)"""
     top_p: float = 1.0
-    """nucleus sampling of the seed's rollouts (the paper: 1.0)"""
+    """nucleus sampling of training rollouts (the paper: 1.0)"""
     learning_rate: float = 5e-5
     """AdamW learning rate, constant after warm-up (the paper: 1e-6 for an 8B model)"""
     warmup_steps: int = 10
@@ -133,6 +127,10 @@ class Args:
     """AdamW epsilon (the paper: 1e-8 chat; 1e-4 stopped DPO divergence on math)"""
     max_grad_norm: float = 1.0
     """gradient clipping (the paper: 0.1)"""
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas (the paper does not say; the authors' fairseq2 recipe: 0.9, 0.95)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay (the paper does not say; the authors' fairseq2 recipe: 0.1)"""
     micro_batch_size: int = 64
     """sequences per forward/backward pass (gradients accumulate to one step; sorted by length)"""
     activation_checkpointing: Literal["auto", "on", "off"] = "auto"
@@ -154,6 +152,8 @@ class Args:
     """print a few prompt / completion / reward samples every N steps"""
     gpu_memory_utilization: float = 0.0
     """GPU memory fraction vLLM takes (0: 0.3); on CPU, 0 sizes its KV cache to one step's sequences"""
+    vllm_sleep: bool = False
+    """GPU: free vLLM's memory while the trainer updates (sleep mode)"""
 
     # Algorithm specific arguments
     beta: float = 0.1
@@ -223,8 +223,6 @@ def main(args: Args) -> None:
     args.output_dir = args.output_dir or f"runs/{args.exp_name}__{args.seed}"
     common.claim_output_dir(args.output_dir, args.resume, world_size, rank)  # this run's alone, while it runs
     ckpt_dir = os.path.join(args.output_dir, "checkpoint")
-    if args.resume:
-        common.find_checkpoint(ckpt_dir)  # puts back a checkpoint a crash left half-renamed
     common.seed_everything(args.seed)  # CRUCIAL: the same seed on every rank (identical init)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
@@ -232,37 +230,21 @@ def main(args: Args) -> None:
     # data
     # -----------------------------------------------------------------------------------------
     tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
+    max_prompt = args.max_model_len - args.max_new_tokens  # room to answer in full, held-out prompts too
     pairs_path = args.pairs or os.path.join(args.output_dir, "pairs.jsonl")
-    build = not args.pairs and not (args.resume and os.path.exists(pairs_path))  # a resumed run trains on its file
+    build = not args.pairs and not args.resume  # ALGO LOGIC: sample once, before training; a resumed run reuses them
     rows, prompt_ids, dropped = [], [], 0
     if build:
         rows = common.load_prompts(args.dataset, args.dataset_split, args.math_template,
                                    paper_math_filter=args.paper_math_filter, verbose=rank == 0)
-        rows, prompt_ids, dropped = common.fit_prompts(tokenizer, rows, args.max_model_len - args.max_new_tokens,
-                                                       need=args.prompts_per_step, what="--dataset")
+        rows, prompt_ids, dropped = common.fit_prompts(tokenizer, rows, max_prompt, args.prompts_per_step, "--dataset")
     else:  # read before any model loads, so a bad file fails in seconds
         data = common.load_pairs(pairs_path, args.pairs_split, verbose=rank == 0)
     eval_rows, eval_dropped = [], 0
-    if args.eval_dataset and args.eval_every > 0:  # the same length filter: room to answer in full
+    if args.eval_dataset and args.eval_every > 0:
         eval_rows = common.load_prompts(args.eval_dataset, args.eval_split, args.math_template, verbose=rank == 0)
-        eval_rows, _, eval_dropped = common.fit_prompts(tokenizer, eval_rows, args.max_model_len - args.max_new_tokens,
-                                                        need=1, what="--eval-dataset")
-
-    def batch_indices(step: int, size: int) -> list[int]:
-        """This rank's items (of `size`) for `step` (1-based): a slice of a seeded per-epoch permutation, so
-        a resumed run replays exactly the items it had not trained on yet."""
-        out = []
-        for j in range((step - 1) * args.prompts_per_step, step * args.prompts_per_step):
-            epoch, pos = divmod(j, size)
-            out.append(common.shuffled_indices(size, args.seed, epoch)[pos])
-        return out[rank * args.prompts_per_rank : (rank + 1) * args.prompts_per_rank]
-
-    def sampling_seeds(step: int) -> list[int]:
-        """CRUCIAL: one vLLM seed per prompt, distinct across (run seed, step, prompt): ranks never draw
-        the same samples, and the prompt's place in the step, not the rank, decides them (1 or 8 ranks
-        sample the same rollouts)."""
-        base = (args.seed * 1_000_003 + step) * args.prompts_per_step + rank * args.prompts_per_rank
-        return [base + j for j in range(args.prompts_per_rank)]
+        eval_rows, _, eval_dropped = common.fit_prompts(tokenizer, eval_rows, max_prompt, 1, "--eval-dataset")
+    order = common.StepOrder(len(rows), args.seed, args.prompts_per_step, rank, world_size)  # each step's prompts, seeds
 
     # -----------------------------------------------------------------------------------------
     # models & optimizer
@@ -274,136 +256,98 @@ def main(args: Args) -> None:
                                                     trust_remote_code=args.trust_remote_code))
     reward_model = None
     if any(r["task"] == "chat" for r in rows + eval_rows):
-        reward_model = common.RewardModel(args.reward_model, device, offload=args.rm_offload,
+        reward_model = common.RewardModel(args.reward_model, device, max_length=args.rm_max_length,
+                                          batch_size=args.rm_batch_size, offload=args.rm_offload,
                                           trust_remote_code=args.trust_remote_code)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, betas=(0.9, 0.95),
-                                  eps=args.adam_eps, weight_decay=0.0)
-    start_step = 0
-    if args.resume:
-        start_step = common.load_checkpoint(ckpt_dir, policy, optimizer)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, betas=args.adam_betas,
+                                  eps=args.adam_eps, weight_decay=args.weight_decay)
+    start_step = common.load_checkpoint(ckpt_dir, policy, optimizer) if args.resume else 0
 
     # -----------------------------------------------------------------------------------------
-    # generation engine: ALGO LOGIC: it holds the seed's weights for every rollout of the run
-    # (evaluation pushes the trainer's weights in, after the pairs are built)
+    # generation engine: ALGO LOGIC: it holds the seed's weights for every rollout of the run (none
+    # is started for an existing --pairs file without evaluation)
     # -----------------------------------------------------------------------------------------
-    generator = None
-    if build or eval_rows:
-        generator = common.Generator(args.model, max_model_len=args.max_model_len,
-                                     max_num_seqs=args.prompts_per_rank * args.samples_per_prompt,
-                                     gpu_memory_utilization=args.gpu_memory_utilization,
-                                     dtype=common.default_dtype(device), seed=args.seed,
-                                     trust_remote_code=args.trust_remote_code)
-
-    # -----------------------------------------------------------------------------------------
-    # build pairs: ALGO LOGIC: s = ∞. Before training, the seed samples for exactly the prompts the
-    # online scripts consume at each step (same batch_indices, same sampling_seeds), and each step
-    # keeps its own pairs: no pair is reused
-    # -----------------------------------------------------------------------------------------
-    n, P = args.samples_per_prompt, args.prompts_per_rank
-    build_metrics = {}
-    if build:
-        timer, built, sums = common.PhaseTimer(), [], {}
+    generator = common.Generator(args.model, max_model_len=args.max_model_len,
+                                 max_num_seqs=args.prompts_per_rank * args.samples_per_prompt,
+                                 gpu_memory_utilization=args.gpu_memory_utilization,
+                                 dtype=common.default_dtype(device), seed=args.seed,
+                                 enable_sleep_mode=args.vllm_sleep, trust_remote_code=args.trust_remote_code) if build or eval_rows else None
+    n, P, build_metrics = args.samples_per_prompt, args.prompts_per_rank, {}
+    if build:  # ALGO LOGIC: s = ∞, every step's rollouts from the seed, before training; each step keeps its own pairs
+        timer, built, step_sums = common.PhaseTimer(), [], {}
         steps_per_call = max(1, 256 // P)  # bounds memory and shows progress; the samples do not depend on it
         for first in range(1, args.num_steps + 1, steps_per_call):
             window = range(first, min(first + steps_per_call, args.num_steps + 1))
             with timer("generate"):
-                flat = generator.generate([prompt_ids[i] for t in window for i in batch_indices(t, len(rows))], n=n,
+                flat = generator.generate([prompt_ids[i] for t in window for i in order.indices(t)], n=n,
                                           temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_new_tokens,
-                                          seed=[x for t in window for x in sampling_seeds(t)])
+                                          seed=[x for t in window for x in order.seeds(t)])
             for k, step in enumerate(window):
-                batch, outs = [rows[i] for i in batch_indices(step, len(rows))], flat[k * P : (k + 1) * P]
+                batch, outs = [rows[i] for i in order.indices(step)], flat[k * P : (k + 1) * P]
                 with timer("score"):
                     rewards, nonfinite = common.score(reward_model, batch, outs)  # (P, n), (P,)
-                pairs = select_pairs(rewards, [r["task"] for r in batch], sampling_seeds(step))
-                for j, c, r in pairs:
+                for j, c, r in select_pairs(rewards, [r["task"] for r in batch], order.seeds(step)):
                     chosen, rejected = outs[j][c], outs[j][r]
                     built.append({"step": step, "position": rank * P + j, **batch[j],
                                   "chosen": chosen.text, "rejected": rejected.text,
                                   "chosen_reward": rewards[j, c].item(), "rejected_reward": rewards[j, r].item(),
                                   "chosen_eos": chosen.finish_reason == "stop", "rejected_eos": rejected.finish_reason == "stop",
                                   "chosen_ids": chosen.token_ids, "rejected_ids": rejected.token_ids})
-                sums |= {f"{step}:{key}": v for key, v in common.rollout_sums(batch, outs, rewards, nonfinite).items()}
+                step_sums[step] = common.rollout_sums(batch, outs, rewards, nonfinite)
             if rank == 0:
-                print(f"sampling from the seed: step {window[-1]}/{args.num_steps}, {len(built) * world_size} pairs "
-                      f"(rank 0 x {world_size}), {timer.total():.0f} s", flush=True)
-        gathered = [None] * world_size
-        if dist.is_initialized():
-            dist.all_gather_object(gathered, built)
-        else:
-            gathered = [built]
-        s = common.all_reduce(sums)  # every step's rollout sums, in one collective
-        built = sorted((p for part in gathered for p in part), key=lambda p: (p["step"], p["position"]))
-        if not built:
-            raise common.UserError("the seed's rollouts gave no pair: every prompt's samples were all correct, all "
-                                   "wrong or all equal; sample more (--samples-per-prompt) or use other prompts")
-        if rank == 0:  # written aside, then renamed: a crash never leaves half a file
-            os.makedirs(args.output_dir, exist_ok=True)
-            steps = [{"step": t, **common.rollout_metrics({key.split(":", 1)[1]: v for key, v in s.items()
-                                                            if key.startswith(f"{t}:")})} for t in range(1, args.num_steps + 1)]
-            for path, lines in ((pairs_path, built), (os.path.join(args.output_dir, "rollouts.jsonl"), steps)):
-                with open(path + ".tmp", "w") as f:
-                    f.writelines(json.dumps(x) + "\n" for x in lines)
-                os.rename(path + ".tmp", path)
-            print(f"wrote {len(built)} pairs from {args.num_steps} steps x {args.prompts_per_step} prompts to {pairs_path}")
-        if dist.is_initialized():
-            dist.barrier()
-        rollout_tokens = sum(v for key, v in s.items() if key.endswith(":completion_tokens"))
+                print(f"sampling from the seed: step {window[-1]}/{args.num_steps}, {timer.total():.0f} s", flush=True)
+        generator.sleep()  # until the evaluations
+        rollout_tokens = common.save_pairs(built, step_sums, pairs_path)
         build_metrics = {"perf/generate_s": timer.s["generate"], "perf/score_s": timer.s["score"],
                          "perf/rollout_tokens": rollout_tokens, "perf/rollout_tokens_per_s": rollout_tokens / timer.s["generate"]}
         data = common.load_pairs(pairs_path)  # train on exactly what was saved: a rerun with --pairs trains the same
-
-    # ---- the training data: each step's pairs, as token ids (the sampled ones, from a file built here)
+    # each pair's token ids (the sampled ones, from a file built here); each step's pairs
     data, pair_prompt_ids, pair_completions, dropped_pairs = common.encode_pairs(tokenizer, data, args.max_model_len)
-    if not data:
-        raise common.UserError(f"{pairs_path}: no pair fits in --max-model-len {args.max_model_len}")
-    data_tasks = {p["task"] for p in data}
-    by_step, rollout_log = None, {}
-    if "step" in data[0]:  # sampled for the run's steps: step t trains on the pairs of its own prompts
-        by_step = defaultdict(list)
+    rollout_log, data_tasks, by_step = {}, {p["task"] for p in data}, None
+    if "step" in data[0]:  # sampled for the run's steps
+        rollout_log, by_step = common.load_rollout_log(pairs_path), defaultdict(list)
         for i, p in enumerate(data):
             if p["position"] // P == rank:  # CRUCIAL: each rank trains on the pairs of its own prompts
                 by_step[p["step"]].append(i)
-        rollouts_path = os.path.join(os.path.dirname(pairs_path), "rollouts.jsonl")  # each step's rollout/* metrics
-        if os.path.exists(rollouts_path):
-            rollout_log = {x.pop("step"): x for x in map(json.loads, open(rollouts_path))}
-        built_steps = max([p["step"] for p in data] + list(rollout_log))
-        if args.num_steps > built_steps:
-            raise common.UserError(f"{pairs_path} holds the pairs of {built_steps} steps, fewer than --num-steps "
-                                   f"{args.num_steps}; train fewer steps, or start a run that samples more")
+        if args.num_steps > max([p["step"] for p in data] + list(rollout_log)):
+            raise common.UserError(f"{pairs_path} holds the pairs of {max(p['step'] for p in data)} steps, fewer than "
+                                   f"--num-steps {args.num_steps}; train fewer steps, or start a run that samples more")
     elif args.epochs:  # an existing preference dataset: prompts_per_step pairs per step
         args.num_steps = math.ceil(args.epochs * len(data) / args.prompts_per_step)
+    pair_order = common.StepOrder(len(data), args.seed, args.prompts_per_step, rank, world_size)
     logger = common.MetricsLogger(args.output_dir, asdict(args), args.track, args.wandb_project_name,
                                   f"{args.exp_name}__{args.seed}", resume_step=start_step) if rank == 0 else None
     if rank == 0:
-        print(f"{args.exp_name}: {len(data)} pairs from {pairs_path} ({dropped_pairs} too long, dropped), "
-              f"{len(eval_rows)} held out ({eval_dropped} too long, dropped), {world_size} rank(s), "
+        print(f"{args.exp_name}: {len(data)} pairs from {pairs_path} ({dropped_pairs} too long, dropped), {len(eval_rows)} "
+              f"held out ({eval_dropped} too long, dropped), {world_size} rank(s), "
               f"{args.num_steps} steps of {args.prompts_per_step} prompts -> {args.output_dir}")
 
     def evaluate(step: int) -> dict:
         """eval/* on the held-out prompts (math accuracy, chat reward), sharded over ranks, reduced."""
         generator.sync_weights(policy)  # evaluate the weights being trained, not a stale generator
-        return common.evaluate(generator, tokenizer, reward_model, eval_rows, k=args.eval_samples,
-                               temperature=args.eval_temperature, top_p=args.eval_top_p,
-                               max_tokens=args.max_new_tokens, seed=args.seed, limit=args.eval_limit)
+        eval_metrics = common.evaluate(generator, tokenizer, reward_model, eval_rows, k=args.eval_samples,
+                                       temperature=args.eval_temperature, top_p=args.eval_top_p,
+                                       max_tokens=args.max_new_tokens, seed=args.seed, limit=args.eval_limit)
+        generator.sleep()  # no generation until the next evaluation
+        return eval_metrics
 
     # -----------------------------------------------------------------------------------------
     # training loop
     # -----------------------------------------------------------------------------------------
-    t_start, steps_done = time.time(), 0
-    eval_metrics = evaluate(start_step) if eval_rows and start_step == 0 else {}
+    n, t_start = args.samples_per_prompt, time.time()
+    eval_metrics = evaluate(0) if eval_rows and start_step == 0 else {}
     if (eval_metrics or build_metrics) and rank == 0:
         logger.log({"step": 0, **build_metrics, **eval_metrics})
         if eval_metrics:
-            print("step 0 | " + common.eval_line(eval_metrics))
-    t_loop = time.time()  # the ETA counts the training steps (with their evaluations), not step 0's
-    last_sync = 0  # ALGO LOGIC: s = ∞, the generator held the seed's weights (0 optimizer steps) for every rollout
+            print("step 0 | " + common.eval_line(eval_metrics), flush=True)
+    progress = common.Progress(args.num_steps, args.log_samples_every)
     for step in range(start_step + 1, args.num_steps + 1):
         timer = common.PhaseTimer()
-        # ---- rollout: ALGO LOGIC: no sync, no sampling: the step's pairs came from the seed before training
-        idx = by_step.get(step, []) if by_step is not None else batch_indices(step, len(data))
-        batch = [data[i] for i in idx]
-        prompts = [pair_prompt_ids[i] for i in idx]
-        outs = [pair_completions[i] for i in idx]  # (chosen, rejected) of each prompt with a pair
+        # ---- rollout: ALGO LOGIC: s = ∞, no sync: the step's pairs were sampled from the seed before training
+        last_sync = 0  # the generator held the seed's weights (0 optimizer steps) for every rollout
+        idx = by_step.get(step, []) if by_step is not None else pair_order.indices(step)
+        batch, prompts = [data[i] for i in idx], [pair_prompt_ids[i] for i in idx]
+        outs = [pair_completions[i] for i in idx]  # (chosen, rejected) of this rank's prompts that have a pair
         rewards = torch.tensor([[p.get("chosen_reward", math.nan), p.get("rejected_reward", math.nan)] for p in batch])
 
         # ---- build batch: ALGO LOGIC: the step's (chosen, rejected) pairs
@@ -420,11 +364,8 @@ def main(args: Args) -> None:
         chosen_tokens = sum(len(c.token_ids) for c in flat_completions[0::2])  # the NLL term's pooling
 
         # ---- reference logprobs, update: one optimizer step, gradients accumulated over micro-batches
-        lr = args.learning_rate * min(1.0, step / max(args.warmup_steps, 1))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        sums = {"loss": 0.0, "kl_sum": 0.0, "tokens": 0.0, "entropy_sum": 0.0,
-                "chosen_logratio": 0.0, "rejected_logratio": 0.0, "nll_sum": 0.0, "chosen_tokens": 0.0, "pair_correct": 0.0}
+        lr = common.set_lr(optimizer, args.learning_rate * min(1.0, step / max(args.warmup_steps, 1)))  # warm-up, then constant
+        sums = defaultdict(float)
         with timer("train"):
             for mb in micro_batches:
                 mb_prompts, mb_completions, weight = flat_prompts[mb], flat_completions[mb], 1.0
@@ -478,26 +419,13 @@ def main(args: Args) -> None:
             "rollout/policy_lag": step - 1 - last_sync,
             **rollout_log.get(step, {}), **common.trainer_metrics(s, s_max, timer),
         }
-        reward_mean, step_s = metrics.get("rollout/reward_mean", math.nan), metrics["perf/step_s"]
         if by_step is None:
             metrics["train/epoch"] = step * args.prompts_per_step / len(data)
         if eval_rows and (step % args.eval_every == 0 or step == args.num_steps):
             metrics.update(evaluate(step))
-        steps_done += 1
         if rank == 0:
             logger.log(metrics)
-            eta = (time.time() - t_loop) / steps_done * (args.num_steps - step)
-            line = (f"step {step}/{args.num_steps} | loss {metrics['train/loss']:+.4f} | reward {reward_mean:.3f} | "
-                    f"pairs {int(s['pairs'])} | "
-                    f"kl {metrics['train/kl']:.2e} | pair acc {metrics['train/pair_accuracy']:.2f} | "
-                    f"{step_s:.2f} s/step | eta {eta / 60:.1f} min")
-            if any(k.startswith("eval/") for k in metrics):
-                line += " | " + common.eval_line(metrics)
-            print(line, flush=True)
-            if args.log_samples_every and step % args.log_samples_every == 0:
-                for p in batch[:2]:
-                    print(f"    prompt: {str(p['prompt'])[:200]!r}\n    chosen: {p['chosen'][:300]!r}"
-                          f"\n    rejected: {p['rejected'][:300]!r}", flush=True)
+            progress.step(metrics, batch, outs, rewards)
 
         # ---- checkpoint
         if step % args.save_every == 0 or step == args.num_steps:
@@ -506,13 +434,7 @@ def main(args: Args) -> None:
     # -----------------------------------------------------------------------------------------
     # final save
     # -----------------------------------------------------------------------------------------
-    if rank == 0:
-        logger.finish()
-        print(f"done: {args.output_dir}/checkpoint holds the final model ({(time.time() - t_start) / 60:.1f} min)")
-    if generator is not None:
-        generator.shutdown()  # CRUCIAL: before destroy_process_group
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    common.finish(logger, generator, args.output_dir, t_start)
 
 
 if __name__ == "__main__":

@@ -19,11 +19,14 @@
 from common.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from common.data import (
     PAPER_MATH_TEMPLATE,
+    StepOrder,
     encode_pairs,
     fit_prompts,
     last_boxed,
     load_pairs,
     load_prompts,
+    load_rollout_log,
+    save_pairs,
     shuffled_indices,
 )
 from common.evaluation import (
@@ -35,9 +38,10 @@ from common.evaluation import (
     mean_se_from_sums,
 )
 from common.generation import Completion, Generator
-from common.launch import check_args, claim_output_dir, run
+from common.launch import check_args, claim_output_dir, finish, run
 from common.metrics import (
     PhaseTimer,
+    Progress,
     logprob_gap,
     reduce_step,
     rollout_metrics,
@@ -46,6 +50,7 @@ from common.metrics import (
 )
 from common.models import (
     completion_logprobs,
+    copy_weights,
     default_dtype,
     encode_prompts,
     fsdp_wrap,
@@ -60,14 +65,15 @@ from common.utils import (
     all_reduce,
     peak_memory_gb,
     seed_everything,
+    set_lr,
     setup_distributed,
 )
 
 __all__ = [
     "find_checkpoint", "load_checkpoint", "save_checkpoint",
-    "eval_chat", "eval_line", "eval_math", "evaluate", "mean_and_se", "mean_se_from_sums", "PAPER_MATH_TEMPLATE", "encode_pairs", "fit_prompts", "last_boxed", "load_pairs", "load_prompts", "shuffled_indices",
-    "Completion", "Generator", "completion_logprobs", "default_dtype", "encode_prompts", "fsdp_wrap", "full_state_dict", "load_model",
+    "eval_chat", "eval_line", "eval_math", "evaluate", "mean_and_se", "mean_se_from_sums", "PAPER_MATH_TEMPLATE", "encode_pairs", "fit_prompts", "last_boxed", "load_pairs", "load_prompts", "load_rollout_log", "save_pairs", "shuffled_indices",
+    "Completion", "Generator", "completion_logprobs", "copy_weights", "default_dtype", "encode_prompts", "fsdp_wrap", "full_state_dict", "load_model",
     "load_tokenizer", "RewardModel", "math_reward", "math_rewards", "MetricsLogger", "UserError",
     "all_reduce", "peak_memory_gb", "seed_everything", "setup_distributed", "score", "PhaseTimer", "logprob_gap",
-    "reduce_step", "rollout_metrics", "rollout_sums", "trainer_metrics", "check_args", "claim_output_dir", "run",
+    "reduce_step", "StepOrder", "Progress", "rollout_metrics", "rollout_sums", "trainer_metrics", "check_args", "claim_output_dir", "finish", "run", "set_lr",
 ]

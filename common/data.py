@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import random
 import re
 from collections import Counter, defaultdict
@@ -412,6 +413,42 @@ def load_pairs(spec: str, split: str = "train", verbose: bool = False) -> list[d
     return pairs
 
 
+def save_pairs(built: list[dict], step_sums: dict[int, dict], pairs_path: str) -> float:
+    """offline_dpo.py's sampled pairs, gathered from every rank, to `pairs_path` (sorted by step and
+    place in the step) and each step's `rollout/*` metrics, reduced over ranks, to `rollouts.jsonl`
+    beside it; written aside and renamed (a crash never leaves half a file). Collective. Returns the
+    run's rollout tokens. A run whose rollouts gave no pair at all is refused."""
+    import torch.distributed as dist
+
+    from common.metrics import rollout_metrics
+    from common.utils import all_reduce
+
+    gathered = [built]
+    if dist.is_initialized():
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, built)
+    built = sorted((p for part in gathered for p in part), key=lambda p: (p["step"], p["position"]))
+    s = all_reduce({f"{t}:{k}": v for t, sums in step_sums.items() for k, v in sums.items()})  # one collective
+    if not built:
+        raise UserError("the seed's rollouts gave no pair: every prompt's samples were all correct, all wrong or all "
+                        "equal; sample more (--samples-per-prompt) or use other prompts")
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        steps = [{"step": t, **rollout_metrics({k: s[f"{t}:{k}"] for k in sums})} for t, sums in step_sums.items()]
+        for path, lines in ((pairs_path, built), (os.path.join(os.path.dirname(pairs_path), "rollouts.jsonl"), steps)):
+            with open(path + ".tmp", "w") as f:
+                f.writelines(json.dumps(x) + "\n" for x in lines)
+            os.rename(path + ".tmp", path)
+    if dist.is_initialized():
+        dist.barrier()
+    return sum(v for k, v in s.items() if k.endswith(":completion_tokens"))
+
+
+def load_rollout_log(pairs_path: str) -> dict[int, dict]:
+    """Each step's `rollout/*` metrics saved beside a pairs file by offline_dpo.py ({} if none)."""
+    path = os.path.join(os.path.dirname(pairs_path), "rollouts.jsonl")
+    return {x.pop("step"): x for x in map(json.loads, open(path))} if os.path.exists(path) else {}
+
+
 def encode_pairs(tokenizer, pairs: list[dict], max_model_len: int):
     """Token ids of each pair: (pairs, prompt_ids, completions, dropped), `completions[i]` the
     (chosen, rejected) `Completion`s. A file written by offline_dpo.py carries the token ids the
@@ -438,14 +475,44 @@ def encode_pairs(tokenizer, pairs: list[dict], max_model_len: int):
         completions.append(tuple(pair))
     keep = [i for i, (p, (c, r)) in enumerate(zip(prompt_ids, completions, strict=True))
             if len(p) + max(len(c.token_ids), len(r.token_ids)) <= max_model_len]
+    if not keep:
+        raise UserError(f"no pair fits in --max-model-len {max_model_len}")
     return [pairs[i] for i in keep], [prompt_ids[i] for i in keep], [completions[i] for i in keep], len(pairs) - len(keep)
+
+
+class StepOrder:
+    """Which rows each step trains on, and each prompt's vLLM sampling seed: the same in every
+    regime, so offline, semi-online and online runs with one `--seed` see the same prompts in the
+    same order.
+
+    Step t (1-based) takes the next `per_step` rows of a seeded per-epoch permutation, so a resumed
+    run replays exactly the rows it had not trained on yet; rank r takes its slice. CRUCIAL: every
+    prompt gets its own sampling seed, a function of (run seed, step, the prompt's place in the
+    step): ranks never draw the same samples, two run seeds differ, and one rank or eight sample
+    the same rollouts."""
+
+    def __init__(self, size: int, seed: int, per_step: int, rank: int, world_size: int):
+        self.size, self.seed, self.per_step = size, seed, per_step
+        self.per_rank = per_step // world_size
+        self.first = rank * self.per_rank  # this rank's place in each step
+
+    def indices(self, step: int) -> list[int]:
+        out = []
+        for j in range((step - 1) * self.per_step + self.first, (step - 1) * self.per_step + self.first + self.per_rank):
+            epoch, pos = divmod(j, self.size)
+            out.append(shuffled_indices(self.size, self.seed, epoch)[pos])
+        return out
+
+    def seeds(self, step: int) -> list[int]:
+        base = (self.seed * 1_000_003 + step) * self.per_step + self.first
+        return [base + j for j in range(self.per_rank)]
 
 
 @functools.lru_cache(maxsize=4)
 def shuffled_indices(n: int, seed: int, epoch: int) -> tuple[int, ...]:
     """The dataset order for one epoch: a pure function of (seed, epoch), so a resumed run
-    replays exactly the same order and can skip what it has already consumed. Cached: the
-    scripts ask for it once per prompt, and a shuffle of 261k rows is not free."""
+    replays exactly the same order and can skip what it has already consumed. Cached: a step
+    asks for it once per prompt, and a shuffle of 261k rows is not free."""
     order = list(range(n))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
     return tuple(order)

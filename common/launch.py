@@ -62,8 +62,9 @@ def check_args(args, world_size: int) -> None:
 def claim_output_dir(output_dir: str, resume: bool, world_size: int, rank: int) -> None:
     """Make `output_dir` this run's, before any model loads: created and proven writable, locked
     for the run's lifetime (an OS lock, released when the process dies, so a killed run never
-    leaves a stale one), and consistent with `--resume`. A folder whose run stopped before its
-    first checkpoint is simply started over."""
+    leaves a stale one), and consistent with `--resume` (which finds the checkpoint, repairing one a
+    crash left half-renamed). A folder whose run stopped before its first checkpoint is simply
+    started over. Collective under torchrun."""
     step_json = os.path.join(output_dir, "checkpoint", "step.json")
     if rank == 0:
         try:
@@ -86,7 +87,11 @@ def claim_output_dir(output_dir: str, resume: bool, world_size: int, rank: int) 
         lock.write(str(os.getpid()))
         lock.flush()
         claim_output_dir.lock = lock  # keep the file (and so the lock) open for the run
-    has_checkpoint = os.path.exists(step_json) or os.path.exists(os.path.join(output_dir, "checkpoint.old", "step.json"))
+    if resume:
+        from common.checkpoint import find_checkpoint
+
+        find_checkpoint(os.path.join(output_dir, "checkpoint"))  # puts back a checkpoint a crash left half-renamed
+    has_checkpoint = os.path.exists(step_json)
     if resume and not has_checkpoint:
         raise UserError(f"--resume: no checkpoint in {output_dir} (run without --resume to start over)")
     if not resume and has_checkpoint:
@@ -127,3 +132,16 @@ def run(main, args) -> None:
     sys.stdout.flush()
     print(message, file=sys.stderr, flush=True)
     os._exit(code)
+
+
+def finish(logger, generator, output_dir: str, t_start: float) -> None:
+    """The end of a run: the metrics closed, the engine shut down, the process group left."""
+    import torch.distributed as dist
+
+    if logger is not None:
+        logger.finish()
+        print(f"done: {output_dir}/checkpoint holds the final model ({(time.time() - t_start) / 60:.1f} min)", flush=True)
+    if generator is not None:
+        generator.shutdown()  # CRUCIAL: before destroy_process_group (vLLM's exit-time cleanup uses the group)
+    if dist.is_initialized():
+        dist.destroy_process_group()

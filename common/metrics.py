@@ -13,6 +13,7 @@ from contextlib import contextmanager
 
 import torch
 
+from common.evaluation import eval_line
 from common.utils import all_reduce, peak_memory_gb
 
 
@@ -101,3 +102,30 @@ def trainer_metrics(s: dict[str, float], s_max: dict[str, float], timer: PhaseTi
             m[f"perf/{kind}_tokens_per_s"] = s[f"{kind}_tokens"] / timer.s[phase] if s[f"{kind}_tokens"] else float("nan")
     m["perf/peak_memory_gb"] = s_max["memory"]
     return m
+
+
+class Progress:
+    """The console of a run: one line per step with an honest ETA (the rate of the steps this
+    process has run, their evaluations included, the step-0 evaluation not), and a few prompts,
+    completions and rewards every `samples_every` steps."""
+
+    def __init__(self, num_steps: int, samples_every: int):
+        self.num_steps, self.samples_every, self.t0, self.done = num_steps, samples_every, time.time(), 0
+
+    def step(self, m: dict, batch: list[dict], outs, rewards: torch.Tensor) -> None:
+        self.done += 1
+        step, eta = m["step"], (time.time() - self.t0) / self.done * (self.num_steps - m["step"])
+        parts = [f"step {step}/{self.num_steps}", f"loss {m['train/loss']:+.4f}"]
+        for key, label, fmt in (("rollout/reward_mean", "reward", ".3f"), ("train/pairs", "pairs", ".0f"),
+                                ("train/kl", "kl", ".2e"), ("rollout/length_mean", "len", ".1f"),
+                                ("rollout/logprob_gap_max", "gap", ".1e")):
+            if key in m:
+                parts.append(f"{label} {m[key]:{fmt}}")
+        parts += [f"{m['perf/step_s']:.2f} s/step", f"eta {eta / 60:.1f} min"]
+        if any(k.startswith("eval/") for k in m):
+            parts.append(eval_line(m))
+        print(" | ".join(parts), flush=True)
+        if self.samples_every and step % self.samples_every == 0:
+            for j in range(min(2, len(batch))):
+                print(f"    prompt: {str(batch[j]['prompt'])[:200]!r}\n    completion: {outs[j][0].text[:300]!r}"
+                      f"\n    reward: {rewards[j, 0].item():.3f}", flush=True)

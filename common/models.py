@@ -138,6 +138,17 @@ def fsdp_wrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+@torch.no_grad()
+def copy_weights(src: torch.nn.Module, dst: torch.nn.Module) -> None:
+    """dst <- src, parameter by parameter (same architecture; under FSDP2 the same sharding, so
+    each rank copies its own shard; a bf16 reference takes the fp32 policy's values rounded)."""
+    for m in (src, dst):
+        if hasattr(m, "reshard"):  # CRUCIAL: FSDP2 leaves a root unsharded after a no-grad forward
+            m.reshard()
+    for p_dst, p_src in zip(dst.parameters(), src.parameters(), strict=True):
+        p_dst.copy_(p_src)
+
+
 # Prefixes that wrappers add to parameter names; vLLM knows the bare Hugging Face names.
 _WRAPPER_PREFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.", "module.")
 

@@ -113,3 +113,10 @@ class MetricsLogger:
     def finish(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
+    """Set every parameter group's learning rate for the coming step; returns it (for the log)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr

@@ -43,6 +43,22 @@ def run_script(script, args, nproc=1, timeout=900):
     return r
 
 
+# Small held-out evaluations and frequent samples: what the end-to-end tests run with.
+SMALL = ["--eval-limit", "16", "--eval-samples", "2", "--log-samples-every", "2"]
+# The metrics every online script logs every step (README: Metrics).
+KEYS = ["step", "train/loss", "train/kl", "train/grad_norm", "train/lr", "rollout/reward_mean",
+        "rollout/reward_std", "rollout/accuracy", "rollout/zero_std_frac", "rollout/length_mean",
+        "rollout/truncated_frac", "rollout/entropy", "rollout/logprob_gap_max", "rollout/logprob_gap_mean",
+        "rollout/policy_lag", "perf/generate_s", "perf/score_s", "perf/train_s", "perf/sync_s", "perf/step_s",
+        "perf/rollout_tokens", "perf/train_tokens", "perf/rollout_tokens_per_s", "perf/train_tokens_per_s",
+        "perf/peak_memory_gb"]
+
+
+def metrics(out_dir):
+    """The run's metrics.jsonl, one dict per line."""
+    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+
+
 def write_jsonl(path, rows):
     """Write `rows` as a jsonl file at `path`; returns `path` as str."""
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

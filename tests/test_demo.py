@@ -1,4 +1,4 @@
-"""The quick start's main job until the training scripts land: `python -m common.demo`."""
+"""`python -m common.demo`, the one-minute tour of the plumbing: it samples, scores and syncs."""
 
 import os
 import re

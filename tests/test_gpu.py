@@ -7,8 +7,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import GAP, run_script
-from tests.test_grpo import SMALL, metrics
+from tests.conftest import GAP, SMALL, metrics, run_script
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

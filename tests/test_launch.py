@@ -12,8 +12,7 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT, run_script, write_jsonl
-from tests.test_grpo import SMALL, metrics
+from tests.conftest import ROOT, SMALL, metrics, run_script, write_jsonl
 
 ENV = dict(os.environ, PYTHONPATH=ROOT)
 

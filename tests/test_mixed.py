@@ -7,8 +7,7 @@ import math
 
 import pytest
 
-from tests.conftest import run_script, write_jsonl
-from tests.test_grpo import metrics
+from tests.conftest import metrics, run_script, write_jsonl
 
 MIX = ["--dataset", "embedded/data/mix_train.jsonl", "--eval-dataset",
        "embedded/data/math_test.jsonl,embedded/data/chat_test.jsonl", "--eval-limit", "8", "--eval-samples", "2"]
