@@ -24,7 +24,7 @@ DPO: 8 samples per prompt; `train/kl` is k1 (log π - log π_ref per sampled tok
 pairs go to `<output_dir>/pairs.jsonl`, an ordinary preference dataset that `--pairs` reuses (a
 resumed run trains on it), and each step's rollout metrics to `rollouts.jsonl`; no logprob gap (the
 sampler's logprobs are not kept). `--pairs` also trains on any existing preference dataset
-(README: Data): `prompts_per_step` pairs per step, seeded per-epoch order, `--epochs` passes.
+(docs/data.md): `prompts_per_step` pairs per step, seeded per-epoch order, `--epochs` passes.
 
 Run:
     python offline_dpo.py                                    # embedded default, CPU, a few minutes
@@ -86,7 +86,7 @@ class Args:
     dataset: str = "embedded/data/math_train.jsonl"
     """training prompts: `[math:|chat:]NAME[@CONFIG][:WEIGHT]`, comma-separated to mix: a hub id
     (`openai/gsm8k@main`), a local folder or a .jsonl / .json / .parquet file; rows are math or chat,
-    each scored by its own reward; a prefix forces the task (README: Data)"""
+    each scored by its own reward; a prefix forces the task (docs/data.md)"""
     dataset_split: str = "train"
     """split of a hub dataset"""
     eval_dataset: str = "embedded/data/math_test.jsonl"

@@ -84,7 +84,7 @@ class Args:
     dataset: str = "embedded/data/math_train.jsonl"
     """training prompts: `[math:|chat:]NAME[@CONFIG][:WEIGHT]`, comma-separated to mix: a hub id
     (`openai/gsm8k@main`), a local folder or a .jsonl / .json / .parquet file; rows are math or chat,
-    each scored by its own reward; a prefix forces the task (README: Data)"""
+    each scored by its own reward; a prefix forces the task (docs/data.md)"""
     dataset_split: str = "train"
     """split of a hub dataset"""
     eval_dataset: str = "embedded/data/math_test.jsonl"

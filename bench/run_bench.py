@@ -24,7 +24,7 @@ Sizes:
   task, scored by the embedded reward model (a random policy never solves math, so DPO would get
   no pairs), 256 new tokens: long rollouts.
 
-Writes `bench/results/results.md` (the README's table) and `results.json`; prints the table.
+Writes `bench/results/results.md` (the tables in docs/benchmarks.md) and `results.json`; prints the table.
 Benchmarks, not tests: nothing here asserts a time. Run on an otherwise idle machine.
 """
 

@@ -34,7 +34,7 @@ Preference rows (`load_pairs`) become `{"task", "prompt", "chosen", "rejected", 
 prompt from `prompt` or else the shared messages before the reply (UltraFeedback-binarized, TRL's
 conversational and implicit-prompt layouts); Anthropic HH-RLHF strings
 (`\\n\\nHuman: ... \\n\\nAssistant: ...`), split into the shared conversation and the last reply.
-The README's Data section has the table of public datasets and how each is read.
+docs/data.md has the table of public datasets and how each is read.
 """
 
 from __future__ import annotations

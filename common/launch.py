@@ -124,6 +124,8 @@ def run(main, args) -> None:
         message, code = f"{prefix}interrupted", 130
         output_dir = getattr(args, "output_dir", "")
         step_json = os.path.join(output_dir, "checkpoint", "step.json")
+        if not os.path.exists(step_json):  # stopped between a save's two renames: --resume puts it back
+            step_json = os.path.join(output_dir, "checkpoint.old", "step.json")
         if output_dir and os.path.exists(step_json):
             message += (f": {output_dir}/checkpoint holds step {json.load(open(step_json))['step']}; continue with the "
                         "same command and --resume")

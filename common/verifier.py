@@ -22,6 +22,7 @@ import json
 import logging
 import sys
 
+from math_verify.errors import TimeoutException
 from math_verify.metric import math_metric
 from math_verify.parser import LatexExtractionConfig, NormalizationConfig
 
@@ -45,8 +46,8 @@ def paper_math_reward(response: str, gold: str) -> float:
     gold = gold if gold.startswith("$") else f"${gold}$"  # the authors: "so that LatexExtractor works"
     try:
         grade, _ = _PAPER_METRIC([gold], [response])
-    except BaseException:  # noqa: BLE001 -- the authors: any exception is 0 (timeouts, sympy errors, no gold)
-        return 0.0
+    except (Exception, TimeoutException):  # the authors: any exception is 0 (timeouts, sympy errors, no gold)
+        return 0.0  # (not KeyboardInterrupt: a Ctrl-C while scoring must stop the run, not score 0)
     return 1.0 if grade == 1 else 0.0
 
 

@@ -22,7 +22,7 @@ and the win rate against the seed's samples. Writes `study/results/results.md` (
 seeds) and `study/results/results.json`. A finished run or evaluation is not redone, so an
 interrupted study continues where it stopped.
 
-    .venv/bin/python study/run_study.py          # ~3 hours on 2 CPU cores (see README)
+    .venv/bin/python study/run_study.py          # ~3 hours on 2 CPU cores (docs/study.md)
 """
 
 import json
@@ -235,6 +235,15 @@ def write_table(args: Args, results: dict) -> None:
             for key, *_ in regimes(args) if f"{task}/{key}" in results["runs"])]
     with open(os.path.join(args.out_dir, "results.md"), "w") as f:
         f.write("\n".join(out) + "\n")
+    # the README's copy of the two tables, between its markers (generated: never edited by hand)
+    readme = os.path.join(ROOT, "README.md")
+    text = open(readme).read()
+    begin, end = "<!-- study:begin -->\n", "<!-- study:end -->"
+    if begin in text and end in text:
+        block = "\n".join(line for line in out if line.startswith(("|", "**")) or not line) + "\n"
+        text = text[: text.index(begin) + len(begin)] + block + text[text.index(end):]
+        with open(readme, "w") as f:
+            f.write(text)
 
 
 def plot(args: Args, results: dict) -> None:

@@ -118,7 +118,7 @@ def test_one_run_per_output_dir_and_ctrl_c_in_one_line(tmp_path):
     # Ctrl-C before the first checkpoint: one line, and the folder can simply be reused
     os.killpg(first.pid, signal.SIGINT)
     _, err = first.communicate(timeout=120)
-    assert first.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert first.returncode == 130 and "Traceback" not in err, (first.returncode, err[-3000:])
     assert err.strip().splitlines()[-1] == (f"interrupted before the first checkpoint: nothing to resume; the same "
                                             f"command starts over in {out}")
     run_script("grpo.py", ["--num-steps", "2", "--eval-every", "0", "--output-dir", str(out), *SMALL])
@@ -133,7 +133,7 @@ def test_ctrl_c_after_a_checkpoint_says_how_to_resume(tmp_path):
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     step = json.load(open(out / "checkpoint" / "step.json"))["step"]
-    assert proc.returncode == 130 and "Traceback" not in err
+    assert proc.returncode == 130 and "Traceback" not in err, (proc.returncode, err[-3000:])
     assert err.strip().splitlines()[-1] == (f"interrupted: {out}/checkpoint holds step {step}; continue with the same "
                                             "command and --resume")
     r = subprocess.run([sys.executable, "grpo.py", "--output-dir", str(out)], cwd=ROOT, env=ENV, capture_output=True,
