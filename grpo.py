@@ -38,7 +38,6 @@ every sample instead of one chosen/rejected pair per prompt) and the fixed refer
 import contextlib
 import os
 import time
-from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -293,7 +292,7 @@ def main(args: Args) -> None:
 
         # ---- reference logprobs, update: one optimizer step, gradients accumulated over micro-batches
         lr = common.set_lr(optimizer, args.learning_rate * min(1.0, step / max(args.warmup_steps, 1)))  # warm-up, then constant
-        sums, gap_max = defaultdict(float), 0.0
+        sums, gap_max = dict.fromkeys(("loss", "kl_sum", "tokens", "entropy_sum", "gap_sum"), 0.0), 0.0
         with timer("train"):
             for mb in micro_batches:
                 mb_prompts, mb_completions = flat_prompts[mb], flat_completions[mb]

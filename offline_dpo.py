@@ -365,7 +365,9 @@ def main(args: Args) -> None:
 
         # ---- reference logprobs, update: one optimizer step, gradients accumulated over micro-batches
         lr = common.set_lr(optimizer, args.learning_rate * min(1.0, step / max(args.warmup_steps, 1)))  # warm-up, then constant
-        sums = defaultdict(float)
+        # CRUCIAL: every key on every rank, even with no pair (the reduction over ranks is by key)
+        sums = dict.fromkeys(("loss", "kl_sum", "tokens", "entropy_sum", "chosen_logratio", "rejected_logratio", "nll_sum",
+                              "chosen_tokens", "pair_correct"), 0.0)
         with timer("train"):
             for mb in micro_batches:
                 mb_prompts, mb_completions, weight = flat_prompts[mb], flat_completions[mb], 1.0

@@ -47,7 +47,6 @@ import math
 import os
 import random
 import time
-from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -330,7 +329,8 @@ def main(args: Args) -> None:
 
         # ---- reference logprobs, update: one optimizer step, gradients accumulated over micro-batches
         lr = common.set_lr(optimizer, args.learning_rate * min(1.0, step / max(args.warmup_steps, 1)))  # warm-up, then constant
-        sums, gap_max = defaultdict(float), 0.0
+        # CRUCIAL: every key on every rank, even with no pair (the reduction over ranks is by key)
+        sums, gap_max = dict.fromkeys(("loss", "kl_sum", "tokens", "entropy_sum", "gap_sum", "chosen_logratio", "rejected_logratio", "nll_sum", "chosen_tokens", "pair_correct"), 0.0), 0.0
         with timer("train"):
             for mb in micro_batches:
                 mb_prompts, mb_completions, mb_refs, weight = flat_prompts[mb], flat_completions[mb], flat_refs[mb], 1.0

@@ -50,7 +50,6 @@ import math
 import os
 import random
 import time
-from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -269,7 +268,7 @@ def main(args: Args) -> None:
     # generation engine
     # -----------------------------------------------------------------------------------------
     generator = common.Generator(args.model, max_model_len=args.max_model_len,
-                                 max_num_seqs=args.prompts_per_rank * args.samples_per_prompt,
+                                 max_num_seqs=args.prompts_per_rank * args.samples_per_prompt * args.sync_interval,
                                  gpu_memory_utilization=args.gpu_memory_utilization,
                                  dtype=common.default_dtype(device), seed=args.seed,
                                  enable_sleep_mode=args.vllm_sleep, trust_remote_code=args.trust_remote_code)
@@ -317,8 +316,7 @@ def main(args: Args) -> None:
                                           temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_new_tokens,
                                           seed=[x for t in window for x in order.seeds(t)])
                 generator.sleep()
-            P = args.prompts_per_rank
-            window_outs = {t: flat[k * P : (k + 1) * P] for k, t in enumerate(window)}
+            window_outs = {t: flat[k * args.prompts_per_rank : (k + 1) * args.prompts_per_rank] for k, t in enumerate(window)}
             window_tokens = sum(len(c.token_ids) for o in flat for c in o)  # counted at the step that generates
 
         # ---- rollout
@@ -347,7 +345,8 @@ def main(args: Args) -> None:
 
         # ---- reference logprobs, update: one optimizer step, gradients accumulated over micro-batches
         lr = common.set_lr(optimizer, args.learning_rate * min(1.0, step / max(args.warmup_steps, 1)))  # warm-up, then constant
-        sums, gap_max = defaultdict(float), 0.0
+        # CRUCIAL: every key on every rank, even with no pair (the reduction over ranks is by key)
+        sums, gap_max = dict.fromkeys(("loss", "kl_sum", "tokens", "entropy_sum", "gap_sum", "chosen_logratio", "rejected_logratio", "nll_sum", "chosen_tokens", "pair_correct"), 0.0), 0.0
         with timer("train"):
             for mb in micro_batches:
                 mb_prompts, mb_completions, mb_refs, weight = flat_prompts[mb], flat_completions[mb], flat_refs[mb], 1.0

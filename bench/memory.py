@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from datetime import date
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -172,7 +173,7 @@ def main(args: Args) -> None:
                 print(shape, what, variant, res, flush=True)
     from bench.run_bench import machine
 
-    md = [f"Measured by `python bench/memory.py` on {machine()}: a micro-batch of {args.sequences} sequences of "
+    md = [f"Measured {date.today().isoformat()} by `python bench/memory.py` on {machine()}: a micro-batch of {args.sequences} sequences of "
           f"{args.prompt_tokens} prompt + ~{args.completion_tokens} completion tokens; peak resident memory the pass "
           "adds to the loaded model (GiB), and the numbers it computes (identical across variants = no arithmetic "
           "changed).", "", "| shape | pass | variant | added GiB | loss / logp sum | grad norm | entropy sum |",

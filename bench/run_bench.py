@@ -210,6 +210,13 @@ def targets(rows: dict[str, dict]) -> list[str]:
     return out
 
 
+def render(size: str, r: dict) -> str:
+    out = table(size, r["rows"], r.get("notes", {})) + f"\n\n(measured {r.get('date', '?')})"
+    if r.get("targets"):
+        out += "\n\nTargets, measured in this run:\n" + "\n".join(f"- {t}" for t in r["targets"])
+    return out
+
+
 def run_regime(size: str, name: str, script: str, extra: list[str], args: Args, nproc: int = 1) -> tuple[dict, str | None]:
     """One of this project's scripts for the size's steps; its summary and a note (offline)."""
     cfg = SIZES[size]
@@ -259,8 +266,10 @@ def main(args: Args) -> None:
             raise SystemExit(f"--sizes: unknown size {s!r} (choose from {', '.join(SIZES)})")
     if args.measure_from > args.steps:
         raise SystemExit("--measure-from must be at most --steps")
-    results, md = {"machine": machine(), "date": date.today().isoformat(), "steps": args.steps,
-                   "measure_from": args.measure_from, "sizes": {}}, []
+    path = os.path.join(ROOT, args.out_dir, "results.json")
+    earlier = json.load(open(path)).get("sizes", {}) if os.path.exists(path) else {}
+    results = {"machine": machine(), "date": date.today().isoformat(), "steps": args.steps,
+               "measure_from": args.measure_from, "sizes": {}}
     print(f"benchmark on {results['machine']}", flush=True)
     for size in args.sizes:
         cfg = SIZES[size]
@@ -281,17 +290,17 @@ def main(args: Args) -> None:
                 print(f"    {row['step_s']:.2f} s/step ({time.time() - t0:.0f} s wall)", flush=True)
         rows = {name: min(rs, key=lambda x: x["step_s"]) | {"step_s_rounds": [x["step_s"] for x in rs]}
                 for name, rs in runs.items()}
-        results["sizes"][size] = {"config": cfg, "rows": rows, "targets": targets(rows) if size != "qwen2-0.5b" else []}
-        md.append(table(size, rows, notes) + ("\n\nTargets, measured in this run:\n" +
-                                              "\n".join(f"- {t}" for t in targets(rows)) if size != "qwen2-0.5b" else ""))
-        print("\n" + md[-1] + "\n", flush=True)
-    header = (f"Measured {results['date']} on {results['machine']}; steps {args.measure_from}-{args.steps} of "
-              f"{args.steps}, seconds per step (means over those steps; each configuration's fastest of the rounds, "
-              f"the range over rounds in brackets), by `python bench/run_bench.py`.\n")
+        results["sizes"][size] = {"config": cfg, "rows": rows, "notes": notes, "date": results["date"],
+                                  "targets": targets(rows) if size != "qwen2-0.5b" else []}
+        print("\n" + render(size, results["sizes"][size]) + "\n", flush=True)
+    results["sizes"] = {**earlier, **results["sizes"]}  # a run of some sizes keeps the others' last results
+    header = (f"Measured on {results['machine']} (each size's date below); seconds per step over the measured steps "
+              f"(means; each configuration's fastest of the rounds, the range over rounds in brackets), by "
+              f"`python bench/run_bench.py`.\n")
     os.makedirs(os.path.join(ROOT, args.out_dir), exist_ok=True)
     with open(os.path.join(ROOT, args.out_dir, "results.md"), "w") as f:
-        f.write(header + "\n" + "\n\n".join(md) + "\n")
-    with open(os.path.join(ROOT, args.out_dir, "results.json"), "w") as f:
+        f.write(header + "\n" + "\n\n".join(render(size, r) for size, r in results["sizes"].items()) + "\n")
+    with open(path, "w") as f:
         json.dump(results, f, indent=1)
     print(f"wrote {args.out_dir}/results.md and results.json")
 
