@@ -268,7 +268,7 @@ def main(args: Args) -> None:
     # is started for an existing --pairs file without evaluation)
     # -----------------------------------------------------------------------------------------
     generator = common.Generator(args.model, max_model_len=args.max_model_len,
-                                 max_num_seqs=args.prompts_per_rank * args.samples_per_prompt,
+                                 max_num_seqs=args.prompts_per_rank * args.samples_per_prompt * args.num_steps,
                                  gpu_memory_utilization=args.gpu_memory_utilization,
                                  dtype=common.default_dtype(device), seed=args.seed,
                                  enable_sleep_mode=args.vllm_sleep, trust_remote_code=args.trust_remote_code) if build or eval_rows else None

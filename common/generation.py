@@ -99,11 +99,14 @@ class Generator:
                  gpu_memory_utilization: float = 0.0, dtype: torch.dtype, seed: int = 0,
                  enable_sleep_mode: bool = False, trust_remote_code: bool = False):
         """`max_num_seqs`: the sequences one call generates (a step's prompts x samples on this rank;
-        semi-online: a whole window's): the engine runs that many at once (at most 1024). `gpu_memory_utilization`: on a GPU the fraction of its memory
+        semi-online: a whole window's): the engine runs that many at once, at most 1024 on a GPU
+        (vLLM's own default there) and 256 on the CPU, whose KV cache is sized to them (more at
+        once buys a CPU nothing; the rest wait their turn). `gpu_memory_utilization`: on a GPU the fraction of its memory
         vLLM takes (0: 0.3); on the CPU 0 sizes the KV cache to exactly those sequences at full
         length (vLLM's own CPU sizing counts the trainer's memory against the fraction, so a
         real-size policy left it no room), a fraction > 0 is vLLM's CPU meaning (of the NUMA node)."""
-        kwargs = {"max_num_seqs": min(max_num_seqs, 1024)}  # 1024: vLLM's own default on large GPUs
+        max_num_seqs = min(max_num_seqs, 1024 if torch.cuda.is_available() else 256)
+        kwargs = {"max_num_seqs": max_num_seqs}
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization or 0.3
         else:
