@@ -256,7 +256,7 @@ def write_table(args: Args, results: dict) -> None:
     text = open(readme).read()
     begin, end = "<!-- study:begin -->\n", "<!-- study:end -->"
     if begin in text and end in text:
-        block = "\n".join(line for line in out if line.startswith(("|", "**")) or not line) + "\n"
+        block = "\n".join([out[0]] + [line for line in out[1:] if line.strip().startswith(("|", "**")) or not line]) + "\n"
         text = text[: text.index(begin) + len(begin)] + block + text[text.index(end):]
         with open(readme, "w") as f:
             f.write(text)
