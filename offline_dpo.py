@@ -135,7 +135,7 @@ class Args:
     """sequences per forward/backward pass (gradients accumulate to one step; sorted by length)"""
     activation_checkpointing: Literal["auto", "on", "off"] = "auto"
     """recompute each decoder layer's activations in the backward pass instead of keeping them
-    (auto: on a GPU, where an 8B update needs it; on the CPU it only costs time)"""
+    (auto: on a GPU, and on the CPU for 100M+ parameters; for the tiny embedded models it only costs time)"""
     eval_every: int = 25
     """evaluate every N steps (and at the start and the end; 0 disables)"""
     eval_samples: int = 4

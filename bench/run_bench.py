@@ -1,6 +1,6 @@
 """Where every second of a step goes, for each regime, next to TRL's GRPOTrainer on the same work.
 
-    python bench/run_bench.py                   # both sizes and TRL, ~40 min on 2 CPU cores
+    python bench/run_bench.py                   # all sizes and TRL, ~60 min on 2 CPU cores
     python bench/run_bench.py --sizes small     # the embedded default only, ~12 min
     python bench/run_bench.py --no-trl          # this project's four scripts only
 
@@ -18,13 +18,15 @@ Sizes:
 - small: the embedded default (0.9M-parameter policy, math, 48 new tokens);
 - qwen2-0.5b: a random model of Qwen2-0.5B's exact shape (494M parameters, vocabulary 151,936,
   the embedded tokenizer), chat, 4 prompts x 4 samples of 32 tokens per step, online DPO and GRPO
-  on one process and on two, and TRL: what a user trying Qwen2.5-0.5B-Instruct on a laptop meets;
-  with the machine's peak memory for all the run's processes together;
+  on one process, and TRL: what a user trying Qwen2.5-0.5B-Instruct on a laptop meets; with the
+  machine's peak memory for all the run's processes together (two processes of this shape need
+  ~11 GB each and do not fit in 24 GB: docs/benchmarks.md);
 - large: a random 3.2M-parameter Qwen2 (hidden 256, 4 layers, the embedded tokenizer) on the chat
   task, scored by the embedded reward model (a random policy never solves math, so DPO would get
   no pairs), 256 new tokens: long rollouts.
 
-Writes `bench/results/results.md` (the tables in docs/benchmarks.md) and `results.json`; prints the table.
+Writes `bench/results/results.md` and `results.json`, and the tables into docs/benchmarks.md between its
+markers; prints the table.
 Benchmarks, not tests: nothing here asserts a time. Run on an otherwise idle machine.
 """
 
@@ -49,11 +51,12 @@ SIZES = {
               "max_model_len": 256, "rounds": 3},
     "large": {"model": "runs/bench/models/qwen2-3m", "dataset": "embedded/data/chat_train.jsonl",
               "max_new_tokens": 256, "max_model_len": 512, "rounds": 1},
-    # a real model's shape on a laptop: online DPO and GRPO on 1 and 2 processes, and TRL
+    # a real model's shape on a laptop: online DPO and GRPO on one process, and TRL
     "qwen2-0.5b": {"model": "runs/bench/models/qwen2-0.5b", "dataset": "embedded/data/chat_train.jsonl",
                    "max_new_tokens": 32, "max_model_len": 256, "rounds": 1, "steps": 6, "measure_from": 3,
                    "flags": ["--prompts-per-step", "4", "--samples-per-prompt", "4"],
-                   "regimes": ["online DPO (s = 1)", "GRPO (s = 1)"], "nprocs": (1, 2)},
+                   "regimes": ["online DPO (s = 1)", "GRPO (s = 1)"], "nprocs": (1,)},
+    # two processes of this shape do not fit in 24 GB (docs/benchmarks.md: where each rank's memory goes)
 }
 REGIMES = [  # (name, script, extra flags)
     ("offline DPO (s = ∞)", "offline_dpo.py", []),
@@ -70,7 +73,7 @@ PHASES = ["sync", "generate", "score", "train"]
 class Args:
     sizes: tuple[str, ...] = ("small", "large", "qwen2-0.5b")
     """which configurations to run (small: the embedded default; large: a random 3.2M model, long rollouts;
-    qwen2-0.5b: a real model's shape, 1 and 2 processes)"""
+    qwen2-0.5b: a real model's shape, one process)"""
     steps: int = 20
     """optimizer steps per run"""
     measure_from: int = 11
@@ -260,6 +263,25 @@ def run_trl(size: str, args: Args) -> tuple[dict, str]:
     return summarize(records, first) | {"system_gb": system_gb}, note
 
 
+def write(args: Args, path: str, results: dict) -> None:
+    """results.md and results.json; a run of some sizes keeps the others' last results."""
+    header = (f"Measured on {results['machine']} (each size's date below); seconds per step over the measured steps "
+              f"(means; each configuration's fastest of the rounds, the range over rounds in brackets), by "
+              f"`python bench/run_bench.py`.\n")
+    os.makedirs(os.path.join(ROOT, args.out_dir), exist_ok=True)
+    with open(os.path.join(ROOT, args.out_dir, "results.md"), "w") as f:
+        f.write(header + "\n" + "\n\n".join(render(size, r) for size, r in results["sizes"].items()) + "\n")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    # docs/benchmarks.md's copy of the tables, between its markers (generated: never edited by hand)
+    doc, begin, end = os.path.join(ROOT, "docs", "benchmarks.md"), "<!-- bench:begin -->\n", "<!-- bench:end -->"
+    text = open(doc).read() if os.path.exists(doc) else ""
+    if begin in text and end in text:
+        tables = header + "\n" + "\n\n".join(render(size, r) for size, r in results["sizes"].items()) + "\n"
+        with open(doc, "w") as f:
+            f.write(text[: text.index(begin) + len(begin)] + tables + text[text.index(end):])
+
+
 def main(args: Args) -> None:
     for s in args.sizes:
         if s not in SIZES:
@@ -293,15 +315,7 @@ def main(args: Args) -> None:
         results["sizes"][size] = {"config": cfg, "rows": rows, "notes": notes, "date": results["date"],
                                   "targets": targets(rows) if size != "qwen2-0.5b" else []}
         print("\n" + render(size, results["sizes"][size]) + "\n", flush=True)
-    results["sizes"] = {**earlier, **results["sizes"]}  # a run of some sizes keeps the others' last results
-    header = (f"Measured on {results['machine']} (each size's date below); seconds per step over the measured steps "
-              f"(means; each configuration's fastest of the rounds, the range over rounds in brackets), by "
-              f"`python bench/run_bench.py`.\n")
-    os.makedirs(os.path.join(ROOT, args.out_dir), exist_ok=True)
-    with open(os.path.join(ROOT, args.out_dir, "results.md"), "w") as f:
-        f.write(header + "\n" + "\n\n".join(render(size, r) for size, r in results["sizes"].items()) + "\n")
-    with open(path, "w") as f:
-        json.dump(results, f, indent=1)
+        write(args, path, results | {"sizes": {**earlier, **results["sizes"]}})  # after each size: a later failure keeps it
     print(f"wrote {args.out_dir}/results.md and results.json")
 
 

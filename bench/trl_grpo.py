@@ -5,7 +5,9 @@ prompts per step, optimizer (AdamW, betas (0.9, 0.95), eps, no weight decay, con
 linear warm-up), gradient clipping, KL coefficient (so TRL loads the same fixed reference),
 precision (fp32 on the CPU) and reward (the same Math-Verify / reward-model functions from
 `common`). TRL's own choices are left at what a user gets except where they would make the work
-differ: no gradient checkpointing (grpo.py keeps activations), no bf16 on the CPU.
+differ: gradient checkpointing as grpo.py's `--activation-checkpointing auto` decides it on the
+CPU (on for 100M+ parameters, so the Qwen2-0.5B shape compares like for like; off for the tiny
+models, where grpo.py keeps activations), no bf16 on the CPU.
 
 Generation: TRL's in-process vLLM ("colocate") cannot reload weights on vLLM's CPU backend
 (FIELD_NOTES: `'Parameter' object has no attribute 'weight_loader'`), so on the CPU this peer
@@ -83,6 +85,10 @@ def main(args: Args) -> None:
                 out[i] = r
         return out
 
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):  # grpo.py's auto rule for activation checkpointing, on the CPU
+        big = sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model)).parameters()) >= 100_000_000
     config = GRPOConfig(
         output_dir=args.output_dir, report_to="none", seed=args.seed, max_steps=args.num_steps,
         per_device_train_batch_size=args.prompts_per_step * args.samples_per_prompt,
@@ -91,7 +97,7 @@ def main(args: Args) -> None:
         learning_rate=args.learning_rate, lr_scheduler_type="constant_with_warmup", warmup_steps=args.warmup_steps,
         adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=args.adam_eps, weight_decay=0.0,
         max_grad_norm=args.max_grad_norm, beta=args.kl_coef, num_iterations=1,
-        bf16=False, gradient_checkpointing=False, use_vllm=False, use_cpu=not torch.cuda.is_available(),
+        bf16=False, gradient_checkpointing=big, use_vllm=False, use_cpu=not torch.cuda.is_available(),
         logging_steps=1, save_strategy="no", dataloader_num_workers=0, log_completions=False,
     )
     trainer = GRPOTrainer(model=args.model, reward_funcs=reward, args=config, train_dataset=data)

@@ -92,7 +92,7 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype | None = None
     Memory: on a GPU the checkpoint's bf16 weights go straight to the device and the fp32 master
     is made there (loading fp32 on the CPU first would take 32 GB of host memory per rank for an
     8B model, ~256 GB on an 8-GPU node). `activation_checkpointing` ("on", "off", or "auto": on a
-    GPU) recomputes each decoder layer's activations in the backward pass instead of keeping them
+    GPU or for 100M+ parameters) recomputes each decoder layer's activations in the backward pass instead of keeping them
     (non-reentrant, per layer, before FSDP2 shards the layers): the same arithmetic, a fraction of
     the memory (Llama-3.1-8B at 4 x 2,300 tokens: ~57 GiB of activations -> ~4 GiB per GPU)."""
     check_model_path(name)
@@ -116,7 +116,11 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype | None = None
         for m in model.modules():
             if isinstance(m, torch.nn.Dropout):
                 m.p = 0.0
-        if activation_checkpointing == "on" or (activation_checkpointing == "auto" and device.type == "cuda"):
+        # auto: on a GPU (an 8B update needs it), and on the CPU for a real-size model (two ranks
+        # of Qwen2-0.5B do not fit in 24 GB without it); the tiny embedded models keep their speed
+        big = sum(p.numel() for p in model.parameters()) >= 100_000_000
+        if activation_checkpointing == "on" or (activation_checkpointing == "auto" and (device.type == "cuda" or big)):
+            model.config.use_cache = False  # the trainer never decodes; saying so keeps transformers' warning off the console
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
