@@ -88,7 +88,8 @@ def main(args: Args) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):  # grpo.py's auto rule for activation checkpointing, on the CPU
-        big = sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model)).parameters()) >= 100_000_000
+        big = sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model)).parameters()) \
+            >= common.models.AUTO_CHECKPOINTING_PARAMS
     config = GRPOConfig(
         output_dir=args.output_dir, report_to="none", seed=args.seed, max_steps=args.num_steps,
         per_device_train_batch_size=args.prompts_per_step * args.samples_per_prompt,

@@ -105,9 +105,10 @@ class Generator:
         vLLM takes (0: 0.3); on the CPU 0 sizes the KV cache to exactly those sequences at full
         length (vLLM's own CPU sizing counts the trainer's memory against the fraction, so a
         real-size policy left it no room), a fraction > 0 is vLLM's CPU meaning (of the NUMA node)."""
-        max_num_seqs = min(max_num_seqs, 1024 if torch.cuda.is_available() else 256)
+        on_gpu = torch.cuda.is_available()
+        max_num_seqs = min(max_num_seqs, 1024 if on_gpu else 256)
         kwargs = {"max_num_seqs": max_num_seqs}
-        if torch.cuda.is_available():
+        if on_gpu:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization or 0.3
         else:
             # CRUCIAL (CPU backend): a seeded request whose prompt is split across scheduler steps

@@ -79,6 +79,9 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str | list[
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
+AUTO_CHECKPOINTING_PARAMS = 100_000_000  # `--activation-checkpointing auto` on the CPU: this many parameters or more
+
+
 def load_model(name: str, device: torch.device, dtype: torch.dtype | None = None,
                trust_remote_code: bool = False, trainable: bool = True,
                activation_checkpointing: str = "off") -> torch.nn.Module:
@@ -118,7 +121,7 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype | None = None
                 m.p = 0.0
         # auto: on a GPU (an 8B update needs it), and on the CPU for a real-size model (two ranks
         # of Qwen2-0.5B do not fit in 24 GB without it); the tiny embedded models keep their speed
-        big = sum(p.numel() for p in model.parameters()) >= 100_000_000
+        big = sum(p.numel() for p in model.parameters()) >= AUTO_CHECKPOINTING_PARAMS
         if activation_checkpointing == "on" or (activation_checkpointing == "auto" and (device.type == "cuda" or big)):
             model.config.use_cache = False  # the trainer never decodes; saying so keeps transformers' warning off the console
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -166,10 +166,10 @@ def main(args: Args) -> None:
         return list(pool.map(lambda item: fn(*item), items))
 
     # the seed model, evaluated with each sampling seed
+    seed_evals = [(seed, task) for seed in args.seeds for task in TASKS]
     evals = each(lambda seed, task: evaluate(args, task, "embedded/policy",
-                                             os.path.join(args.runs_dir, f"seed_{task}_{seed}.json"), seed),
-                 [(seed, task) for seed in args.seeds for task in TASKS])
-    for (seed, task), e in zip([(seed, task) for seed in args.seeds for task in TASKS], evals, strict=True):
+                                             os.path.join(args.runs_dir, f"seed_{task}_{seed}.json"), seed), seed_evals)
+    for (seed, task), e in zip(seed_evals, evals, strict=True):
         results["seed"].setdefault(seed, {})[task] = e
     pairs = [(task, regime) for task in TASKS for regime in regimes(args)]
     # ---- the learning rate of each regime and task, on the validation split with the first seed
