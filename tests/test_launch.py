@@ -92,8 +92,11 @@ def test_an_error_after_the_engine_started_is_one_line(tmp_path):
 
 
 def _start(args, out):
+    # SIGINT back to its default in the child: a suite started in the background by a shell inherits
+    # it ignored (POSIX), and Python then never raises KeyboardInterrupt, as a terminal's Ctrl-C would
     return subprocess.Popen([sys.executable, "grpo.py", *args, "--output-dir", str(out)], cwd=ROOT, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for(path, text, proc, timeout=600):
