@@ -91,7 +91,8 @@ def main(args: Args) -> None:
         chat_rows, _, dropped = common.fit_prompts(tokenizer, chat_rows, max_prompt, need=1, what=args.chat_dataset)
         if rank == 0 and dropped:
             print(f"{args.chat_dataset}: {dropped} prompts too long for max_model_len - max_new_tokens, dropped")
-    reward_model = common.RewardModel(args.reward_model, device, trust_remote_code=args.trust_remote_code) \
+    reward_model = common.RewardModel(args.reward_model, device, trust_remote_code=args.trust_remote_code,
+                                      verbose=rank == 0) \
         if chat_rows else None
     generator = common.Generator(args.model, max_model_len=args.max_model_len,
                                  max_num_seqs=256,

@@ -258,7 +258,7 @@ def main(args: Args) -> None:
     if any(r["task"] == "chat" for r in rows + eval_rows):
         reward_model = common.RewardModel(args.reward_model, device, max_length=args.rm_max_length,
                                           batch_size=args.rm_batch_size, offload=args.rm_offload,
-                                          trust_remote_code=args.trust_remote_code)
+                                          trust_remote_code=args.trust_remote_code, verbose=rank == 0)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, betas=args.adam_betas,
                                   eps=args.adam_eps, weight_decay=args.weight_decay)
     start_step = common.load_checkpoint(ckpt_dir, policy, optimizer) if args.resume else 0

@@ -10,7 +10,8 @@ CPU (on for 100M+ parameters, so the Qwen2-0.5B shape compares like for like; of
 models, where grpo.py keeps activations), no bf16 on the CPU.
 
 Generation: TRL's in-process vLLM ("colocate") cannot reload weights on vLLM's CPU backend
-(FIELD_NOTES: `'Parameter' object has no attribute 'weight_loader'`), so on the CPU this peer
+(it fails with `'Parameter' object has no attribute 'weight_loader'`; tests/test_generation.py proves
+the reload this project uses instead), so on the CPU this peer
 generates with transformers' `generate`, which is what TRL does without `use_vllm`.
 
 Timing: `_generate` (rollout, incl. its tokenisation) and `_calculate_rewards` (score) are

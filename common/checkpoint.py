@@ -47,12 +47,29 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def find_checkpoint(ckpt_dir: str) -> bool:
     """True if `ckpt_dir` holds a whole checkpoint; puts back the previous one if a crash came
     between the two renames of `save_checkpoint`."""
-    if not os.path.isdir(ckpt_dir) and os.path.isfile(os.path.join(ckpt_dir + ".old", "step.json")):
-        rank, _ = _rank_world()
-        if rank == 0:
-            os.rename(ckpt_dir + ".old", ckpt_dir)
-        _barrier()
+    rank, _ = _rank_world()
+    if rank == 0 and not os.path.isdir(ckpt_dir) and os.path.isfile(os.path.join(ckpt_dir + ".old", "step.json")):
+        os.rename(ckpt_dir + ".old", ckpt_dir)
+    # CRUCIAL: every rank takes the barrier; a rank that looked only after rank 0's rename would
+    # otherwise skip it and leave the others waiting forever
+    _barrier()
     return os.path.isfile(os.path.join(ckpt_dir, "step.json"))
+
+
+def check_checkpoint(ckpt_dir: str, world_size: int) -> None:
+    """Every file `--resume` reads is there and whole (safetensors headers and sizes), checked before
+    any model loads: a copy cut short is named in one line, not in a traceback after the load."""
+    from safetensors import SafetensorError, safe_open
+
+    files = [os.path.join(ckpt_dir, "trainer_state", f"rank{r}.safetensors") for r in range(world_size)]
+    for f in files + [os.path.join(ckpt_dir, "model.safetensors")]:
+        if not os.path.isfile(f):
+            raise UserError(f"--resume: {f} is missing; the checkpoint is incomplete (copy it again)")
+        try:
+            with safe_open(f, "pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"--resume: checkpoint file {f} is unreadable ({e}); copy it again") from None
 
 
 def save_checkpoint(ckpt_dir: str, step: int, policy: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -78,8 +95,12 @@ def save_checkpoint(ckpt_dir: str, step: int, policy: torch.nn.Module, optimizer
     save_file(shard, os.path.join(tmp, "trainer_state", f"rank{rank}.safetensors"))
     if rank == 0:
         model = getattr(policy, "module", policy)
-        master_dtype, model.config.dtype = model.config.dtype, dtype  # config.json says what the file holds
         model.save_pretrained(tmp, state_dict=full)
+        # CRUCIAL: config.json must say what the file holds (bf16 on GPUs), or transformers and vLLM
+        # (dtype auto) load the model in fp32, at twice the memory; `save_pretrained` writes the fp32
+        # master's dtype whatever the config said, so the config is written again
+        master_dtype, model.config.dtype = model.config.dtype, dtype
+        model.config.save_pretrained(tmp)
         model.config.dtype = master_dtype
         tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, "step.json"), "w") as f:

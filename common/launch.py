@@ -2,7 +2,7 @@
 an output folder owned by one run at a time, one line for a user error or a Ctrl-C.
 
 Explicit here rather than a `sys.excepthook`: torchrun's elastic error handler and vLLM replace or
-wrap hooks, and a message printed by a hook was lost under both (FIELD_NOTES).
+wrap hooks, and a message printed by a hook was lost under both (seen: only exit status 2 showed).
 """
 
 from __future__ import annotations
@@ -37,6 +37,19 @@ def check_args(args, world_size: int) -> None:
     for name, what in (("model", "model"), ("reward_model", "reward model"), ("baseline", "baseline model")):
         if getattr(args, name, ""):
             check_model_path(getattr(args, name), what)
+    for name in ("model", "baseline"):
+        if getattr(args, name, ""):
+            check_generative(getattr(args, name), _flag(name), getattr(args, "trust_remote_code", False))
+    if getattr(args, "reward_model", ""):  # a checkpoint without a trained reward head is refused now
+        from common.rewards import reward_model_layout
+
+        reward_model_layout(args.reward_model, getattr(args, "trust_remote_code", False))
+    if getattr(args, "vllm_sleep", False):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--vllm-sleep frees GPU memory while the trainer updates; this machine has no GPU "
+                            "(drop the flag)")
     for name in _POSITIVE + _NON_NEGATIVE:
         value = getattr(args, name, None)
         if value is not None and not (value > 0 if name in _POSITIVE else value >= 0):
@@ -57,6 +70,21 @@ def check_args(args, world_size: int) -> None:
         if getattr(args, temperature, 1.0) == 0 and getattr(args, samples, 1) > 1:
             raise UserError(f"{_flag(temperature)} 0 is greedy: one sample per prompt; set {_flag(samples)} 1 "
                             "or a temperature above 0")
+
+
+def check_generative(name: str, flag: str, trust_remote_code: bool = False) -> None:
+    """`name` must be a generative (causal) language model: vLLM samples from it and the trainer
+    computes its next-token log-probs. A reward or classification model is refused by its config."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    archs = config.architectures or []
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if archs and not any(a in causal or a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration"))
+                         for a in archs):
+        raise UserError(f"{flag} {name} is a {', '.join(archs)}, not a generative language model "
+                        "(a *ForCausalLM); a reward model goes to --reward-model")
 
 
 def claim_output_dir(output_dir: str, resume: bool, world_size: int, rank: int) -> None:
@@ -101,6 +129,9 @@ def claim_output_dir(output_dir: str, resume: bool, world_size: int, rank: int) 
         if written_by != world_size:
             raise UserError(f"--resume: {output_dir} was written by {written_by} rank(s); resume with the same "
                             f"number (this run has {world_size})")
+        from common.checkpoint import check_checkpoint
+
+        check_checkpoint(os.path.join(output_dir, "checkpoint"), world_size)
 
 
 def run(main, args) -> None:

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import select
 import subprocess
 import sys
 import tempfile
 import threading
+from pathlib import Path
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+import transformers
+from safetensors import safe_open
+from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 from common import verifier
-from common.models import check_model_path
+from common.models import _looks_local, check_model_path
 from common.utils import UserError
 
 # Bound on one (response, gold) in the helper process: Math-Verify's own timeouts (5 s for each of
@@ -90,52 +94,183 @@ def _helper_score(pairs: list[tuple[str, str]], bound: float) -> list[float]:
     return json.loads(line)
 
 
-class RewardModel:
-    """A scalar reward model (`AutoModelForSequenceClassification` with one label), e.g.
-    Athene-RM-8B or Skywork-Reward, scoring (prompt, response) chats.
+# The reward-model layouts this project reads (docs/reward_models.md), recognised by the tensor
+# names in the checkpoint itself, never by its hub name: layout -> (head tensors, how it is read).
+LAYOUTS = {
+    "athene": (("v_head.weight",), "v_head at the last CLS token appended to the chat (Athene-RM)"),
+    "trl-value-head": (("v_head.summary.weight", "v_head.summary.bias"), "TRL value head at the last token"),
+    "openrlhf": (("value_head.weight",), "OpenRLHF value_head at the EOS token closing the chat"),
+    "score": (("score.weight", "score.bias"), "sequence-classification score head at the last token"),
+}
 
-    CRUCIAL: the RM may use another tokenizer and chat template than the policy, so it takes
-    text: the policy's tokens are decoded by the caller and re-encoded here with the RM's own
-    tokenizer and template.
+
+def checkpoint_tensor_names(name: str) -> dict[str, str]:
+    """{tensor name: file holding it} of a checkpoint, read from its safetensors headers (a local
+    folder) or the hub's safetensors metadata (no weights downloaded). Empty without safetensors."""
+    if not _looks_local(name):
+        from huggingface_hub import get_safetensors_metadata
+
+        try:
+            return dict(get_safetensors_metadata(name).weight_map)
+        except Exception:  # noqa: BLE001 -- no safetensors on the hub: transformers' load report decides
+            return {}
+    path = Path(name).expanduser()
+    if (path / "model.safetensors.index.json").is_file():
+        return json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as sf:
+            out |= dict.fromkeys(sf.keys(), f.name)
+    return out
+
+
+def reward_model_layout(name: str, trust_remote_code: bool = False) -> str:
+    """Which layout `name` is (a key of LAYOUTS, or "custom": a model with its own code), from its
+    own tensors. A checkpoint without a reward head is refused: transformers would load it with a
+    randomly initialised head and every run on it would train on noise."""
+    names = checkpoint_tensor_names(name)
+    for layout, (head, _) in LAYOUTS.items():
+        if head[0] in names:
+            return layout
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    if "AutoModelForSequenceClassification" in (getattr(config, "auto_map", None) or {}):
+        if not trust_remote_code:
+            raise UserError(f"reward model '{name}' ships its own model code (auto_map); pass "
+                            "--trust-remote-code to run it")
+        return "custom"
+    kind = ", ".join(config.architectures or ["no architectures in config.json"])
+    raise UserError(f"reward model '{name}' ({kind}) has no reward head in its checkpoint (none of "
+                    f"{', '.join(h[0] for h, _ in LAYOUTS.values())}): it would score with random "
+                    "weights. Pass a trained reward model (docs/reward_models.md)")
+
+
+class RewardModel:
+    """A scalar reward model scoring (prompt, response) chats, read the way it was trained:
+
+    - `athene` (Athene-RM-8B, the paper's): a backbone + `v_head` (hidden -> 1, no bias), the
+      tokenizer's `cls_token` appended to the chat-templated text, tokenized with the tokenizer's
+      own special tokens and truncated to `max_length` as the model card and the authors' code do;
+      the score is `v_head` at the last CLS token, 0 if truncation cut it off (counted in
+      `truncated`, as the authors' code scores it);
+    - `score`: `*ForSequenceClassification` with a `score` head (Skywork-Reward, the RewardBench 2
+      models, the embedded one), at the last token of the chat;
+    - `trl-value-head` (`v_head.summary.*`): at the last token of the chat;
+    - `openrlhf` (`value_head.*`): EOS appended as its training does (the last token is EOS even
+      when truncated), read there, then `(r - mean) / std` when its config says `normalize_reward`;
+    - `custom` (`--trust-remote-code`, e.g. ArmoRM): its own forward, its `score` (or logits[:, 0]).
+
+    CRUCIAL: the position is computed here from each row's length, never from a pad token: with
+    pad = EOS, transformers' pooling at the last non-pad token would score the token before a
+    template's closing EOS. And the RM may use another tokenizer and chat template than the policy,
+    so it takes text: the policy's tokens are decoded by the caller and re-encoded here.
     """
 
     def __init__(self, name: str, device: torch.device, dtype: torch.dtype | None = None,
                  max_length: int = 4096, batch_size: int = 8, offload: bool = False,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, verbose: bool = False):
         check_model_path(name, "reward model")
+        self.name, self.layout = name, reward_model_layout(name, trust_remote_code)
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-            self.model = AutoModelForSequenceClassification.from_pretrained(
-                name, num_labels=1, trust_remote_code=trust_remote_code,
-                dtype=dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32))
+            auto = AutoModelForSequenceClassification if self.layout in ("score", "custom") else AutoModel
+            kwargs = {"num_labels": 1} if self.layout == "score" else {}
+            with _quiet_load_report():  # decided below from the missing keys, never by a scrolling table
+                self.model, info = auto.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                        output_loading_info=True, **kwargs)
         except OSError as e:
             raise UserError(f"cannot load reward model '{name}' ({str(e).splitlines()[0]})") from None
+        if info["missing_keys"]:  # CRUCIAL: never score with weights transformers made up
+            missing = sorted(info["missing_keys"])
+            raise UserError(f"reward model '{name}' ({self.layout}): {len(missing)} weight(s) missing from its "
+                            f"checkpoint, e.g. {', '.join(missing[:3])}; transformers would initialise them at random")
         if not self.tokenizer.chat_template:
             raise UserError(f"reward model '{name}' has no chat template in its tokenizer")
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        # The sequence-classification head reads the last non-pad token of each row.
-        self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.tokenizer.padding_side = "right"
+        self.head = None
+        if self.layout in LAYOUTS and self.layout != "score":  # a value head beside the backbone
+            keys = [k for k in LAYOUTS[self.layout][0] if k in checkpoint_tensor_names(name)]
+            tensors = _read_tensors(name, keys)
+            w = tensors[keys[0]]
+            self.head = torch.nn.Linear(w.shape[1], w.shape[0], bias=len(keys) > 1, dtype=dtype)
+            self.head.weight.data.copy_(w)
+            if len(keys) > 1:
+                self.head.bias.data.copy_(tensors[keys[1]])
+        if self.layout == "athene" and self.tokenizer.cls_token_id is None:
+            raise UserError(f"reward model '{name}' has a v_head (the Athene layout) but its tokenizer has no "
+                            "cls_token to score at")
+        if self.layout == "score" and self.model.config.num_labels != 1:
+            raise UserError(f"reward model '{name}' has {self.model.config.num_labels} labels; a scalar reward "
+                            "model has one")
+        self.norm = (0.0, 1.0)
+        if self.layout == "openrlhf" and getattr(self.model.config, "normalize_reward", False):
+            self.norm = (float(self.model.config.mean), float(self.model.config.std))
+        self.model.config.use_cache = False  # frozen: a KV cache would only cost memory
         self.model.eval().requires_grad_(False)
-        self.device, self.max_length, self.batch_size, self.offload_between = device, max_length, batch_size, offload
+        self.device, self.max_length, self.batch_size = device, max_length, batch_size
+        self.truncated = 0  # rows cut to max_length (Athene: scored 0, its CLS cut off)
+        # --rm-offload: one pinned host copy made once; moving to the device is an asynchronous
+        # copy, moving back drops the device copy (the weights never change)
+        if verbose:
+            print(self.describe(), flush=True)
+        self._host = None
         if offload:
-            self.offload()
+            pin = device.type == "cuda"
+            self._host = [p.data.pin_memory() if pin else p.data for p in self._params()]
         else:
             self.model.to(device)
+            if self.head is not None:
+                self.head.to(device)
 
-    def offload(self) -> None:
-        """Park the weights in pinned CPU memory (an 8B RM frees ~16 GB of GPU memory between uses;
-        pinned, the next move back is a fast asynchronous copy rather than a pageable one)."""
-        self.model.to("cpu")
-        if self.device.type == "cuda":
-            for p in self.model.parameters():
-                p.data = p.data.pin_memory()
+    def describe(self) -> str:
+        """One line: which model, head and position are scored (printed at the start of a run)."""
+        how = LAYOUTS[self.layout][1] if self.layout in LAYOUTS else "its own forward's score"
+        return f"reward model: {self.name} ({self.layout} layout): {how}, truncated to {self.max_length} tokens"
 
-    def onload(self) -> None:
-        self.model.to(self.device, non_blocking=True)
+    def _params(self):
+        return list(self.model.parameters()) + (list(self.head.parameters()) if self.head is not None else [])
+
+    def _move(self, to_device: bool) -> None:
+        for p, host in zip(self._params(), self._host, strict=True):
+            p.data = host.to(self.device, non_blocking=True) if to_device else host
+
+    def _encode(self, text: str) -> list[int]:
+        """Token ids the model scores, its score position last (see the class docstring)."""
+        tok = self.tokenizer
+        if self.layout == "athene":  # as the model card and the authors' code: default special tokens
+            return tok(text + tok.cls_token, truncation=True, max_length=self.max_length)["input_ids"]
+        if self.layout == "openrlhf":
+            text = text.rstrip("\n")
+            text = text if text.endswith(tok.eos_token) else text + " " + tok.eos_token
+        ids = tok(text, add_special_tokens=False, truncation=True, max_length=self.max_length)["input_ids"]
+        if self.layout == "openrlhf":
+            ids[-1] = tok.eos_token_id  # OpenRLHF's collate: the last token is EOS, truncated or not
+        return ids
 
     @torch.no_grad()
+    def _forward(self, rows: list[list[int]], device: torch.device) -> list[float]:
+        lengths = torch.tensor([len(r) for r in rows], device=device)
+        ids = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+        ids = ids.to(device)
+        mask = (torch.arange(ids.shape[1], device=device) < lengths[:, None]).long()  # right padding
+        if self.layout == "custom":
+            out = self.model(input_ids=ids, attention_mask=mask, use_cache=False)
+            return getattr(out, "score", out.logits[:, :1]).float().view(-1).tolist()
+        hidden = self.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        if self.layout == "athene":  # the last CLS of each row (0 if truncation cut it off)
+            is_cls = ids == self.tokenizer.cls_token_id
+            pos = torch.where(is_cls.any(1), (is_cls * torch.arange(ids.shape[1], device=device)).argmax(1), 0)
+        else:
+            pos = lengths - 1
+        head = self.model.score if self.layout == "score" else self.head
+        scores = head(hidden[torch.arange(len(rows), device=device), pos]).float()[:, 0]  # (B,)
+        if self.layout == "athene":
+            scores = torch.where(is_cls.any(1), scores, 0.0)
+        return ((scores - self.norm[0]) / self.norm[1]).tolist()
+
     def score(self, prompts: list[str | list[dict]], responses: list[str]) -> list[float]:
         """One float per (prompt, response): the RM's scalar on the chat [user, assistant] (or the
         prompt's messages, then the assistant's reply)."""
@@ -145,24 +280,48 @@ class RewardModel:
                 tokenize=False)
             for p, r in zip(prompts, responses, strict=True)
         ]
-        # The template already holds any BOS; truncation keeps the first max_length tokens.
-        enc = [self.tokenizer(t, add_special_tokens=False, truncation=True,
-                              max_length=self.max_length)["input_ids"] for t in texts]
+        enc = [self._encode(t) for t in texts]
+        self.truncated += sum(len(e) >= self.max_length for e in enc)
         order = sorted(range(len(enc)), key=lambda i: len(enc[i]))  # similar lengths, less padding
         scores = [0.0] * len(enc)
-        if self.offload_between:  # `offload=True`: on the device only while scoring
-            self.onload()
-        device = next(self.model.parameters()).device
+        if self._host is not None:  # `offload=True`: on the device only while scoring
+            self._move(to_device=True)
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
-            batch = self.tokenizer.pad({"input_ids": [enc[i] for i in idx]}, return_tensors="pt")
-            out = self.model(input_ids=batch["input_ids"].to(device),
-                             attention_mask=batch["attention_mask"].to(device)).logits
-            for i, s in zip(idx, out[:, 0].float().tolist(), strict=True):
+            for i, s in zip(idx, self._forward([enc[i] for i in idx], self.device), strict=True):
                 scores[i] = s
-        if self.offload_between:
-            self.offload()
+        if self._host is not None:
+            self._move(to_device=False)
         return scores
+
+
+@contextlib.contextmanager
+def _quiet_load_report():
+    """transformers prints a load report of missing / unexpected weights; the backbone of a value-head
+    layout always has unexpected ones (the head, an LM head). Missing ones are refused by the caller."""
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(level)
+
+
+def _read_tensors(name: str, keys: list[str]) -> dict[str, torch.Tensor]:
+    """The named tensors of a checkpoint (a local folder or, already in the cache once the model
+    has loaded, a hub id), in fp32; only those tensors are read from their files."""
+    files = checkpoint_tensor_names(name)
+    out = {}
+    for key in keys:
+        if _looks_local(name):
+            path = str(Path(name).expanduser() / files[key])
+        else:
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(name, files[key])
+        with safe_open(path, "pt") as f:
+            out[key] = f.get_tensor(key).float()
+    return out
 
 
 def score(reward_model: RewardModel | None, batch: list[dict], outs) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,7 +2,7 @@
 semi-online DPO (two values of s), online DPO (s = 1) and GRPO, on the embedded math task
 (Math-Verify) and the embedded instruction task (reward model).
 
-Like for like, as in the paper (PAPER.md):
+Like for like, as in the paper (arXiv 2506.21495; its settings in docs/paper.md):
 - every regime sees the same prompts in the same order: offline DPO samples, from the seed, the
   rollouts of exactly the steps the others train on (it is s = ∞ of the same run);
 - the paper's settings where they transfer: math DPO β 0.1, Adam ε 1e-4, grad clip 0.1 and a

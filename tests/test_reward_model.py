@@ -85,3 +85,165 @@ def test_offload_scores_the_same(rm_dirs):
     parked = RewardModel(rm_dirs[0], torch.device("cpu"), offload=True)
     assert parked.score(PROMPTS, RESPONSES) == kept.score(PROMPTS, RESPONSES)
     assert next(parked.model.parameters()).device.type == "cpu"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward-model layouts (docs/reward_models.md), each built on the spot in its library's exact
+# tensor names and scored against a hand computation of the head at the position its training used.
+# ---------------------------------------------------------------------------------------------
+def _llama_config(tok, **kw):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=512,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None, **kw)
+
+
+def _athene(path):
+    """A tiny model in Athene-RM-8B's layout: `model.*` (a LlamaModel) + `v_head.weight` (no bias),
+    and a tokenizer with a `cls_token`, as the model card's class writes them."""
+    from transformers import LlamaModel, LlamaPreTrainedModel
+
+    class Athene(LlamaPreTrainedModel):
+        def __init__(self, config):
+            super().__init__(config)
+            self.model = LlamaModel(config)
+            self.v_head = torch.nn.Linear(config.hidden_size, 1, bias=False)
+            self.post_init()
+
+    tok = build_tokenizer(specials=["<|pad|>", "<|user|>", "<|assistant|>", "<|end|>", "<|cls|>"])
+    tok.add_special_tokens({"cls_token": "<|cls|>"})
+    torch.manual_seed(3)
+    model = Athene(_llama_config(tok))
+    model.config.architectures = ["LlamaForSequenceClassification"]  # as Athene-RM-8B's config.json says
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return model.eval(), tok
+
+
+def _athene_by_hand(model, tok, prompt, response, max_length=4096):
+    """The authors' scoring (fairseq2 `third_party/athene.py`): template + cls_token, tokenized with
+    the tokenizer's defaults and truncated, v_head on the last hidden state at the last CLS, 0 if none."""
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
+                                   tokenize=False) + tok.cls_token
+    ids = tok(text, return_tensors="pt", max_length=max_length, truncation=True)["input_ids"]
+    with torch.no_grad():
+        hidden = model.model(ids, output_hidden_states=True).hidden_states[-1]
+        rewards = model.v_head(hidden).squeeze(-1)
+    c = (ids[0] == tok.cls_token_id).nonzero()
+    return 0.0 if len(c) == 0 else rewards[0, c[-1].item()].item()
+
+
+def test_athene_layout_scored_as_its_authors_score_it(tmp_path):
+    model, tok = _athene(tmp_path / "athene")
+    rm = RewardModel(str(tmp_path / "athene"), torch.device("cpu"), batch_size=3)
+    assert rm.layout == "athene" and "last CLS" in rm.describe()
+    want = [_athene_by_hand(model, tok, p, r) for p, r in zip(PROMPTS, RESPONSES)]
+    assert rm.score(PROMPTS, RESPONSES) == pytest.approx(want, abs=1e-5)
+    assert len(set(round(s, 6) for s in want)) == len(want)
+    # truncation as the authors': a chat past max_length loses its CLS and scores 0
+    short = RewardModel(str(tmp_path / "athene"), torch.device("cpu"), max_length=40)
+    got = short.score(["Hi", "Hi"], ["x" * 100, "ok"])
+    assert got == pytest.approx([_athene_by_hand(model, tok, "Hi", "x" * 100, 40),
+                                 _athene_by_hand(model, tok, "Hi", "ok", 40)], abs=1e-5)
+    assert got[0] == 0.0 and got[1] != 0.0 and short.truncated == 1
+    # loaded as a stock sequence classifier, the same checkpoint scores with a random head
+    from transformers import AutoModelForSequenceClassification
+
+    stock = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "athene"), num_labels=1)
+    ids = tok(tok.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "ok"}],
+                                      tokenize=False), return_tensors="pt")["input_ids"]
+    assert stock(input_ids=ids).logits[0, 0].item() != pytest.approx(got[1], abs=1e-3)
+
+
+def _backbone_plus(path, head_names, seed, causal=False, **config):
+    """A Qwen2 backbone (`model.*`, plus `lm_head` for a causal LM) and extra head tensors saved
+    beside it, as TRL's value-head models and OpenRLHF's reward models write them."""
+    from safetensors.torch import load_file, save_file
+    from transformers import Qwen2ForCausalLM, Qwen2Model
+
+    tok = build_tokenizer()
+    torch.manual_seed(seed)
+    cls = Qwen2ForCausalLM if causal else Qwen2Model
+    model = cls(tiny_config(tok, layers=2, **config)).eval()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    f = path / "model.safetensors"
+    tensors = load_file(str(f))
+    if not causal:  # OpenRLHF's LLMForSequenceRegression keeps the backbone under `model.`
+        tensors = {f"model.{k}": v for k, v in tensors.items()}
+    heads = {name: torch.randn(shape) for name, shape in head_names.items()}
+    save_file(tensors | heads, str(f), metadata={"format": "pt"})
+    backbone = model.model if causal else model
+    return backbone, tok, heads
+
+
+def _last_hidden(backbone, tok, prompt, response, suffix=""):
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
+                                   tokenize=False) + suffix
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        return backbone(input_ids=ids).last_hidden_state[0, -1]
+
+
+def test_trl_value_head_layout(tmp_path):
+    backbone, tok, h = _backbone_plus(tmp_path / "trl", {"v_head.summary.weight": (1, 128),
+                                                         "v_head.summary.bias": (1,)}, seed=4, causal=True)
+    rm = RewardModel(str(tmp_path / "trl"), torch.device("cpu"))
+    assert rm.layout == "trl-value-head"
+    want = [(h["v_head.summary.weight"] @ _last_hidden(backbone, tok, p, r) + h["v_head.summary.bias"]).item()
+            for p, r in zip(PROMPTS, RESPONSES)]
+    assert rm.score(PROMPTS, RESPONSES) == pytest.approx(want, abs=1e-5)
+
+
+def test_openrlhf_layout_reads_at_the_eos_it_appends_and_normalises(tmp_path):
+    backbone, tok, h = _backbone_plus(tmp_path / "orlhf", {"value_head.weight": (1, 128)}, seed=5,
+                                      normalize_reward=True, mean=0.5, std=2.0)
+    rm = RewardModel(str(tmp_path / "orlhf"), torch.device("cpu"))
+    assert rm.layout == "openrlhf"
+    # the embedded template already ends each turn with EOS (<|end|>), so nothing is appended
+    want = [((h["value_head.weight"] @ _last_hidden(backbone, tok, p, r)).item() - 0.5) / 2.0
+            for p, r in zip(PROMPTS, RESPONSES)]
+    assert rm.score(PROMPTS, RESPONSES) == pytest.approx(want, abs=1e-5)
+
+
+def test_score_head_reads_the_last_token_even_when_pad_is_eos(tmp_path, rm_dirs):
+    """A template that closes with EOS and a tokenizer whose pad is EOS: transformers' own pooling
+    (last non-pad token) would score the token before the EOS; the RM is read at the EOS."""
+    import json
+    import shutil
+
+    path = tmp_path / "pad_is_eos"
+    shutil.copytree(rm_dirs[0], path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["pad_token_id"] = cfg["eos_token_id"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    rm = RewardModel(str(path), torch.device("cpu"))
+    assert rm.score(PROMPTS, RESPONSES) == pytest.approx([_direct(rm_dirs[0], p, r)[0] for p, r in zip(PROMPTS, RESPONSES)],
+                                                         abs=1e-5)
+
+
+def test_no_random_heads(tmp_path, tiny_model_dir, rm_dirs):
+    import json
+    import shutil
+
+    with pytest.raises(UserError, match=r"\(Qwen2ForCausalLM\) has no reward head in its checkpoint"):
+        RewardModel(tiny_model_dir, torch.device("cpu"))  # a causal LM as the reward model
+    # a model with its own code, without --trust-remote-code
+    custom = tmp_path / "custom"
+    shutil.copytree(tiny_model_dir, custom)
+    cfg = json.loads((custom / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForSequenceClassification": "modeling_rm.RM"}
+    (custom / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="pass --trust-remote-code"):
+        RewardModel(str(custom), torch.device("cpu"))
+    # a score head whose weights are absent from the checkpoint (a shard lost)
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(rm_dirs[0], broken)
+    t = load_file(str(broken / "model.safetensors"))
+    save_file({k: v for k, v in t.items() if not k.startswith("model.norm")} | {"score.weight": t["score.weight"]},
+              str(broken / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"weight\(s\) missing from its checkpoint, e.g. model.norm.weight"):
+        RewardModel(str(broken), torch.device("cpu"))

@@ -1,5 +1,5 @@
 """The four scripts stay siblings: what they share is byte-identical, and a diff between two of
-them shows the regime, within the style budget (../shared/STYLE.md, docstrings included)."""
+them shows the regime, within budgets on changed lines (docstrings included)."""
 
 import ast
 import difflib
