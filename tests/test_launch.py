@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from tests.conftest import ROOT, SMALL, metrics, run_script, write_jsonl
 
@@ -36,15 +37,19 @@ FLAGS = [  # (flags, what the one line says): all refused before any model loads
     (["--top-p", "1.5"], "--top-p must be at most 1"),
     (["--samples-per-prompt", "1"], "--samples-per-prompt must be >= 2"),
     (["--micro-batch-size", "0"], "--micro-batch-size must be > 0"),
-]
+    (["--model", "embedded/reward_model"],
+     "--model embedded/reward_model is a Qwen2ForSequenceClassification, not a generative language model"),
+    (["--reward-model", "embedded/policy"], "reward model 'embedded/policy' (Qwen2ForCausalLM) has no reward head"),
+] + ([] if torch.cuda.is_available() else [(["--vllm-sleep"], "--vllm-sleep frees GPU memory while the trainer "
+                                            "updates; this machine has no GPU")])
 
 
-@pytest.mark.parametrize("flags,message", FLAGS, ids=[f[0][0] + "=" + f[0][1] for f in FLAGS])
+@pytest.mark.parametrize("flags,message", FLAGS, ids=["=".join(f[0]) for f in FLAGS])
 def test_bad_flags_are_one_line_before_any_model_loads(tmp_path, flags, message):
     r = subprocess.run([sys.executable, "online_dpo.py", *flags, "--output-dir", str(tmp_path / "o")], cwd=ROOT,
                        env=ENV, capture_output=True, text=True, timeout=300)
     one_line(r, message)
-    assert "vllm" not in (r.stdout + r.stderr).lower()  # refused before the engine (or any model) loaded
+    assert "vllm" not in r.stdout.lower() + r.stderr.lower().replace("--vllm-sleep", "")  # before any model loaded
 
 
 def test_bad_paths_are_one_line(tmp_path):
@@ -175,6 +180,23 @@ def test_resume_without_a_checkpoint_and_on_another_rank_count(tmp_path):
     r = subprocess.run([sys.executable, "grpo.py", "--resume", "--output-dir", str(tmp_path / "old")], cwd=ROOT, env=ENV,
                        capture_output=True, text=True, timeout=300)
     one_line(r, "was written by 2 rank(s); resume with the same number (this run has 1)")
+
+
+def test_a_truncated_checkpoint_shard_is_one_line_before_any_model_loads(tmp_path):
+    import shutil
+
+    ckpt = tmp_path / "run" / "checkpoint"
+    (ckpt / "trainer_state").mkdir(parents=True)
+    json.dump({"step": 2, "world_size": 1}, open(ckpt / "step.json", "w"))
+    shutil.copy(os.path.join(ROOT, "embedded", "policy", "model.safetensors"), ckpt / "model.safetensors")
+    shard = ckpt / "trainer_state" / "rank0.safetensors"
+    shutil.copy(ckpt / "model.safetensors", shard)
+    with open(shard, "r+b") as f:  # a copy cut short
+        f.truncate(os.path.getsize(shard) - 1000)
+    r = subprocess.run([sys.executable, "grpo.py", "--resume", "--output-dir", str(tmp_path / "run")], cwd=ROOT,
+                       env=ENV, capture_output=True, text=True, timeout=300)
+    one_line(r, f"--resume: checkpoint file {shard} is unreadable")
+    assert "vllm" not in (r.stdout + r.stderr).lower()
 
 
 def test_data_errors_are_one_line(tmp_path):
