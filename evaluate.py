@@ -99,7 +99,6 @@ def main(args: Args) -> None:
                                  gpu_memory_utilization=args.gpu_memory_utilization,
                                  dtype=common.default_dtype(device), seed=args.seed,
                                  trust_remote_code=args.trust_remote_code)
-    seed = args.seed * 7919 + rank * 104729  # distinct per rank
     result = {"args": asdict(args), "math": {}, "chat": {}}
     t0 = time.time()
 
@@ -115,11 +114,11 @@ def main(args: Args) -> None:
     for spec, rows in math_sets.items():
         if rank == 0:
             print(f"math {spec}: {len(rows)} problems x {args.samples} samples, then greedy", flush=True)
-        mine = rows[rank::world_size]
+        mine, seeds = rows[rank::world_size], common.eval_seeds(args.seed, 0, range(rank, len(rows), world_size))
         accs = common.eval_math(generator, tokenizer, mine, k=args.samples, temperature=args.temperature,
-                                top_p=args.top_p, max_tokens=args.max_new_tokens, seed=seed, progress=rank == 0)
+                                top_p=args.top_p, max_tokens=args.max_new_tokens, seed=seeds, progress=rank == 0)
         greedy = common.eval_math(generator, tokenizer, mine, k=1, temperature=0.0, top_p=1.0,
-                                  max_tokens=args.max_new_tokens, seed=seed, progress=rank == 0)
+                                  max_tokens=args.max_new_tokens, seed=seeds, progress=rank == 0)
         s = common.all_reduce({"n": len(accs), "sum": sum(accs), "sq": sum(a * a for a in accs), "greedy": sum(greedy)})
         acc, se = common.mean_se_from_sums(s["n"], s["sum"], s["sq"])
         result["math"][spec] = {"accuracy": acc, "accuracy_se": se, "greedy_accuracy": s["greedy"] / s["n"],
@@ -131,13 +130,14 @@ def main(args: Args) -> None:
 
     # ---- chat: reward-model score, length, length-normalised score, win rate vs the baseline
     if chat_rows:
-        mine = chat_rows[rank::world_size]
+        mine, indices = chat_rows[rank::world_size], range(rank, len(chat_rows), world_size)
         sampling = {"k": args.samples, "temperature": args.temperature, "top_p": args.top_p,
                     "max_tokens": args.max_new_tokens, "progress": rank == 0}
         if rank == 0:
             print(f"chat {args.chat_dataset}: {len(chat_rows)} prompts x {args.samples} samples"
                   + (f", then the baseline's {args.baseline}" if args.baseline else ""), flush=True)
-        scores, lengths = common.eval_chat(generator, tokenizer, reward_model, mine, seed=seed + 1, **sampling)
+        scores, lengths = common.eval_chat(generator, tokenizer, reward_model, mine,
+                                           seed=common.eval_seeds(args.seed, 1, indices), **sampling)
         per_prompt = scores.mean(dim=1)
         s = common.all_reduce({"n": len(mine), "sum": per_prompt.sum().item(), "sq": (per_prompt**2).sum().item(),
                                "tokens": lengths.mean(dim=1).sum().item()})
@@ -155,7 +155,8 @@ def main(args: Args) -> None:
                                      trainable=False, trust_remote_code=args.trust_remote_code)
             generator.sync_weights(base)  # same architecture: the baseline's weights, same engine
             del base
-            base_scores, _ = common.eval_chat(generator, tokenizer, reward_model, mine, seed=seed + 2, **sampling)
+            base_scores, _ = common.eval_chat(generator, tokenizer, reward_model, mine,
+                                             seed=common.eval_seeds(args.seed, 2, indices), **sampling)
             wins = (scores > base_scores).float() + 0.5 * (scores == base_scores).float()  # (P, k)
             w = common.all_reduce({"wins": wins.sum().item(), "pairs": wins.numel()})
             result["chat"] |= {"win_rate": w["wins"] / w["pairs"], "baseline": args.baseline}

@@ -168,10 +168,10 @@ class Args:
     epochs: float = 0.0
     """passes over an existing `--pairs` dataset (0: `num_steps` steps)"""
 
-    # filled in after parsing
-    world_size: int = 0
+    # filled in after parsing (not flags: logged with the config)
+    world_size: tyro.conf.Suppress[int] = 0
     """number of ranks"""
-    prompts_per_rank: int = 0
+    prompts_per_rank: tyro.conf.Suppress[int] = 0
     """prompts_per_step / world_size"""
 
 
@@ -221,7 +221,7 @@ def main(args: Args) -> None:
     common.check_args(args, world_size)  # every flag and local path, before any model loads
     args.world_size, args.prompts_per_rank = world_size, args.prompts_per_step // world_size
     args.output_dir = args.output_dir or f"runs/{args.exp_name}__{args.seed}"
-    common.claim_output_dir(args.output_dir, args.resume, world_size, rank)  # this run's alone, while it runs
+    common.claim_output_dir(args, world_size, rank)  # this run's alone, while it runs
     ckpt_dir = os.path.join(args.output_dir, "checkpoint")
     common.seed_everything(args.seed)  # CRUCIAL: the same seed on every rank (identical init)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
@@ -236,7 +236,7 @@ def main(args: Args) -> None:
     rows, prompt_ids, dropped = [], [], 0
     if build:
         rows = common.load_prompts(args.dataset, args.dataset_split, args.math_template,
-                                   paper_math_filter=args.paper_math_filter, verbose=rank == 0)
+                                   paper_math_filter=args.paper_math_filter, verbose=rank == 0, seed=args.seed)
         rows, prompt_ids, dropped = common.fit_prompts(tokenizer, rows, max_prompt, args.prompts_per_step, "--dataset")
     else:  # read before any model loads, so a bad file fails in seconds
         data = common.load_pairs(pairs_path, args.pairs_split, verbose=rank == 0)

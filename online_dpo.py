@@ -162,12 +162,12 @@ class Args:
     no for chat and for mixed math + chat (its V+NV run); per-task: math rows against a re-synced
     reference, chat rows against the fixed seed"""
 
-    # filled in after parsing
-    world_size: int = 0
+    # filled in after parsing (not flags: logged with the config)
+    world_size: tyro.conf.Suppress[int] = 0
     """number of ranks"""
-    prompts_per_rank: int = 0
+    prompts_per_rank: tyro.conf.Suppress[int] = 0
     """prompts_per_step / world_size"""
-    synced_tasks: tuple[str, ...] = ()
+    synced_tasks: tyro.conf.Suppress[tuple[str, ...]] = ()
     """tasks whose reference re-syncs with the generator (ref_sync resolved)"""
 
 
@@ -217,7 +217,7 @@ def main(args: Args) -> None:
     common.check_args(args, world_size)  # every flag and local path, before any model loads
     args.world_size, args.prompts_per_rank = world_size, args.prompts_per_step // world_size
     args.output_dir = args.output_dir or f"runs/{args.exp_name}__{args.seed}"
-    common.claim_output_dir(args.output_dir, args.resume, world_size, rank)  # this run's alone, while it runs
+    common.claim_output_dir(args, world_size, rank)  # this run's alone, while it runs
     ckpt_dir = os.path.join(args.output_dir, "checkpoint")
     common.seed_everything(args.seed)  # CRUCIAL: the same seed on every rank (identical init)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
@@ -228,7 +228,7 @@ def main(args: Args) -> None:
     tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
     max_prompt = args.max_model_len - args.max_new_tokens  # room to answer in full, held-out prompts too
     rows = common.load_prompts(args.dataset, args.dataset_split, args.math_template,
-                               paper_math_filter=args.paper_math_filter, verbose=rank == 0)
+                               paper_math_filter=args.paper_math_filter, verbose=rank == 0, seed=args.seed)
     rows, prompt_ids, dropped = common.fit_prompts(tokenizer, rows, max_prompt, args.prompts_per_step, "--dataset")
     eval_rows, eval_dropped = [], 0
     if args.eval_dataset and args.eval_every > 0:

@@ -33,11 +33,13 @@ from common.evaluation import (
     eval_chat,
     eval_line,
     eval_math,
+    eval_seeds,
+    eval_subset,
     evaluate,
     mean_and_se,
     mean_se_from_sums,
 )
-from common.generation import Completion, Generator
+from common.generation import Completion, Generator, request_seed
 from common.launch import check_args, claim_output_dir, finish, run
 from common.metrics import (
     PhaseTimer,
@@ -71,8 +73,8 @@ from common.utils import (
 
 __all__ = [
     "find_checkpoint", "load_checkpoint", "save_checkpoint",
-    "eval_chat", "eval_line", "eval_math", "evaluate", "mean_and_se", "mean_se_from_sums", "PAPER_MATH_TEMPLATE", "encode_pairs", "fit_prompts", "last_boxed", "load_pairs", "load_prompts", "load_rollout_log", "save_pairs", "shuffled_indices",
-    "Completion", "Generator", "completion_logprobs", "copy_weights", "default_dtype", "encode_prompts", "fsdp_wrap", "full_state_dict", "load_model",
+    "eval_chat", "eval_line", "eval_math", "eval_seeds", "eval_subset", "evaluate", "mean_and_se", "mean_se_from_sums", "PAPER_MATH_TEMPLATE", "encode_pairs", "fit_prompts", "last_boxed", "load_pairs", "load_prompts", "load_rollout_log", "save_pairs", "shuffled_indices",
+    "Completion", "Generator", "request_seed", "completion_logprobs", "copy_weights", "default_dtype", "encode_prompts", "fsdp_wrap", "full_state_dict", "load_model",
     "load_tokenizer", "RewardModel", "math_reward", "math_rewards", "MetricsLogger", "UserError",
     "all_reduce", "peak_memory_gb", "seed_everything", "setup_distributed", "score", "PhaseTimer", "logprob_gap",
     "reduce_step", "StepOrder", "Progress", "rollout_metrics", "rollout_sums", "trainer_metrics", "check_args", "claim_output_dir", "finish", "run", "set_lr",

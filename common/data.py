@@ -48,6 +48,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
+from common.generation import request_seed
 from common.utils import UserError
 
 # The paper's math prompt (user turn).
@@ -279,14 +280,14 @@ class _Drops:
 
 def load_prompts(spec: str, split: str = "train", math_template: str = PAPER_MATH_TEMPLATE,
                  limit: int | None = None, paper_math_filter: bool = False, task: str | None = None,
-                 verbose: bool = False) -> list[dict]:
+                 verbose: bool = False, seed: int = 0) -> list[dict]:
     """Load and normalise a prompt dataset spec (module docstring): every part's usable rows, in
     order, at most `limit` per part; `task` forces the task of parts without a prefix. With `verbose`, one line per part says how many rows of each
     task were read and how many were dropped, why, and where. A part with no usable row is refused.
 
     Parts with weights (`AI-MO/NuminaMath-CoT:2,allenai/WildChat-1M:1`) are mixed: each gets a share
-    of the concatenation's size proportional to its weight, subsampled or repeated in a fixed
-    seeded order; without weights the parts are concatenated."""
+    of the concatenation's size proportional to its weight, subsampled or repeated in an order
+    fixed by `seed` (the run's: two seeds draw two mixtures); without weights the parts are concatenated."""
     parts = _parse_spec(spec)
     loaded = []
     for part_task, name, config, _ in parts:
@@ -317,7 +318,7 @@ def load_prompts(spec: str, split: str = "train", math_template: str = PAPER_MAT
     total, weight_sum = sum(len(rows) for rows in loaded), sum(weights)
     mixed = []
     for i, (rows, w) in enumerate(zip(loaded, weights, strict=True)):
-        order = shuffled_indices(len(rows), 0, i)
+        order = shuffled_indices(len(rows), seed, i)
         mixed += [rows[order[j % len(rows)]] for j in range(round(total * w / weight_sum))]
     return mixed
 
@@ -504,8 +505,10 @@ class StepOrder:
         return out
 
     def seeds(self, step: int) -> list[int]:
+        # CRUCIAL: a key per (run seed, step, place in the step), even (evaluation's are odd), each
+        # a request seed of its own: no two prompts, ranks or steps share a sampling stream
         base = (self.seed * 1_000_003 + step) * self.per_step + self.first
-        return [base + j for j in range(self.per_rank)]
+        return [request_seed(2 * (base + j)) for j in range(self.per_rank)]
 
 
 @functools.lru_cache(maxsize=4)

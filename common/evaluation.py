@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import random
 
 import torch
 import torch.distributed as dist
 
+from common.generation import request_seed
 from common.models import encode_prompts
 from common.rewards import math_rewards
 from common.utils import all_reduce
@@ -27,8 +29,23 @@ def mean_se_from_sums(n: float, total: float, sq: float) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
+def eval_seeds(run_seed: int, stream: int, indices) -> list[int]:
+    """One vLLM seed per held-out problem, from its index in the whole held-out set (the same on one
+    rank or eight) and a `stream` per use (0 math, 1 chat, 2 a baseline's chat). Keys are odd, the
+    training ones even: no two problems, uses or training requests share a sampling stream, so the
+    problems are independent, as the standard error assumes."""
+    return [request_seed(2 * ((run_seed * 1_000_003 + stream) * 1_000_000 + i) + 1) for i in indices]
+
+
+def eval_subset(n: int, limit: int) -> list[int]:
+    """The indices of the held-out rows an in-training evaluation uses: all of them, or a fixed
+    random sample of `limit` (the same for every run and seed, so runs compare; a file's first rows
+    are not a random sample of it), in file order."""
+    return list(range(n)) if n <= limit else sorted(random.Random(0).sample(range(n), limit))
+
+
 def eval_math(generator, tokenizer, rows: list[dict], *, k: int, temperature: float, top_p: float,
-              max_tokens: int, seed: int, progress: bool = False) -> list[float]:
+              max_tokens: int, seed: int | list[int], progress: bool = False) -> list[float]:
     """Per-problem accuracy, each the mean over `k` samples (the paper: T=0.6, top-p 0.9, 50
     samples). `mean_and_se` of the result is the figure to report; under torchrun each rank
     evaluates a shard and the scripts reduce (sum, sum of squares, count)."""
@@ -43,7 +60,7 @@ def eval_math(generator, tokenizer, rows: list[dict], *, k: int, temperature: fl
 
 
 def eval_chat(generator, tokenizer, reward_model, rows: list[dict], *, k: int, temperature: float,
-              top_p: float, max_tokens: int, seed: int, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+              top_p: float, max_tokens: int, seed: int | list[int], progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(P, k) reward-model scores and (P, k) lengths in tokens of `k` samples per chat prompt,
     scored in one batched reward-model call."""
     outs = generator.generate(encode_prompts(tokenizer, [r["prompt"] for r in rows]), n=k,
@@ -56,21 +73,24 @@ def eval_chat(generator, tokenizer, reward_model, rows: list[dict], *, k: int, t
 
 def evaluate(generator, tokenizer, reward_model, rows: list[dict], *, k: int, temperature: float,
              top_p: float, max_tokens: int, seed: int, limit: int) -> dict[str, float]:
-    """The `eval/*` metrics of held-out rows (at most `limit` per task), sharded over ranks and
-    reduced, from `k` samples per prompt with the generator's current weights:
-    math -> `eval/accuracy` (mean per-problem accuracy) and `eval/accuracy_se`;
+    """The `eval/*` metrics of held-out rows (per task, all of them or a fixed random `limit` of
+    them: `eval_subset`), sharded over ranks and reduced, from `k` samples per prompt with the
+    generator's current weights, each problem with its own sampling seeds (`eval_seeds`):
+    math -> `eval/accuracy` (mean per-problem accuracy), `eval/accuracy_se`, `eval/problems`;
     chat -> `eval/chat/reward_mean` (reward-model score) with `_se`, `eval/chat/length_mean`
     (tokens) and `eval/chat/reward_per_token` (mean reward / mean length: the paper picked chat
     checkpoints by it, because the RM rewards length)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    math_rows = [r for r in rows if r["task"] == "math"][:limit][rank::world]
-    chat_rows = [r for r in rows if r["task"] == "chat"][:limit][rank::world]
-    seed = seed * 7919 + rank * 104729  # distinct per rank; fixed across evaluations
+    by_task = {task: [r for r in rows if r["task"] == task] for task in ("math", "chat")}
+    mine = {task: eval_subset(len(rs), limit)[rank::world] for task, rs in by_task.items()}  # indices
+    math_rows, chat_rows = ([by_task[t][i] for i in mine[t]] for t in ("math", "chat"))
     sampling = {"k": k, "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens}
-    accs = eval_math(generator, tokenizer, math_rows, seed=seed, **sampling) if math_rows else []
+    accs = eval_math(generator, tokenizer, math_rows, seed=eval_seeds(seed, 0, mine["math"]), **sampling) \
+        if math_rows else []
     chat_rewards, chat_lengths = torch.zeros(0), torch.zeros(0)
     if chat_rows:
-        scores, lengths = eval_chat(generator, tokenizer, reward_model, chat_rows, seed=seed + 1, **sampling)
+        scores, lengths = eval_chat(generator, tokenizer, reward_model, chat_rows, seed=eval_seeds(seed, 1, mine["chat"]),
+                                    **sampling)
         chat_rewards, chat_lengths = scores.mean(dim=1), lengths.mean(dim=1)  # (P,) per prompt
     s = all_reduce({"n": len(accs), "sum": sum(accs), "sq": sum(a * a for a in accs),
                     "chat_n": len(chat_rewards), "chat_sum": chat_rewards.sum().item(),
@@ -78,16 +98,21 @@ def evaluate(generator, tokenizer, reward_model, rows: list[dict], *, k: int, te
     out = {}
     if s["n"]:
         out["eval/accuracy"], out["eval/accuracy_se"] = mean_se_from_sums(s["n"], s["sum"], s["sq"])
+        out["eval/problems"] = int(s["n"])
     if s["chat_n"]:
         out["eval/chat/reward_mean"], out["eval/chat/reward_mean_se"] = mean_se_from_sums(s["chat_n"], s["chat_sum"], s["chat_sq"])
         out["eval/chat/length_mean"] = s["chat_tokens"] / s["chat_n"]
+        out["eval/chat/prompts"] = int(s["chat_n"])
         out["eval/chat/reward_per_token"] = out["eval/chat/reward_mean"] / max(out["eval/chat/length_mean"], 1)
     return out
 
 
 def eval_line(m: dict) -> str:
     """The human-readable part of a step line for the `eval/*` keys in `m`."""
-    parts = [f"eval accuracy {m['eval/accuracy']:.3f} ± {m['eval/accuracy_se']:.3f}"] if "eval/accuracy" in m else []
+    parts = []
+    if "eval/accuracy" in m:
+        parts.append(f"eval accuracy {m['eval/accuracy']:.3f} ± {m['eval/accuracy_se']:.3f} ({m['eval/problems']} problems)")
     if "eval/chat/reward_mean" in m:
-        parts.append(f"eval chat reward {m['eval/chat/reward_mean']:.3f} (len {m['eval/chat/length_mean']:.1f})")
+        parts.append(f"eval chat reward {m['eval/chat/reward_mean']:.3f} (len {m['eval/chat/length_mean']:.1f}, "
+                     f"{m['eval/chat/prompts']} prompts)")
     return " | ".join(parts)

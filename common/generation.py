@@ -79,6 +79,19 @@ def kv_cache_bytes(model: str, tokens: int, dtype: torch.dtype, trust_remote_cod
     return 2 * c.num_hidden_layers * kv_heads * head_dim * dtype.itemsize * tokens
 
 
+# CRUCIAL: vLLM seeds sample i of an n-sample request with `seed + i` (vllm/v1/engine/
+# parallel_sampling.py), so two requests whose seeds are closer than n share random streams (seen:
+# one prompt twice with consecutive seeds gave the same samples shifted by one). Every request seed
+# here is a distinct multiple of SEED_STRIDE: up to SEED_STRIDE samples per request, none shared.
+SEED_STRIDE = 4096
+
+
+def request_seed(key: int) -> int:
+    """The vLLM seed of the request with this `key` (keys unique within a run: StepOrder's for
+    training, `common.eval_seeds` for evaluation)."""
+    return key * SEED_STRIDE % 2**63
+
+
 @dataclass
 class Completion:
     token_ids: list[int]  # sampled tokens, EOS included when the model stopped on it
@@ -150,12 +163,15 @@ class Generator:
                  max_tokens: int, seed: int | list[int], progress: bool = False) -> list[list[Completion]]:
         """`n` completions for each prompt (token ids, chat template already applied).
 
-        `seed`: one sampling seed per prompt, or an int s meaning s, s+1, ... Give seeds that
-        differ per rank and per step (and per run seed) so ranks never draw the same samples
-        and two runs differ; a prompt's samples depend only on its seed and the weights, not
-        on what else is in the batch.
+        `seed`: one vLLM sampling seed per prompt (from `request_seed`: see SEED_STRIDE), or an
+        int s meaning keys s, s + 1, ...; training and evaluation give each (prompt, step, rank)
+        and each held-out problem its own key, so no two requests share a random stream and two
+        runs differ. A prompt's samples depend only on its seed and the weights, not on what else
+        is in the batch.
         """
-        seeds = seed if isinstance(seed, list) else [seed + i for i in range(len(prompts))]
+        seeds = seed if isinstance(seed, list) else [request_seed(seed + i) for i in range(len(prompts))]
+        if n > SEED_STRIDE:
+            raise ValueError(f"{n} samples per request: at most {SEED_STRIDE} keep their streams apart")
         self.wake_up()
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt

@@ -8,6 +8,7 @@ wrap hooks, and a message printed by a hook was lost under both (seen: only exit
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -17,12 +18,11 @@ import time
 
 from common.utils import UserError
 
-# flag -> what it must be. Checked by name on any script's Args that has the field.
-_POSITIVE = ("num_steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "max_model_len", "learning_rate",
-             "adam_eps", "max_grad_norm", "micro_batch_size", "save_every", "eval_samples", "eval_limit", "temperature",
-             "top_p", "eval_top_p", "beta", "sync_interval", "samples")
-_NON_NEGATIVE = ("warmup_steps", "eval_every", "log_samples_every", "eval_temperature", "nll_scale", "kl_coef", "epochs",
-                 "gpu_memory_utilization", "limit")
+# Every numeric flag must be > 0, but for these (checked on any script's Args that has the field):
+# a new flag is checked by default, never forgotten.
+_NON_NEGATIVE = ("seed", "warmup_steps", "eval_every", "log_samples_every", "eval_temperature", "nll_scale", "kl_coef",
+                 "epochs", "gpu_memory_utilization", "limit", "weight_decay")
+_DERIVED = ("world_size", "prompts_per_rank")  # filled in after parsing, not flags
 
 
 def _flag(name: str) -> str:
@@ -50,17 +50,33 @@ def check_args(args, world_size: int) -> None:
         if not torch.cuda.is_available():
             raise UserError("--vllm-sleep frees GPU memory while the trainer updates; this machine has no GPU "
                             "(drop the flag)")
-    for name in _POSITIVE + _NON_NEGATIVE:
-        value = getattr(args, name, None)
-        if value is not None and not (value > 0 if name in _POSITIVE else value >= 0):
-            raise UserError(f"{_flag(name)} must be {'> 0' if name in _POSITIVE else '>= 0'} (got {value})")
+    for field in dataclasses.fields(args):
+        name, value = field.name, getattr(args, field.name)
+        if name in _DERIVED or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        positive = name not in _NON_NEGATIVE
+        if not (value > 0 if positive else value >= 0):
+            raise UserError(f"{_flag(name)} must be {'> 0' if positive else '>= 0'} (got {value})")
+    if not all(0 <= b < 1 for b in getattr(args, "adam_betas", ())):
+        raise UserError(f"--adam-betas must each be in [0, 1) (got {args.adam_betas})")
     for name in ("top_p", "eval_top_p"):
         if getattr(args, name, 1.0) > 1:
             raise UserError(f"{_flag(name)} must be at most 1 (got {getattr(args, name)})")
     if getattr(args, "gpu_memory_utilization", 0.0) >= 1:
         raise UserError(f"--gpu-memory-utilization is a fraction below 1 (got {args.gpu_memory_utilization})")
+    from common.generation import SEED_STRIDE
+
+    for name in ("samples_per_prompt", "eval_samples", "samples"):
+        if getattr(args, name, 1) > SEED_STRIDE:
+            raise UserError(f"{_flag(name)} {getattr(args, name)}: at most {SEED_STRIDE} samples per prompt "
+                            "(each prompt's sampling streams are kept apart from every other's)")
     if getattr(args, "samples_per_prompt", 2) < 2:
         raise UserError("--samples-per-prompt must be >= 2: one sample per prompt gives nothing to compare")
+    s = getattr(args, "sync_interval", 1)
+    if hasattr(args, "save_every") and args.save_every % s and args.save_every < args.num_steps:
+        raise UserError(f"--save-every {args.save_every} is not a multiple of --sync-interval {s}: a checkpoint inside a "
+                        f"sync window cannot resume exactly (the rest of the window was sampled from the window's first "
+                        f"weights); use a multiple of {s} ({s}, {2 * s}, ...)")
     if hasattr(args, "prompts_per_step") and args.prompts_per_step % world_size:
         raise UserError(f"--prompts-per-step {args.prompts_per_step} must divide by the number of ranks ({world_size})")
     if hasattr(args, "max_new_tokens") and args.max_new_tokens >= args.max_model_len:
@@ -87,12 +103,14 @@ def check_generative(name: str, flag: str, trust_remote_code: bool = False) -> N
                         "(a *ForCausalLM); a reward model goes to --reward-model")
 
 
-def claim_output_dir(output_dir: str, resume: bool, world_size: int, rank: int) -> None:
+def claim_output_dir(args, world_size: int, rank: int) -> None:
     """Make `output_dir` this run's, before any model loads: created and proven writable, locked
     for the run's lifetime (an OS lock, released when the process dies, so a killed run never
     leaves a stale one), and consistent with `--resume` (which finds the checkpoint, repairing one a
     crash left half-renamed). A folder whose run stopped before its first checkpoint is simply
-    started over. Collective under torchrun."""
+    started over. Semi-online DPO resumes only at a sync-window boundary (`exact_resume_step`).
+    Collective under torchrun."""
+    output_dir, resume = args.output_dir, args.resume
     step_json = os.path.join(output_dir, "checkpoint", "step.json")
     if rank == 0:
         try:
@@ -132,6 +150,13 @@ def claim_output_dir(output_dir: str, resume: bool, world_size: int, rank: int) 
         from common.checkpoint import check_checkpoint
 
         check_checkpoint(os.path.join(output_dir, "checkpoint"), world_size)
+        step, s = json.load(open(step_json))["step"], getattr(args, "sync_interval", 1)
+        if step % s and step < args.num_steps:  # only a run's last step can end inside a window
+            raise UserError(f"--resume: the checkpoint of step {step} is inside a sync window (--sync-interval {s}): "
+                            f"the run it came from stopped there, and this one would sample steps {step + 1}-"
+                            f"{min((step // s + 1) * s, args.num_steps)} from newer weights than one uninterrupted run "
+                            f"(cut at step {step // s * s} instead); resume with --num-steps {step}, or start a new "
+                            f"run with --model {output_dir}/checkpoint")
 
 
 def run(main, args) -> None:

@@ -263,6 +263,7 @@ def test_dataset_mixtures(tmp_path):
     assert len(mixed) == 40 and sum(r["task"] == "chat" for r in mixed) == 30
     assert len({r["prompt"] for r in mixed if r["task"] == "chat"}) == 10  # the small one repeats, all rows used
     assert mixed == load_prompts(f"{a}:1,{b}:3")  # a fixed order
+    assert load_prompts(f"{a}:1,{b}:3", seed=2) == load_prompts(f"{a}:1,{b}:3", seed=2) != mixed  # the run's seed draws it
     assert len(load_prompts(f"{a}:1,{b}:0")) == 40 and all(r["task"] == "math" for r in load_prompts(f"{a}:1,{b}:0"))
     with pytest.raises(UserError, match="give every dataset a weight"):
         load_prompts(f"{a}:1,{b}")

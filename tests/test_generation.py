@@ -58,3 +58,26 @@ def test_sync_after_optimizer_step_matches_trainer(generator, tiny_model_dir):
     generator.sync_weights(model)
     fresh = generator.generate(prompts, n=4, temperature=T, top_p=1.0, max_tokens=16, seed=4)
     assert _max_gap(model, tok, prompts, fresh, T) < FP32_GAP
+
+
+def test_no_two_prompts_share_a_sampling_stream(generator, tiny_model_dir):
+    """vLLM seeds sample i of a request with seed + i. One prompt repeated through two consecutive
+    steps of StepOrder, and through an evaluation, on random weights (near-uniform over the
+    vocabulary: a chance match of 12 tokens is impossible): no sample equals any other, in place or
+    shifted, while the same run seed reproduces the same rollouts."""
+    tok = common.load_tokenizer(tiny_model_dir)
+    generator.sync_weights(common.load_model(tiny_model_dir, torch.device("cpu")))  # random weights
+    prompt = _prompts(tok)[:1]
+    order = common.StepOrder(100, seed=1, per_step=4, rank=0, world_size=1)
+    seeds = order.seeds(1) + order.seeds(2) + common.eval_seeds(1, 0, range(4)) + common.eval_seeds(1, 1, range(4))
+    gen = lambda s: [[tuple(c.token_ids) for c in o] for o in generator.generate(
+        prompt * len(s), n=8, temperature=1.0, top_p=1.0, max_tokens=12, seed=s)]
+    samples = gen(seeds)
+    flat = [x for o in samples for x in o]
+    assert len(set(flat)) == len(flat) == 16 * 8  # 16 requests x 8 samples, all distinct
+    assert gen(order.seeds(1)) == samples[:4]  # the same run seed reproduces
+    other = common.StepOrder(100, seed=2, per_step=4, rank=0, world_size=1)
+    assert not set(x for o in gen(other.seeds(1)) for x in o) & set(flat)  # another run seed: other samples
+    # two ranks of the same step draw what one rank draws, prompt for prompt
+    ranks = [common.StepOrder(100, seed=1, per_step=4, rank=r, world_size=2).seeds(1) for r in (0, 1)]
+    assert ranks[0] + ranks[1] == order.seeds(1)

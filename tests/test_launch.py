@@ -37,6 +37,9 @@ FLAGS = [  # (flags, what the one line says): all refused before any model loads
     (["--top-p", "1.5"], "--top-p must be at most 1"),
     (["--samples-per-prompt", "1"], "--samples-per-prompt must be >= 2"),
     (["--micro-batch-size", "0"], "--micro-batch-size must be > 0"),
+    (["--rm-batch-size", "0"], "--rm-batch-size must be > 0"),  # every numeric flag is checked, by default
+    (["--rm-max-length", "-1"], "--rm-max-length must be > 0"),
+    (["--adam-betas", "0.9", "1.5"], "--adam-betas must each be in [0, 1)"),
     (["--model", "embedded/reward_model"],
      "--model embedded/reward_model is a Qwen2ForSequenceClassification, not a generative language model"),
     (["--reward-model", "embedded/policy"], "reward model 'embedded/policy' (Qwen2ForCausalLM) has no reward head"),
@@ -50,6 +53,13 @@ def test_bad_flags_are_one_line_before_any_model_loads(tmp_path, flags, message)
                        env=ENV, capture_output=True, text=True, timeout=300)
     one_line(r, message)
     assert "vllm" not in r.stdout.lower() + r.stderr.lower().replace("--vllm-sleep", "")  # before any model loaded
+
+
+def test_derived_values_are_not_flags():
+    r = subprocess.run([sys.executable, "semi_online_dpo.py", "--help"], cwd=ROOT, env=ENV, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and "--sync-interval" in r.stdout
+    assert not [f for f in ("--world-size", "--prompts-per-rank", "--synced-tasks") if f in r.stdout]
 
 
 def test_bad_paths_are_one_line(tmp_path):
@@ -197,6 +207,28 @@ def test_a_truncated_checkpoint_shard_is_one_line_before_any_model_loads(tmp_pat
                        env=ENV, capture_output=True, text=True, timeout=300)
     one_line(r, f"--resume: checkpoint file {shard} is unreadable")
     assert "vllm" not in (r.stdout + r.stderr).lower()
+
+
+def test_semi_online_resumes_only_at_a_window_boundary(tmp_path):
+    """s = 3: a checkpoint at step 4 would sample steps 5-6 from newer weights than the window's
+    first; refused at the start. A run whose last step (4) ends inside a window cannot be extended."""
+    r = subprocess.run([sys.executable, "semi_online_dpo.py", "--sync-interval", "3", "--save-every", "4",
+                        "--num-steps", "9", "--output-dir", str(tmp_path / "a")], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    one_line(r, "--save-every 4 is not a multiple of --sync-interval 3: a checkpoint inside a sync window cannot "
+                "resume exactly")
+    import shutil
+
+    ckpt = tmp_path / "b" / "checkpoint"  # what `--num-steps 4 --save-every 3` leaves at its end
+    (ckpt / "trainer_state").mkdir(parents=True)
+    json.dump({"step": 4, "world_size": 1}, open(ckpt / "step.json", "w"))
+    for f in ("model.safetensors", "trainer_state/rank0.safetensors"):
+        shutil.copy(os.path.join(ROOT, "embedded", "policy", "model.safetensors"), ckpt / f)
+    base = [sys.executable, "semi_online_dpo.py", "--sync-interval", "3", "--save-every", "3", "--resume",
+            "--output-dir", str(tmp_path / "b")]
+    r = subprocess.run([*base, "--num-steps", "6"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    one_line(r, "--resume: the checkpoint of step 4 is inside a sync window (--sync-interval 3): the run it came "
+                "from stopped there, and this one would sample steps 5-6 from newer weights")
 
 
 def test_data_errors_are_one_line(tmp_path):

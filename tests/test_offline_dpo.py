@@ -91,9 +91,11 @@ def test_is_semi_online_with_a_sync_interval_past_the_end(built, tmp_path):
     reference: the same rollouts, pairs, losses and updates, step for step."""
     out = tmp_path / "semi"
     run_script("semi_online_dpo.py", ["--dataset", built["data"], "--sync-interval", "1000", "--ref-sync", "no",
-                                      "--eval-every", "3", "--output-dir", str(out), *ARGS])
+                                      "--eval-every", "3", "--output-dir", str(out), *ARGS, "--save-every", "1000"])
     off, semi = metrics(built["out"]), metrics(out)
     assert [x["step"] for x in off] == [x["step"] for x in semi]
+    # not vacuous: pairs were formed and trained on (a verifier scoring everything 0 would give none)
+    assert sum(x["train/pairs"] for x in off[1:]) > 0 and max(x["train/loss"] for x in off[1:]) > 0
     for x, y in zip(off[1:], semi[1:], strict=True):
         for k in SAME:
             assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-6), (x["step"], k, x[k], y[k])

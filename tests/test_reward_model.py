@@ -218,7 +218,13 @@ def test_score_head_reads_the_last_token_even_when_pad_is_eos(tmp_path, rm_dirs)
     cfg = json.loads((path / "config.json").read_text())
     cfg["pad_token_id"] = cfg["eos_token_id"]
     (path / "config.json").write_text(json.dumps(cfg))
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.pad_token = tok.eos_token
+    tok.save_pretrained(path)
     rm = RewardModel(str(path), torch.device("cpu"))
+    assert rm.tokenizer.pad_token_id == rm.tokenizer.eos_token_id
     assert rm.score(PROMPTS, RESPONSES) == pytest.approx([_direct(rm_dirs[0], p, r)[0] for p, r in zip(PROMPTS, RESPONSES)],
                                                          abs=1e-5)
 
