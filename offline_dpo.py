@@ -328,7 +328,7 @@ def main(args: Args) -> None:
         eval_metrics = common.evaluate(generator, tokenizer, reward_model, eval_rows, k=args.eval_samples,
                                        temperature=args.eval_temperature, top_p=args.eval_top_p,
                                        max_tokens=args.max_new_tokens, seed=args.seed, limit=args.eval_limit)
-        generator.sleep()  # no generation until the next evaluation
+        generator.sleep()  # CRUCIAL (--vllm-sleep): the engine asleep again before the update
         return eval_metrics
 
     # -----------------------------------------------------------------------------------------

@@ -282,9 +282,11 @@ def main(args: Args) -> None:
     def evaluate(step: int) -> dict:
         """eval/* on the held-out prompts (math accuracy, chat reward), sharded over ranks, reduced."""
         generator.sync_weights(policy)  # evaluate the weights being trained, not a stale generator
-        return common.evaluate(generator, tokenizer, reward_model, eval_rows, k=args.eval_samples,
-                               temperature=args.eval_temperature, top_p=args.eval_top_p,
-                               max_tokens=args.max_new_tokens, seed=args.seed, limit=args.eval_limit)
+        eval_metrics = common.evaluate(generator, tokenizer, reward_model, eval_rows, k=args.eval_samples,
+                                       temperature=args.eval_temperature, top_p=args.eval_top_p,
+                                       max_tokens=args.max_new_tokens, seed=args.seed, limit=args.eval_limit)
+        generator.sleep()  # CRUCIAL (--vllm-sleep): the engine asleep again before the update
+        return eval_metrics
 
     # -----------------------------------------------------------------------------------------
     # training loop

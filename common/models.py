@@ -111,6 +111,7 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype | None = None
                         f"id ({str(e).splitlines()[0]})") from None
     model.to(device=device, dtype=dtype)
     if not trainable:
+        model.config.use_cache = False  # frozen, never decodes: a KV cache per forward would only cost memory
         model.eval().requires_grad_(False)
     else:
         # Dropout off: the generator (vLLM) never uses it, so a trainer with dropout would compute
@@ -206,7 +207,7 @@ def completion_logprobs(model: torch.nn.Module, prompts: list[list[int]],
     # Logits at position t predict token t+1; the earliest completion token of any row sits at
     # min(lens_p), so the last K = L - min(lens_p) + 1 positions cover every one of them.
     K = L - min(lens_p) + 1
-    logits = model(input_ids=input_ids, logits_to_keep=K).logits  # (B, K, V), the model's dtype
+    logits = model(input_ids=input_ids, logits_to_keep=K, use_cache=False).logits  # (B, K, V), the model's dtype
     offset = L - K  # absolute position of logits[:, 0]
     # Next-token targets for every kept position (B, K); pad where a position predicts nothing.
     targets = torch.full((len(seqs), K), pad_id, dtype=torch.long, device=device)

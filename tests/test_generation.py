@@ -1,6 +1,7 @@
 """The generator really gets the trainer's weights: vLLM's sampled-token logprobs equal the
 trainer's recomputed ones after a sync, and differ without it (real vLLM CPU engine)."""
 
+import pytest
 import torch
 
 import common
@@ -81,3 +82,43 @@ def test_no_two_prompts_share_a_sampling_stream(generator, tiny_model_dir):
     # two ranks of the same step draw what one rank draws, prompt for prompt
     ranks = [common.StepOrder(100, seed=1, per_step=4, rank=r, world_size=2).seeds(1) for r in (0, 1)]
     assert ranks[0] + ranks[1] == order.seeds(1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["online_dpo", "semi_online_dpo"])  # grpo.py, offline_dpo.py: as online_dpo.py
+def test_engine_asleep_at_every_update_with_vllm_sleep(script, tmp_path, monkeypatch):
+    """--vllm-sleep: the engine's weights and KV cache are off the GPU whenever the trainer updates,
+    evaluations included. The real engine and script (in this process); vLLM's CPU build has no
+    sleep mode, so its sleep / wake_up calls are counted instead of run, and the optimizer's steps
+    and the checkpoint save record whether the engine was asleep."""
+    import importlib
+
+    import tyro
+
+    from common.generation import Generator
+
+    events = []
+
+    class Counting(Generator):
+        def __init__(self, *a, enable_sleep_mode=False, **k):
+            super().__init__(*a, enable_sleep_mode=False, **k)
+            self.enable_sleep_mode = enable_sleep_mode
+            self.llm.sleep = lambda level: events.append("sleep")
+            self.llm.wake_up = lambda: events.append("wake")
+
+    monkeypatch.setattr(common, "Generator", Counting)
+    step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (events.append("update"), step(self, *a, **k))[1])
+    save = common.save_checkpoint
+    monkeypatch.setattr(common, "save_checkpoint", lambda *a, **k: (events.append("save"), save(*a, **k))[1])
+    module = importlib.import_module(script)
+    args = tyro.cli(module.Args, args=["--num-steps", "3", "--eval-every", "1", "--vllm-sleep", "--eval-limit", "4",
+                                       "--eval-samples", "1", "--save-every", "100", "--output-dir", str(tmp_path / "o"),
+                                       *(["--sync-interval", "2"] if script == "semi_online_dpo" else [])])
+    monkeypatch.setattr(common, "check_args", lambda *a: None)  # --vllm-sleep is refused without a GPU
+    module.main(args)
+    assert events.count("update") == 3 and events.count("save") == 1
+    asleep = False
+    for e in events:
+        asleep = {"sleep": True, "wake": False}.get(e, asleep)
+        assert e not in ("update", "save") or asleep, events

@@ -253,3 +253,17 @@ def test_no_random_heads(tmp_path, tiny_model_dir, rm_dirs):
               str(broken / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(UserError, match=r"weight\(s\) missing from its checkpoint, e.g. model.norm.weight"):
         RewardModel(str(broken), torch.device("cpu"))
+
+
+def test_frozen_models_build_no_kv_cache(rm_dirs, tiny_model_dir):
+    """The reference and the reward model never decode: a KV cache per forward would only cost
+    memory (~1 GiB per reference micro-batch at 8B)."""
+    import common
+
+    assert RewardModel(rm_dirs[0], torch.device("cpu")).model.config.use_cache is False
+    reference = common.load_model(tiny_model_dir, torch.device("cpu"), trainable=False)
+    assert reference.config.use_cache is False
+    seen = []
+    reference.register_forward_hook(lambda m, a, kw, out: seen.append(out.past_key_values), with_kwargs=True)
+    common.completion_logprobs(reference, [[1, 2, 3]], [[4, 5]])
+    assert seen == [None]
