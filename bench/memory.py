@@ -13,6 +13,11 @@ each with this project's `completion_logprobs` ("chunked") and with the implemen
 measure against. The figure is the peak resident memory during the pass (sampled every 5 ms)
 minus the memory live before it: what the pass adds to the loaded model. The loss, its gradient norm and the entropy are printed to show the
 variants compute the same numbers. Writes `bench/results/memory.md`.
+- `head`: the logprob head alone on one long row (B = 1, T = 2,300 completion tokens, V = 128,256:
+  the paper's 8B math update), logits given, forward with the entropy and backward through both,
+  with plain autograd ("full"), the sliced pass this project used before ("sliced": a checkpointed
+  slice of rows per chunk, one row = the whole (T, V) here) and `_TokenLogps` ("blockwise"); in
+  units of one fp32 (B, T, V) tensor.
 Benchmarks, not tests: nothing here asserts. Run on an otherwise idle machine.
 """
 
@@ -41,6 +46,9 @@ SHAPES = {  # Qwen2-0.5B's exact shape, and the same with Llama-3's 128k vocabul
 @dataclass
 class Args:
     shapes: tuple[str, ...] = ("qwen2-0.5b", "qwen2-0.5b-v128k")
+    head_tokens: int = 2300
+    """the `head` case: completion tokens of its one row (0 skips it)"""
+    head_vocab: int = 128256
     sequences: int = 4
     """sequences in the micro-batch (4, as the paper's 8B command's --micro-batch-size)"""
     prompt_tokens: int = 64
@@ -103,6 +111,68 @@ def full_completion_logprobs(model, prompts, completions, temperature=1.0, pad_i
     return logps, mask, entropy
 
 
+def sliced_token_logps(logits, targets, temperature):
+    """The pass `_TokenLogps` replaced (to measure against only): checkpointed slices of rows."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    def logps(lg, tg):
+        scaled = lg.float() / temperature
+        return scaled.gather(-1, tg.unsqueeze(-1)).squeeze(-1) - scaled.logsumexp(-1)
+
+    rows = max(1, 2**25 // (logits.shape[1] * logits.shape[2]))
+    chunks = [(logits[i : i + rows], targets[i : i + rows]) for i in range(0, logits.shape[0], rows)]
+    out = torch.cat([checkpoint(logps, lg, tg, use_reentrant=False) for lg, tg in chunks])
+    with torch.no_grad():  # as it was: no gradient through the entropy
+        entropy = torch.cat([-(F.log_softmax(lg.float() / temperature, -1).exp()
+                               * F.log_softmax(lg.float() / temperature, -1)).sum(-1) for lg, _ in chunks])
+    return out, entropy
+
+
+def measure_head(args: Args) -> dict:
+    """The logprob head alone on (1, head_tokens, head_vocab) fp32 logits: peak memory the pass adds."""
+    import psutil
+    import torch
+    import torch.nn.functional as F
+
+    from common.models import _LOGITS_CHUNK, _TokenLogps
+
+    T, V = args.head_tokens, args.head_vocab
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, T, V, generator=gen).requires_grad_()
+    targets = torch.randint(0, V, (1, T), generator=gen)
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    proc, peak, done = psutil.Process(), [0], threading.Event()
+    base = proc.memory_info().rss
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    t0 = time.time()
+    if args.variant == "full":
+        lp = F.log_softmax(logits.float(), -1)
+        logps, entropy = lp.gather(-1, targets[..., None]).squeeze(-1), -(lp.exp() * lp).sum(-1)
+    elif args.variant == "sliced":
+        logps, entropy = sliced_token_logps(logits, targets, 1.0)
+    else:
+        logps, entropy = _TokenLogps.apply(logits.view(T, V), targets.view(T), 1.0, _LOGITS_CHUNK // V, True)
+    loss = logps.sum() + (entropy.sum() if entropy.requires_grad else 0.0)
+    loss.backward()
+    seconds = time.time() - t0
+    done.set()
+    sampler.join()
+    one = logits.numel() * 4 / 2**30
+    added = (max(peak[0], proc.memory_info().rss) - base) / 2**30
+    return {"added_gib": added, "one_tensor_gib": one, "added_x": added / one, "seconds": seconds,
+            "loss": loss.item(), "grad_norm": logits.grad.norm().item(), "entropy": entropy.sum().item()}
+
+
 def measure(args: Args) -> dict:
     """One measurement in this process: peak resident memory added by the pass, and its numbers."""
     import psutil
@@ -154,8 +224,18 @@ def measure(args: Args) -> dict:
 
 def main(args: Args) -> None:
     if args.shape:  # a child: one measurement, printed as JSON
-        print("RESULT " + json.dumps(measure(args)), flush=True)
+        print("RESULT " + json.dumps(measure_head(args) if args.what == "head" else measure(args)), flush=True)
         return
+    head = []
+    for variant in ("full", "sliced", "blockwise") if args.head_tokens else ():
+        cmd = [sys.executable, __file__, "--shape", "head", "--what", "head", "--variant", variant,
+               "--head-tokens", str(args.head_tokens), "--head-vocab", str(args.head_vocab)]
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+        if r.returncode or not line:
+            raise SystemExit(f"memory bench failed: {' '.join(cmd)}\n{r.stderr[-3000:]}")
+        head.append({"variant": variant, **json.loads(line[0][len("RESULT "):])})
+        print("head", head[-1], flush=True)
     rows = []
     for shape in args.shapes:
         make_model(os.path.join(ROOT, args.models_dir, shape), SHAPES[shape]["vocab_size"])
@@ -182,6 +262,15 @@ def main(args: Args) -> None:
         value = r.get("loss", r.get("logps_sum"))
         md.append(f"| {r['shape']} | {r['what']} | {r['variant']} | {r['added_gib']:.2f} | {value:.6f} | "
                   f"{r.get('grad_norm', float('nan')):.6f} | {r['entropy']:.3f} |")
+    if head:
+        md += ["", f"The logprob head alone: one row of {args.head_tokens} completion tokens at a {args.head_vocab:,} "
+               f"vocabulary, fp32 logits given (one such tensor: {head[0]['one_tensor_gib']:.2f} GiB), forward with "
+               "the entropy and backward; the peak it adds, in GiB and in units of that tensor (the gradient of the "
+               "logits is one of them). \"sliced\" computes the entropy without gradient, as it did.", "",
+               "| variant | added GiB | x one (B, T, V) fp32 tensor | seconds | logp sum + entropy sum | grad norm |",
+               "|---|---|---|---|---|---|"]
+        md += [f"| {h['variant']} | {h['added_gib']:.2f} | {h['added_x']:.2f} | {h['seconds']:.1f} | {h['loss']:.2f} | "
+               f"{h['grad_norm']:.4f} |" for h in head]
     os.makedirs(os.path.join(ROOT, args.out_dir), exist_ok=True)
     with open(os.path.join(ROOT, args.out_dir, "memory.md"), "w") as f:
         f.write("\n".join(md) + "\n")

@@ -8,9 +8,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import transformers
-from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from common.utils import UserError
@@ -187,7 +185,8 @@ def completion_logprobs(model: torch.nn.Module, prompts: list[list[int]],
 
     Returns `(logps, mask, entropy)`, each (B, Tc) with Tc the longest completion; `mask` is 1
     on real completion tokens (EOS included: it is a token the policy chose) and 0 on padding;
-    `entropy` is the per-token entropy of the sampling distribution (no grad) or None.
+    `entropy` is the per-token entropy of the sampling distribution (with its gradient when grad is
+    enabled: the entropy bonus) or None.
 
     CRUCIAL: logits are divided by the sampling temperature, so these are the logprobs of the
     distribution vLLM sampled from; otherwise the vLLM/trainer comparison and any ratio is off.
@@ -213,15 +212,11 @@ def completion_logprobs(model: torch.nn.Module, prompts: list[list[int]],
     targets = torch.full((len(seqs), K), pad_id, dtype=torch.long, device=device)
     targets[:, :-1] = input_ids[:, offset + 1 :]
     # Memory: the fp32 log-softmax of a (B, K, V) block is the largest tensor of an update at a
-    # 128k vocabulary. It is computed a few rows at a time, and with gradients each chunk is
-    # recomputed in the backward pass (checkpointed) instead of kept: only `logits` stays alive.
-    # The same arithmetic, row by row, as one full-size pass.
-    rows = max(1, _LOGITS_CHUNK // (K * logits.shape[-1]))
-    chunks = [(logits[i : i + rows], targets[i : i + rows]) for i in range(0, len(seqs), rows)]
-    if torch.is_grad_enabled():
-        logps_k = torch.cat([checkpoint(_token_logps, lg, tg, temperature, use_reentrant=False) for lg, tg in chunks])
-    else:
-        logps_k = torch.cat([_token_logps(lg, tg, temperature) for lg, tg in chunks])  # (B, K)
+    # 128k vocabulary; `_TokenLogps` never makes it, forward or backward (a few positions at a time)
+    B, V = len(seqs), logits.shape[-1]
+    out = _TokenLogps.apply(logits.reshape(B * K, V), targets.reshape(B * K), temperature,
+                            max(1, _LOGITS_CHUNK // V), with_entropy)
+    logps_k, entropy_k = out[0].view(B, K), out[1].view(B, K) if with_entropy else None  # (B, K)
     # Re-index to completion coordinates: column j of row i is completion token j.
     idx = torch.zeros(len(seqs), Tc, dtype=torch.long)
     mask = torch.zeros(len(seqs), Tc)
@@ -230,27 +225,52 @@ def completion_logprobs(model: torch.nn.Module, prompts: list[list[int]],
         mask[i, :c] = 1.0
     idx, mask = idx.to(device), mask.to(device)
     logps = logps_k.gather(1, idx) * mask  # (B, Tc)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = torch.cat([_token_entropy(lg, temperature) for lg, _ in chunks]).gather(1, idx) * mask  # (B, Tc)
+    entropy = entropy_k.gather(1, idx) * mask if with_entropy else None  # (B, Tc)
     if not torch.is_grad_enabled() and hasattr(model, "reshard"):
         model.reshard()  # FSDP2 keeps a root unsharded after a no-grad forward (embeddings + LM head)
     return logps, mask, entropy
 
 
-# Elements of one fp32 logits chunk in `completion_logprobs` (2^25: 128 MiB). Memory only: the
-# results do not depend on it.
+# Elements of one fp32 block of logits in `_TokenLogps` (2^25: 128 MiB). Memory only: the results
+# do not depend on it.
 _LOGITS_CHUNK = 2**25
 
 
-def _token_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    """(b, K) log-probabilities of `targets` under softmax(logits / T), in fp32."""
-    scaled = logits.float() / temperature
-    return scaled.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - scaled.logsumexp(-1)
+class _TokenLogps(torch.autograd.Function):
+    """(N,) log-probabilities of `targets` under softmax(logits / T), and (N,) entropies of that
+    distribution (when asked), from (N, V) logits: a block of positions at a time, forward and
+    backward. Memory: no fp32 copy of the whole (N, V) block is ever made (autograd's log-softmax
+    keeps one, and a sliced pass makes a zero-filled (N, V) gradient per slice); the backward writes
+    the gradient block by block into one buffer the size of the logits, so the pass adds about one
+    logits-sized tensor (the gradient) to the logits themselves. The arithmetic is the same:
+    d log p_y / d z = (onehot(y) - p) / T, d H / d z = -p (log p + H) / T."""
 
+    @staticmethod
+    def forward(ctx, logits, targets, temperature, block, with_entropy):
+        n = logits.shape[0]
+        logps, lse = logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
+        entropy = logits.new_empty(n if with_entropy else 0, dtype=torch.float32)
+        for i in range(0, n, block):
+            s = logits[i : i + block].float() / temperature  # (b, V)
+            lse[i : i + block] = s.logsumexp(-1)
+            logps[i : i + block] = s.gather(-1, targets[i : i + block, None]).squeeze(-1) - lse[i : i + block]
+            if with_entropy:
+                lp = s - lse[i : i + block, None]
+                entropy[i : i + block] = -(lp.exp() * lp).sum(-1)
+        ctx.save_for_backward(logits, targets, lse, entropy)
+        ctx.temperature, ctx.block = temperature, block
+        return logps, entropy
 
-def _token_entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """(b, K) entropy of softmax(logits / T), in fp32."""
-    lp = F.log_softmax(logits.float() / temperature, dim=-1)
-    return -(lp.exp() * lp).sum(-1)
+    @staticmethod
+    def backward(ctx, g_logps, g_entropy):
+        logits, targets, lse, entropy = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for i in range(0, logits.shape[0], ctx.block):
+            lp = logits[i : i + ctx.block].float() / ctx.temperature - lse[i : i + ctx.block, None]  # (b, V)
+            p = lp.exp()
+            g = p * -g_logps[i : i + ctx.block, None]
+            g.scatter_add_(-1, targets[i : i + ctx.block, None], g_logps[i : i + ctx.block, None])
+            if g_entropy is not None and entropy.numel():
+                g -= p * (lp + entropy[i : i + ctx.block, None]) * g_entropy[i : i + ctx.block, None]
+            grad[i : i + ctx.block] = g / ctx.temperature
+        return grad, None, None, None, None
