@@ -151,7 +151,8 @@ class Args:
     log_samples_every: int = 25
     """print a few prompt / completion / reward samples every N steps"""
     gpu_memory_utilization: float = 0.0
-    """GPU memory fraction vLLM takes (0: 0.3); on CPU, 0 sizes its KV cache to one step's sequences"""
+    """GPU memory fraction vLLM takes (0: 0.3, 0.5 with --vllm-sleep); on the CPU, 0 sizes its KV
+    cache to one step's sequences"""
     vllm_sleep: bool = False
     """GPU: free vLLM's memory while the trainer updates (sleep mode)"""
 

@@ -121,8 +121,8 @@ class Generator:
         on_gpu = torch.cuda.is_available()
         max_num_seqs = min(max_num_seqs, 1024 if on_gpu else 256)
         kwargs = {"max_num_seqs": max_num_seqs}
-        if on_gpu:
-            kwargs["gpu_memory_utilization"] = gpu_memory_utilization or 0.3
+        if on_gpu:  # asleep during the update, the engine can take more while it generates (docs/gpu.md)
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization or (0.5 if enable_sleep_mode else 0.3)
         else:
             # CRUCIAL (CPU backend): a seeded request whose prompt is split across scheduler steps
             # (chunked prefill) makes vLLM rewind its torch.Generator, which CPU generators do not
@@ -158,6 +158,23 @@ class Generator:
                 **kwargs,
             )
         self.tokenizer = self.llm.get_tokenizer()
+        cache = self.llm.llm_engine.vllm_config.cache_config
+        self.kv_tokens, self.max_num_seqs, self.kv_checked = cache.num_gpu_blocks * cache.block_size, max_num_seqs, False
+        self.memory_flag = "--gpu-memory-utilization" + (f" (now {kwargs['gpu_memory_utilization']})"
+                                                         if "gpu_memory_utilization" in kwargs else "")
+
+    def check_kv_capacity(self, prompts: list[list[int]], n: int, max_tokens: int) -> None:
+        """Say once, in one line, when the KV cache cannot hold the sequences this engine runs at once
+        at full length: vLLM then preempts and recomputes them, silently slower."""
+        if self.kv_checked or not prompts:
+            return
+        self.kv_checked = True
+        seqs = min(len(prompts) * n, self.max_num_seqs)
+        need = seqs * (sum(map(len, prompts)) // len(prompts) + max_tokens)
+        if need > self.kv_tokens and not (dist.is_initialized() and dist.get_rank()):
+            print(f"generator: the KV cache holds {self.kv_tokens:,} tokens per rank; the {seqs} sequences it runs at "
+                  f"once need up to {need:,} (prompt + --max-new-tokens): vLLM will preempt and recompute them, "
+                  f"slower. Raise {self.memory_flag}, or give each rank fewer sequences", flush=True)
 
     def generate(self, prompts: list[list[int]], *, n: int, temperature: float, top_p: float,
                  max_tokens: int, seed: int | list[int], progress: bool = False) -> list[list[Completion]]:
@@ -170,6 +187,7 @@ class Generator:
         is in the batch.
         """
         seeds = seed if isinstance(seed, list) else [request_seed(seed + i) for i in range(len(prompts))]
+        self.check_kv_capacity(prompts, n, max_tokens)
         if n > SEED_STRIDE:
             raise ValueError(f"{n} samples per request: at most {SEED_STRIDE} keep their streams apart")
         self.wake_up()

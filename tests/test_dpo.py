@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from online_dpo import dpo_loss, select_pairs
-from tests.conftest import GAP, KEYS, ROOT, SEQ_TOL, SMALL, metrics, run_script
+from tests.conftest import DETERMINISTIC, GAP, KEYS, ROOT, SEQ_TOL, SMALL, metrics, run_script
 
 DPO_KEYS = KEYS + ["train/pairs", "train/reward_margin", "train/pair_accuracy", "train/chosen_logratio",
                    "train/rejected_logratio", "train/nll", "rollout/policy_lag"]
@@ -93,6 +93,7 @@ def test_end_to_end_torchrun_two_processes(tmp_path, script):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not DETERMINISTIC, reason="compares two runs number for number: vLLM on a GPU is not deterministic")
 def test_sync_interval_one_reproduces_online(tmp_path):
     args = ["--num-steps", "3", "--eval-every", "0", *SMALL]
     run_script("online_dpo.py", [*args, "--output-dir", str(tmp_path / "online")])

@@ -122,3 +122,20 @@ def test_engine_asleep_at_every_update_with_vllm_sleep(script, tmp_path, monkeyp
     for e in events:
         asleep = {"sleep": True, "wake": False}.get(e, asleep)
         assert e not in ("update", "save") or asleep, events
+
+
+def test_a_kv_cache_too_small_is_said_once(generator, tiny_model_dir, capsys):
+    """The engine's real capacity is read at start-up; a run whose sequences cannot all fit at full
+    length gets one line naming both numbers and the flag (here the capacity is lowered by hand)."""
+    assert generator.kv_tokens >= 16 * 256  # read from the engine: blocks x block size
+    tok = common.load_tokenizer(tiny_model_dir)
+    saved = generator.kv_tokens, generator.kv_checked
+    generator.kv_tokens, generator.kv_checked = 100, False
+    try:
+        for _ in range(2):
+            generator.generate(_prompts(tok), n=4, temperature=1.0, top_p=1.0, max_tokens=8, seed=0)
+    finally:
+        generator.kv_tokens, generator.kv_checked = saved
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("generator:")]
+    assert len(lines) == 1 and "holds 100 tokens per rank; the 12 sequences it runs at once need up to" in lines[0]
+    assert "--gpu-memory-utilization (now 0.15)" in lines[0]
