@@ -25,6 +25,7 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -67,6 +68,8 @@ class Args:
     """JSON result path (default: <model>/eval.json for a local folder, else eval.json)"""
     gpu_memory_utilization: float = 0.0
     """GPU memory fraction vLLM takes (0: 0.5); on CPU, 0 sizes its KV cache to 256 sequences at once"""
+    generator_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """the engine's precision (auto: bf16 on a GPU, fp32 on the CPU)"""
     trust_remote_code: bool = False
     """allow model repos to run their own code"""
 
@@ -97,7 +100,7 @@ def main(args: Args) -> None:
     generator = common.Generator(args.model, max_model_len=args.max_model_len,
                                  max_num_seqs=256,
                                  gpu_memory_utilization=args.gpu_memory_utilization,
-                                 dtype=common.default_dtype(device), seed=args.seed,
+                                 dtype=common.engine_dtype(args.generator_dtype, device), seed=args.seed,
                                  trust_remote_code=args.trust_remote_code)
     result = {"args": asdict(args), "math": {}, "chat": {}}
     t0 = time.time()

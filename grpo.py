@@ -142,6 +142,9 @@ class Args:
     cache to one step's sequences"""
     vllm_sleep: bool = False
     """GPU: free vLLM's memory while the trainer updates (sleep mode)"""
+    generator_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """the engine's precision (auto: bf16 on a GPU, fp32 on the CPU); bfloat16 on the CPU reproduces a
+    GPU's trainer-engine logprob gap on a laptop (what --tis-cap corrects)"""
 
     # Algorithm specific arguments
     kl_coef: float = 0.001
@@ -150,6 +153,20 @@ class Args:
     """divide group advantages by std + eps (the authors' code) rather than mean-only (the paper's formula)"""
     adv_eps: float = 1e-6
     """eps of the std normalisation (the authors' code: 1e-6)"""
+    entropy_coef: float = 0.0
+    """entropy bonus: loss -= C Σ_i mean_t H_t / B over every rollout (the paper's ablation: 1e-4 to
+    5e-4; it did not reliably stop the entropy collapse)"""
+    length_norm: Literal["none", "sequence", "token"] = "none"
+    """none: per-sequence token sums (the paper's main runs); sequence: each sequence's token mean (the
+    authors' code default; the paper: biased toward short answers, less stable); token: / the step's
+    completion tokens"""
+    tis_cap: float = 0.0
+    """importance sampling against the engine's logprobs of the sampled tokens, weights w = π_θ / π_vLLM
+    capped at C (0: off, the paper; the authors' code later: 2 at token level; TRL: a sequence mask at 3)"""
+    tis_level: Literal["token", "sequence"] = "token"
+    """--tis-cap: one weight per token, or per sequence (the exp of its summed log-ratio)"""
+    tis_mode: Literal["truncate", "mask"] = "truncate"
+    """--tis-cap: truncate: min(w, C); mask: w where w <= C, else 0"""
 
     # filled in after parsing (not flags: logged with the config)
     world_size: tyro.conf.Suppress[int] = 0
@@ -166,22 +183,52 @@ def group_advantages(rewards: torch.Tensor, std_normalize: bool, eps: float) -> 
     return adv
 
 
-def grpo_loss(logps, ref_logps, mask, advantages, kl_coef: float, num_prompts: int, group_size: int):
-    """-(1/B) Σ_prompts (1/n) Σ_i Σ_t [ρ_t A_i - β KL_t] over the sequences given (a micro-batch).
+def tis_weights(logps, engine_logps, mask, cap: float, level: str, mode: str) -> torch.Tensor:
+    """(S, T) importance weights of each sampled token for the trainer's policy against the engine's
+    sampling distribution, w = exp(log π_θ - log π_vLLM), per token or per sequence (the exp of the
+    summed log-ratio), truncated (min(w, cap)) or masked (w where w <= cap, else 0). Detached, as in
+    the TIS paper and TRL: a correction of the sampling distribution, not a term to optimise.
+    Returns (weights, the (S, T) mask of tokens whose weight was truncated or masked)."""
+    log_w = (logps.detach() - engine_logps) * mask  # (S, T)
+    if level == "sequence":
+        log_w = log_w.sum(-1, keepdim=True).expand_as(log_w)
+    w = log_w.exp()
+    return (w.clamp(max=cap) if mode == "truncate" else torch.where(w <= cap, w, 0.0)) * mask, (w > cap) * mask
 
-    logps, ref_logps, mask: (S, T) per token; advantages: (S,). ref_logps may be None (β = 0).
-    B = `num_prompts`, n = `group_size`: normalise by the whole batch, not the micro-batch, so
-    accumulated micro-batches sum to the loss of the step. Returns (loss, kl_sum over tokens).
+
+def grpo_loss(logps, ref_logps, mask, advantages, kl_coef: float, num_prompts: int, group_size: int,
+              length_norm: str = "none", num_tokens: float = 0.0, weights=None, entropy=None,
+              entropy_coef: float = 0.0):
+    """-(1/B) Σ_prompts (1/n) Σ_i Σ_t [w_t ρ_t A_i - β KL_t] - C Σ_i mean_t H_t / B over the
+    sequences given (a micro-batch).
+
+    logps, ref_logps, mask, weights (TIS, or None: 1), entropy: (S, T) per token; advantages: (S,).
+    ref_logps may be None (β = 0). B = `num_prompts`, n = `group_size`: normalise by the whole batch,
+    not the micro-batch, so accumulated micro-batches sum to the loss of the step. `length_norm`:
+    "none" sums each sequence's tokens, "sequence" averages them, "token" divides the whole sum by
+    `num_tokens` (this rank's share of the step's completion tokens) instead of B n.
+    Returns (loss, kl_sum over tokens, the entropy bonus subtracted).
     """
     ratio = torch.exp(logps - logps.detach())  # ≡ 1; its gradient is ∇logp (on-policy)
     per_token = ratio * advantages[:, None]  # (S, T)
+    if weights is not None:  # ALGO LOGIC (--tis-cap): the engine sampled these tokens, not π_θ exactly
+        per_token = per_token * weights
     kl = torch.zeros_like(logps)
     if ref_logps is not None:
         delta = ref_logps - logps
         kl = torch.exp(delta) - delta - 1  # k3: unbiased, always >= 0
         per_token = per_token - kl_coef * kl
-    loss = -(per_token * mask).sum() / (num_prompts * group_size)  # per-sequence token sums
-    return loss, (kl * mask).sum().detach()
+    tokens = mask.sum(-1).clamp(min=1)  # (S,)
+    if length_norm == "token":  # ALGO LOGIC (--length-norm): the authors' token-mean variant
+        loss = -(per_token * mask).sum() / num_tokens
+    elif length_norm == "sequence":  # each sequence's token mean (the authors' code default)
+        loss = -((per_token * mask).sum(-1) / tokens).sum() / (num_prompts * group_size)
+    else:
+        loss = -(per_token * mask).sum() / (num_prompts * group_size)  # per-sequence token sums
+    bonus = torch.zeros(())
+    if entropy_coef:  # ALGO LOGIC (--entropy-coef): the authors' entropy bonus, with its gradient
+        bonus = entropy_coef * ((entropy * mask).sum(-1) / tokens).sum() / num_prompts
+    return loss - bonus, (kl * mask).sum().detach(), bonus.detach()
 
 
 def main(args: Args) -> None:
@@ -235,7 +282,7 @@ def main(args: Args) -> None:
     generator = common.Generator(args.model, max_model_len=args.max_model_len,
                                  max_num_seqs=args.prompts_per_rank * args.samples_per_prompt,
                                  gpu_memory_utilization=args.gpu_memory_utilization,
-                                 dtype=common.default_dtype(device), seed=args.seed,
+                                 dtype=common.engine_dtype(args.generator_dtype, device), seed=args.seed,
                                  enable_sleep_mode=args.vllm_sleep, trust_remote_code=args.trust_remote_code)
     logger = common.MetricsLogger(args.output_dir, asdict(args), args.track, args.wandb_project_name,
                                   f"{args.exp_name}__{args.seed}", resume_step=start_step) if rank == 0 else None
@@ -292,10 +339,13 @@ def main(args: Args) -> None:
         flat_completions = [outs[i // n][i % n] for i in by_length]
         advantages = advantages[by_length]
         micro_batches = [slice(i, i + args.micro_batch_size) for i in range(0, len(flat_completions), args.micro_batch_size)]
+        # --length-norm token: the loss / the step's completion tokens (this rank's share: FSDP averages over ranks)
+        num_tokens = common.all_reduce({"t": sum(len(c.token_ids) for c in flat_completions)})["t"] / world_size
 
         # ---- reference logprobs, update: one optimizer step, gradients accumulated over micro-batches
         lr = common.set_lr(optimizer, args.learning_rate * min(1.0, step / max(args.warmup_steps, 1)))  # warm-up, then constant
-        sums, gap_max = dict.fromkeys(("loss", "kl_sum", "tokens", "entropy_sum", "gap_sum"), 0.0), 0.0
+        sums, gap_max = dict.fromkeys(("loss", "kl_sum", "tokens", "entropy_sum", "gap_sum", "entropy_bonus", "tis_sum",
+                                       "tis_capped"), 0.0), 0.0
         with timer("train"):
             for mb in micro_batches:
                 mb_prompts, mb_completions = flat_prompts[mb], flat_completions[mb]
@@ -308,8 +358,13 @@ def main(args: Args) -> None:
                 with autocast:
                     logps, mask, entropy = common.completion_logprobs(policy, mb_prompts, mb_tokens, args.temperature,
                                                                       tokenizer.pad_token_id, with_entropy=True)
-                loss, kl_sum = grpo_loss(logps, ref_logps, mask, advantages[mb].to(device), args.kl_coef,
-                                         args.prompts_per_rank, n)
+                weights, capped = None, torch.zeros(())
+                if args.tis_cap:  # ALGO LOGIC: importance weights against the engine's own logprobs
+                    weights, capped = tis_weights(logps, common.engine_logprobs(mb_completions, logps), mask,
+                                                  args.tis_cap, args.tis_level, args.tis_mode)
+                loss, kl_sum, bonus = grpo_loss(logps, ref_logps, mask, advantages[mb].to(device), args.kl_coef,
+                                                args.prompts_per_rank, n, args.length_norm, num_tokens, weights,
+                                                entropy, args.entropy_coef)
                 loss.backward()
                 # ~0 right after a sync, then growing with the policy lag: how stale the generator's samples are
                 gap_sum, mb_gap_max = common.logprob_gap(logps, mask, mb_completions)
@@ -319,6 +374,9 @@ def main(args: Args) -> None:
                 sums["tokens"] += mask.sum().item()
                 sums["entropy_sum"] += entropy.sum().item()
                 sums["gap_sum"] += gap_sum
+                sums["entropy_bonus"] += bonus.item()
+                sums["tis_sum"] += weights.sum().item() if weights is not None else 0.0
+                sums["tis_capped"] += capped.sum().item()
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -337,6 +395,11 @@ def main(args: Args) -> None:
             "rollout/policy_lag": step - 1 - last_sync,
             **common.rollout_metrics(s), **common.trainer_metrics(s, s_max, timer),
         }
+        if args.entropy_coef:
+            metrics["train/entropy_bonus"] = s["entropy_bonus"] / world_size
+        if args.tis_cap:
+            metrics |= {"train/tis_weight_mean": s["tis_sum"] / max(s["tokens"], 1),
+                        "train/tis_capped_frac": s["tis_capped"] / max(s["tokens"], 1)}
         if eval_rows and (step % args.eval_every == 0 or step == args.num_steps):
             metrics.update(evaluate(step))
         if rank == 0:

@@ -49,7 +49,7 @@ import math
 import os
 import random
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -155,12 +155,17 @@ class Args:
     cache to one step's sequences"""
     vllm_sleep: bool = False
     """GPU: free vLLM's memory while the trainer updates (sleep mode)"""
+    generator_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """the engine's precision (auto: bf16 on a GPU, fp32 on the CPU); bfloat16 on the CPU reproduces a
+    GPU's trainer-engine logprob gap on a laptop (what --tis-cap corrects)"""
 
     # Algorithm specific arguments
     beta: float = 0.1
     """DPO β (the paper: 0.1 math, 0.01 chat)"""
     nll_scale: float = 0.0
     """weight of the chosen completion's per-token NLL (the paper's ablation: 1.0, no gain)"""
+    nll_length_normalize: bool = True
+    """the NLL pooled over the chosen tokens (the authors' default), or summed per sequence and / B"""
     pairs: str = ""
     """train on this preference dataset (a pairs.jsonl written by this script, or any hub / local
     dataset with chosen / rejected columns) instead of sampling pairs from the seed"""
@@ -168,6 +173,17 @@ class Args:
     """split of a hub preference dataset"""
     epochs: float = 0.0
     """passes over an existing `--pairs` dataset (0: `num_steps` steps)"""
+    length_norm: Literal["none", "sequence"] = "none"
+    """none: log-probs summed over tokens (the paper's main runs); sequence: each sequence's token mean,
+    policy and reference alike (the paper's ablation: biased toward short answers)"""
+    entropy_coef: float = 0.0
+    """entropy bonus: loss -= C Σ_chosen mean_t H_t / B (the paper's ablation: 1e-4 to 5e-4; it did
+    not reliably stop the entropy collapse)"""
+    group_dpo: bool = False
+    """GroupDPO (the paper's ablation: no gain): every correct x incorrect pair of a math prompt, the
+    loss averaged over a prompt's pairs (math data only: chat has no correct / incorrect split)"""
+    grpo_coef: float = 0.0
+    """with --group-dpo: + A x GRPO's objective on the same groups (the paper's ablation: 0.01)"""
 
     # filled in after parsing (not flags: logged with the config)
     world_size: tyro.conf.Suppress[int] = 0
@@ -176,11 +192,13 @@ class Args:
     """prompts_per_step / world_size"""
 
 
-def select_pairs(rewards: torch.Tensor, tasks: list[str], seeds: list[int]) -> list[tuple[int, int, int]]:
+def select_pairs(rewards: torch.Tensor, tasks: list[str], seeds: list[int],
+                 group: bool = False) -> list[tuple[int, int, int]]:
     """(prompt j, chosen i, rejected i) for each prompt that yields a pair, from (P, n) rewards.
 
     math: a random correct (reward 1) vs a random incorrect (reward 0) completion, drawn with the
-    prompt's own seed; all-correct or all-wrong prompts are skipped. chat: the highest vs the
+    prompt's own seed (`group`, GroupDPO: every correct x incorrect pair); all-correct or all-wrong
+    prompts are skipped. chat: the highest vs the
     lowest reward-model score (first of ties); skipped when every score is equal.
     """
     pairs = []
@@ -188,7 +206,9 @@ def select_pairs(rewards: torch.Tensor, tasks: list[str], seeds: list[int]) -> l
         if task == "math":
             correct = [i for i, x in enumerate(r) if x > 0.5]
             wrong = [i for i, x in enumerate(r) if x <= 0.5]
-            if correct and wrong:
+            if correct and wrong and group:  # ALGO LOGIC (--group-dpo)
+                pairs += [(j, c, w) for c in correct for w in wrong]
+            elif correct and wrong:
                 rng = random.Random(seed)
                 pairs.append((j, rng.choice(correct), rng.choice(wrong)))
         elif max(r) > min(r):
@@ -197,21 +217,31 @@ def select_pairs(rewards: torch.Tensor, tasks: list[str], seeds: list[int]) -> l
 
 
 def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float,
-             nll_scale: float, pairs_per_token: float, num_prompts: int):
-    """(Σ_pairs -log σ(β (Δ_chosen - Δ_rejected)) + nll_scale · NLL) / num_prompts.
+             nll_scale: float, nll: torch.Tensor, num_prompts: int, weights: torch.Tensor):
+    """(Σ_pairs w_p · -log σ(β (Δ_chosen - Δ_rejected)) + nll_scale · NLL) / num_prompts.
 
-    Inputs are (K,) per-pair *summed* log-probs (Δ = log π - log π_ref). Dividing by the whole
-    batch's prompts, not the pairs, keeps a step with few valid pairs from being up-weighted. NLL
-    is the chosen completions' negative log-likelihood pooled as in the authors' code: summed over
-    tokens × `pairs_per_token` (this rank's pairs / its chosen tokens, so over a rank's micro-batches
-    it sums to a token-pooled mean × pairs). Returns (loss, chosen Δ, rejected Δ).
+    Inputs are (K,) per-pair log-probs, *summed* over completion tokens (Δ = log π - log π_ref), and
+    (K,) pair weights w (1; GroupDPO: 1 / the prompt's pairs, so a prompt's pairs are averaged).
+    Dividing by the whole batch's prompts, not the pairs, keeps a step with few valid pairs from
+    being up-weighted. `nll`: the chosen completions' negative log-likelihood, pooled by the caller
+    as in the authors' code. Returns (loss, chosen Δ, rejected Δ).
     """
     chosen_logratio = chosen_logps - ref_chosen_logps
     rejected_logratio = rejected_logps - ref_rejected_logps
-    losses = -F.logsigmoid(beta * (chosen_logratio - rejected_logratio))
-    nll = -chosen_logps.sum() * pairs_per_token
+    losses = -F.logsigmoid(beta * (chosen_logratio - rejected_logratio)) * weights
     loss = (losses.sum() + nll_scale * nll) / num_prompts
     return loss, chosen_logratio.detach(), rejected_logratio.detach()
+
+
+def group_terms(pairs: list[tuple[int, int, int]], rewards: torch.Tensor) -> tuple[list[float], list[float]]:
+    """For each pair, its weight in the loss: 1 / its prompt's number of pairs (GroupDPO averages a
+    prompt's pairs; 1 with one pair per prompt). For each of the pairs' completions (chosen,
+    rejected, chosen, ...), its GRPO advantage (r - mean) / (std + 1e-6) in its prompt's (P, n)
+    group, divided by the pairs it appears in: `--grpo-coef` then counts every completion once."""
+    per_prompt = Counter(j for j, _, _ in pairs)
+    appears = Counter((j, i) for j, c, r in pairs for i in (c, r))
+    adv = (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-6)  # (P, n)
+    return [1 / per_prompt[j] for j, _, _ in pairs], [adv[j, i].item() / appears[j, i] for j, c, r in pairs for i in (c, r)]
 
 
 def main(args: Args) -> None:
@@ -246,6 +276,9 @@ def main(args: Args) -> None:
         eval_rows = common.load_prompts(args.eval_dataset, args.eval_split, args.math_template, verbose=rank == 0)
         eval_rows, _, eval_dropped = common.fit_prompts(tokenizer, eval_rows, max_prompt, 1, "--eval-dataset")
     order = common.StepOrder(len(rows), args.seed, args.prompts_per_step, rank, world_size)  # each step's prompts, seeds
+    if args.group_dpo and (args.pairs or any(r["task"] == "chat" for r in rows)):
+        raise common.UserError("--group-dpo pairs correct with incorrect completions of the math prompts it samples: "
+                               "not with --pairs or chat rows")
 
     # -----------------------------------------------------------------------------------------
     # models & optimizer
@@ -271,7 +304,7 @@ def main(args: Args) -> None:
     generator = common.Generator(args.model, max_model_len=args.max_model_len,
                                  max_num_seqs=args.prompts_per_rank * args.samples_per_prompt * args.num_steps,
                                  gpu_memory_utilization=args.gpu_memory_utilization,
-                                 dtype=common.default_dtype(device), seed=args.seed,
+                                 dtype=common.engine_dtype(args.generator_dtype, device), seed=args.seed,
                                  enable_sleep_mode=args.vllm_sleep, trust_remote_code=args.trust_remote_code) if build or eval_rows else None
     n, P, build_metrics = args.samples_per_prompt, args.prompts_per_rank, {}
     if build:  # ALGO LOGIC: s = ∞, every step's rollouts from the seed, before training; each step keeps its own pairs
@@ -287,13 +320,16 @@ def main(args: Args) -> None:
                 batch, outs = [rows[i] for i in order.indices(step)], flat[k * P : (k + 1) * P]
                 with timer("score"):
                     rewards, nonfinite = common.score(reward_model, batch, outs)  # (P, n), (P,)
-                for j, c, r in select_pairs(rewards, [r["task"] for r in batch], order.seeds(step)):
+                pairs = select_pairs(rewards, [r["task"] for r in batch], order.seeds(step), args.group_dpo)
+                _, advantages = group_terms(pairs, rewards)  # --grpo-coef: each completion once per group
+                for k, (j, c, r) in enumerate(pairs):
                     chosen, rejected = outs[j][c], outs[j][r]
                     built.append({"step": step, "position": rank * P + j, **batch[j],
                                   "chosen": chosen.text, "rejected": rejected.text,
                                   "chosen_reward": rewards[j, c].item(), "rejected_reward": rewards[j, r].item(),
                                   "chosen_eos": chosen.finish_reason == "stop", "rejected_eos": rejected.finish_reason == "stop",
-                                  "chosen_ids": chosen.token_ids, "rejected_ids": rejected.token_ids})
+                                  "chosen_ids": chosen.token_ids, "rejected_ids": rejected.token_ids,
+                                  "chosen_advantage": advantages[2 * k], "rejected_advantage": advantages[2 * k + 1]})
                 step_sums[step] = common.rollout_sums(batch, outs, rewards, nonfinite)
             if rank == 0:
                 print(f"sampling from the seed: step {window[-1]}/{args.num_steps}, {timer.total():.0f} s", flush=True)
@@ -351,10 +387,13 @@ def main(args: Args) -> None:
         outs = [pair_completions[i] for i in idx]  # (chosen, rejected) of this rank's prompts that have a pair
         rewards = torch.tensor([[p.get("chosen_reward", math.nan), p.get("rejected_reward", math.nan)] for p in batch])
 
-        # ---- build batch: ALGO LOGIC: the step's (chosen, rejected) pairs
+        # ---- build batch: ALGO LOGIC: the step's (chosen, rejected) pairs (--group-dpo: all of a prompt's)
         pairs = [(j, 0, 1) for j in range(len(batch))]
         # Speed: pairs sorted by length, so a micro-batch pads little (a pair stays in one micro-batch)
         pairs.sort(key=lambda p: len(prompts[p[0]]) + max(len(outs[p[0]][i].token_ids) for i in p[1:]))
+        per_prompt = Counter(batch[j].get("position", j) for j, _, _ in pairs)  # GroupDPO: a prompt's pairs averaged
+        pair_weights = [1 / per_prompt[batch[j].get("position", j)] for j, _, _ in pairs]
+        flat_advantages = [batch[j].get(f"{k}_advantage", 0.0) for j, _, _ in pairs for k in ("chosen", "rejected")]
         flat_prompts = [prompts[j] for j, _, _ in pairs for _ in (0, 1)]  # chosen, rejected, chosen, ...
         flat_completions = [outs[j][i] for j, c, r in pairs for i in (c, r)]
         # CRUCIAL: FSDP needs every rank to run the same number of passes; a rank with fewer pairs
@@ -362,18 +401,21 @@ def main(args: Args) -> None:
         pairs_per_mb = max(args.micro_batch_size // 2, 1)
         n_mb = int(common.all_reduce({"n": math.ceil(len(pairs) / pairs_per_mb)}, op="max")["n"])
         micro_batches = [slice(2 * k * pairs_per_mb, 2 * (k + 1) * pairs_per_mb) for k in range(n_mb)]
-        chosen_tokens = sum(len(c.token_ids) for c in flat_completions[0::2])  # the NLL term's pooling
+        chosen_tokens = sum(len(c.token_ids) for c in flat_completions[0::2])
+        nll_pooling = len(pairs) / max(chosen_tokens, 1) if args.nll_length_normalize else 1.0  # the authors' default
 
         # ---- reference logprobs, update: one optimizer step, gradients accumulated over micro-batches
         lr = common.set_lr(optimizer, args.learning_rate * min(1.0, step / max(args.warmup_steps, 1)))  # warm-up, then constant
         # CRUCIAL: every key on every rank, even with no pair (the reduction over ranks is by key)
         sums = dict.fromkeys(("loss", "kl_sum", "tokens", "entropy_sum", "chosen_logratio", "rejected_logratio", "nll_sum",
-                              "chosen_tokens", "pair_correct"), 0.0)
+                              "chosen_tokens", "pair_correct", "entropy_bonus", "grpo_term"), 0.0)
         with timer("train"):
             for mb in micro_batches:
                 mb_prompts, mb_completions, weight = flat_prompts[mb], flat_completions[mb], 1.0
+                mb_weights, mb_advantages = pair_weights[mb.start // 2 : mb.stop // 2], flat_advantages[mb]
                 if not mb_completions:  # padding pass: same collectives, no gradient, no stats
                     mb_prompts, mb_completions, weight = [pair_prompt_ids[0]] * 2, [pair_completions[0][0]] * 2, 0.0
+                    mb_weights, mb_advantages = [1.0], [0.0, 0.0]
                 mb_tokens = [c.token_ids for c in mb_completions]
                 with torch.no_grad(), autocast:
                     ref_logps = common.completion_logprobs(reference, mb_prompts, mb_tokens, args.temperature,
@@ -381,22 +423,34 @@ def main(args: Args) -> None:
                 with autocast:
                     logps, mask, entropy = common.completion_logprobs(policy, mb_prompts, mb_tokens, args.temperature,
                                                                       tokenizer.pad_token_id, with_entropy=True)
-                seq, ref_seq = (logps * mask).sum(-1), (ref_logps * mask).sum(-1)  # (2K,) summed over tokens
+                seq_sum, ref_sum, tokens = (logps * mask).sum(-1), (ref_logps * mask).sum(-1), mask.sum(-1).clamp(min=1)
+                seq, ref_seq = seq_sum, ref_sum  # (2K,) summed over tokens
+                if args.length_norm == "sequence":  # ALGO LOGIC (--length-norm): token means, reference alike
+                    seq, ref_seq = seq_sum / tokens, ref_sum / tokens
+                mb_weights = torch.tensor(mb_weights, device=device)
                 loss, chosen_logratio, rejected_logratio = dpo_loss(
                     seq[0::2], seq[1::2], ref_seq[0::2], ref_seq[1::2], args.beta, args.nll_scale,
-                    len(pairs) / max(chosen_tokens, 1), args.prompts_per_rank)
+                    -seq_sum[0::2].sum() * nll_pooling, args.prompts_per_rank, mb_weights)
+                bonus, grpo = torch.zeros((), device=device), torch.zeros((), device=device)
+                if args.entropy_coef:  # ALGO LOGIC: the authors' entropy bonus on the chosen completions
+                    bonus = args.entropy_coef * (mb_weights * (entropy * mask).sum(-1)[0::2] / tokens[0::2]).sum()
+                if args.grpo_coef:  # ALGO LOGIC: + A x GRPO's objective on the groups (ρ ≡ 1: A_i ∇ Σ_t log π)
+                    grpo = args.grpo_coef * (torch.tensor(mb_advantages, device=device) * seq_sum).sum() / n
+                loss = loss - (bonus + grpo) / args.prompts_per_rank
                 (loss * weight).backward()
                 if not weight:
                     continue
                 sums["loss"] += loss.item()
-                sums["kl_sum"] += seq.sum().item() - ref_seq.sum().item()  # k1: log π - log π_ref per sampled token
+                sums["kl_sum"] += seq_sum.sum().item() - ref_sum.sum().item()  # k1: log π - log π_ref per sampled token
                 sums["tokens"] += mask.sum().item()
                 sums["entropy_sum"] += entropy.sum().item()
                 sums["chosen_logratio"] += chosen_logratio.sum().item()
                 sums["rejected_logratio"] += rejected_logratio.sum().item()
-                sums["nll_sum"] -= seq[0::2].sum().item()
+                sums["nll_sum"] -= seq_sum[0::2].sum().item()
                 sums["chosen_tokens"] += mask[0::2].sum().item()
                 sums["pair_correct"] += (chosen_logratio > rejected_logratio).sum().item()
+                sums["entropy_bonus"] += bonus.item() / args.prompts_per_rank
+                sums["grpo_term"] += grpo.item() / args.prompts_per_rank
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -419,6 +473,8 @@ def main(args: Args) -> None:
             "train/rejected_logratio": s["rejected_logratio"] / max(s["pairs"], 1),
             "train/nll": s["nll_sum"] / max(s["chosen_tokens"], 1),
             **{f"train/{task}/pairs": s[f"{task}_pairs"] for task in ("math", "chat") if task in data_tasks},
+            **({"train/entropy_bonus": s["entropy_bonus"] / world_size} if args.entropy_coef else {}),
+            **({"train/grpo_term": s["grpo_term"] / world_size} if args.grpo_coef else {}),
             "rollout/policy_lag": step - 1 - last_sync,
             **rollout_log.get(step, {}), **common.trainer_metrics(s, s_max, timer),
         }

@@ -50,6 +50,7 @@ import math
 import os
 import random
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -155,18 +156,37 @@ class Args:
     cache to one step's sequences"""
     vllm_sleep: bool = False
     """GPU: free vLLM's memory while the trainer updates (sleep mode)"""
+    generator_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """the engine's precision (auto: bf16 on a GPU, fp32 on the CPU); bfloat16 on the CPU reproduces a
+    GPU's trainer-engine logprob gap on a laptop (what --tis-cap corrects)"""
 
     # Algorithm specific arguments
     beta: float = 0.1
     """DPO β (the paper: 0.1 math, 0.01 chat)"""
     nll_scale: float = 0.0
     """weight of the chosen completion's per-token NLL (the paper's ablation: 1.0, no gain)"""
+    nll_length_normalize: bool = True
+    """the NLL pooled over the chosen tokens (the authors' default), or summed per sequence and / B"""
     ref_sync: Literal["auto", "yes", "no", "per-task"] = "auto"
     """re-sync the reference to the policy with the generator. auto (the paper): yes for math-only data,
     no for chat and for mixed math + chat (its V+NV run); per-task: math rows against a re-synced
     reference, chat rows against the fixed seed"""
+    ref_sync_interval: int = 0
+    """re-sync that reference every K steps on its own schedule instead of with the generator (the
+    authors' sync_ref_model_every_n_steps; 0: with the generator)"""
     sync_interval: int = 10
     """s: optimizer steps between generator syncs (the paper: 5, 10, 100; 1 = online DPO)"""
+    length_norm: Literal["none", "sequence"] = "none"
+    """none: log-probs summed over tokens (the paper's main runs); sequence: each sequence's token mean,
+    policy and reference alike (the paper's ablation: biased toward short answers)"""
+    entropy_coef: float = 0.0
+    """entropy bonus: loss -= C Σ_chosen mean_t H_t / B (the paper's ablation: 1e-4 to 5e-4; it did
+    not reliably stop the entropy collapse)"""
+    group_dpo: bool = False
+    """GroupDPO (the paper's ablation: no gain): every correct x incorrect pair of a math prompt, the
+    loss averaged over a prompt's pairs (math data only: chat has no correct / incorrect split)"""
+    grpo_coef: float = 0.0
+    """with --group-dpo: + A x GRPO's objective on the same groups (the paper's ablation: 0.01)"""
 
     # filled in after parsing (not flags: logged with the config)
     world_size: tyro.conf.Suppress[int] = 0
@@ -177,11 +197,13 @@ class Args:
     """tasks whose reference re-syncs with the generator (ref_sync resolved)"""
 
 
-def select_pairs(rewards: torch.Tensor, tasks: list[str], seeds: list[int]) -> list[tuple[int, int, int]]:
+def select_pairs(rewards: torch.Tensor, tasks: list[str], seeds: list[int],
+                 group: bool = False) -> list[tuple[int, int, int]]:
     """(prompt j, chosen i, rejected i) for each prompt that yields a pair, from (P, n) rewards.
 
     math: a random correct (reward 1) vs a random incorrect (reward 0) completion, drawn with the
-    prompt's own seed; all-correct or all-wrong prompts are skipped. chat: the highest vs the
+    prompt's own seed (`group`, GroupDPO: every correct x incorrect pair); all-correct or all-wrong
+    prompts are skipped. chat: the highest vs the
     lowest reward-model score (first of ties); skipped when every score is equal.
     """
     pairs = []
@@ -189,7 +211,9 @@ def select_pairs(rewards: torch.Tensor, tasks: list[str], seeds: list[int]) -> l
         if task == "math":
             correct = [i for i, x in enumerate(r) if x > 0.5]
             wrong = [i for i, x in enumerate(r) if x <= 0.5]
-            if correct and wrong:
+            if correct and wrong and group:  # ALGO LOGIC (--group-dpo)
+                pairs += [(j, c, w) for c in correct for w in wrong]
+            elif correct and wrong:
                 rng = random.Random(seed)
                 pairs.append((j, rng.choice(correct), rng.choice(wrong)))
         elif max(r) > min(r):
@@ -198,21 +222,31 @@ def select_pairs(rewards: torch.Tensor, tasks: list[str], seeds: list[int]) -> l
 
 
 def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float,
-             nll_scale: float, pairs_per_token: float, num_prompts: int):
-    """(Σ_pairs -log σ(β (Δ_chosen - Δ_rejected)) + nll_scale · NLL) / num_prompts.
+             nll_scale: float, nll: torch.Tensor, num_prompts: int, weights: torch.Tensor):
+    """(Σ_pairs w_p · -log σ(β (Δ_chosen - Δ_rejected)) + nll_scale · NLL) / num_prompts.
 
-    Inputs are (K,) per-pair *summed* log-probs (Δ = log π - log π_ref). Dividing by the whole
-    batch's prompts, not the pairs, keeps a step with few valid pairs from being up-weighted. NLL
-    is the chosen completions' negative log-likelihood pooled as in the authors' code: summed over
-    tokens × `pairs_per_token` (this rank's pairs / its chosen tokens, so over a rank's micro-batches
-    it sums to a token-pooled mean × pairs). Returns (loss, chosen Δ, rejected Δ).
+    Inputs are (K,) per-pair log-probs, *summed* over completion tokens (Δ = log π - log π_ref), and
+    (K,) pair weights w (1; GroupDPO: 1 / the prompt's pairs, so a prompt's pairs are averaged).
+    Dividing by the whole batch's prompts, not the pairs, keeps a step with few valid pairs from
+    being up-weighted. `nll`: the chosen completions' negative log-likelihood, pooled by the caller
+    as in the authors' code. Returns (loss, chosen Δ, rejected Δ).
     """
     chosen_logratio = chosen_logps - ref_chosen_logps
     rejected_logratio = rejected_logps - ref_rejected_logps
-    losses = -F.logsigmoid(beta * (chosen_logratio - rejected_logratio))
-    nll = -chosen_logps.sum() * pairs_per_token
+    losses = -F.logsigmoid(beta * (chosen_logratio - rejected_logratio)) * weights
     loss = (losses.sum() + nll_scale * nll) / num_prompts
     return loss, chosen_logratio.detach(), rejected_logratio.detach()
+
+
+def group_terms(pairs: list[tuple[int, int, int]], rewards: torch.Tensor) -> tuple[list[float], list[float]]:
+    """For each pair, its weight in the loss: 1 / its prompt's number of pairs (GroupDPO averages a
+    prompt's pairs; 1 with one pair per prompt). For each of the pairs' completions (chosen,
+    rejected, chosen, ...), its GRPO advantage (r - mean) / (std + 1e-6) in its prompt's (P, n)
+    group, divided by the pairs it appears in: `--grpo-coef` then counts every completion once."""
+    per_prompt = Counter(j for j, _, _ in pairs)
+    appears = Counter((j, i) for j, c, r in pairs for i in (c, r))
+    adv = (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-6)  # (P, n)
+    return [1 / per_prompt[j] for j, _, _ in pairs], [adv[j, i].item() / appears[j, i] for j, c, r in pairs for i in (c, r)]
 
 
 def main(args: Args) -> None:
@@ -246,6 +280,8 @@ def main(args: Args) -> None:
     math_only = all(r["task"] == "math" for r in rows)
     args.synced_tasks = {"auto": ("math",) if math_only else (), "yes": ("math", "chat"), "no": (),
                          "per-task": ("math",)}[args.ref_sync]
+    if args.group_dpo and not math_only:
+        raise common.UserError("--group-dpo pairs correct with incorrect completions: math data only (this has chat rows)")
 
     # -----------------------------------------------------------------------------------------
     # models & optimizer
@@ -271,7 +307,7 @@ def main(args: Args) -> None:
     generator = common.Generator(args.model, max_model_len=args.max_model_len,
                                  max_num_seqs=args.prompts_per_rank * args.samples_per_prompt * min(args.sync_interval, args.num_steps),
                                  gpu_memory_utilization=args.gpu_memory_utilization,
-                                 dtype=common.default_dtype(device), seed=args.seed,
+                                 dtype=common.engine_dtype(args.generator_dtype, device), seed=args.seed,
                                  enable_sleep_mode=args.vllm_sleep, trust_remote_code=args.trust_remote_code)
     logger = common.MetricsLogger(args.output_dir, asdict(args), args.track, args.wandb_project_name,
                                   f"{args.exp_name}__{args.seed}", resume_step=start_step) if rank == 0 else None
@@ -307,8 +343,6 @@ def main(args: Args) -> None:
         if (step - 1) % args.sync_interval == 0 or step == start_step + 1:
             with timer("sync"):
                 generator.sync_weights(policy)
-                if "synced" in references:  # ALGO LOGIC: the (math) reference moves with the generator
-                    common.copy_weights(policy, references["synced"])
             last_sync = step - 1  # the generator holds the weights of `last_sync` optimizer steps
             # ALGO LOGIC: the rollouts of every step up to the next sync, in one vLLM call, with each
             # step's own seeds (so s = 1 is exactly online_dpo.py)
@@ -321,6 +355,11 @@ def main(args: Args) -> None:
                 generator.sleep()
             window_outs = {t: flat[k * args.prompts_per_rank : (k + 1) * args.prompts_per_rank] for k, t in enumerate(window)}
             window_tokens = sum(len(c.token_ids) for o in flat for c in o)  # counted at the step that generates
+        # ALGO LOGIC: the (math) reference moves with the generator, or every --ref-sync-interval steps
+        if "synced" in references and ((step - 1) % (args.ref_sync_interval or args.sync_interval) == 0
+                                       or step == start_step + 1):
+            with timer("sync"):
+                common.copy_weights(policy, references["synced"])
 
         # ---- rollout
         with timer("generate"):
@@ -332,10 +371,11 @@ def main(args: Args) -> None:
         with timer("score"):
             rewards, nonfinite = common.score(reward_model, batch, outs)  # (P, n), (P,)
 
-        # ---- build batch: ALGO LOGIC: one (chosen, rejected) pair per prompt at most
-        pairs = select_pairs(rewards, [r["task"] for r in batch], order.seeds(step))
+        # ---- build batch: ALGO LOGIC: one (chosen, rejected) pair per prompt at most (--group-dpo: all)
+        pairs = select_pairs(rewards, [r["task"] for r in batch], order.seeds(step), args.group_dpo)
         # Speed: pairs sorted by length, so a micro-batch pads little (a pair stays in one micro-batch)
         pairs.sort(key=lambda p: len(prompts[p[0]]) + max(len(outs[p[0]][i].token_ids) for i in p[1:]))
+        pair_weights, flat_advantages = group_terms(pairs, rewards)  # (K,) loss weights, (2K,) for --grpo-coef
         flat_prompts = [prompts[j] for j, _, _ in pairs for _ in (0, 1)]  # chosen, rejected, chosen, ...
         flat_completions = [outs[j][i] for j, c, r in pairs for i in (c, r)]
         flat_refs = ["synced" if batch[j]["task"] in args.synced_tasks else "fixed" for j, _, _ in pairs for _ in (0, 1)]
@@ -344,17 +384,20 @@ def main(args: Args) -> None:
         pairs_per_mb = max(args.micro_batch_size // 2, 1)
         n_mb = int(common.all_reduce({"n": math.ceil(len(pairs) / pairs_per_mb)}, op="max")["n"])
         micro_batches = [slice(2 * k * pairs_per_mb, 2 * (k + 1) * pairs_per_mb) for k in range(n_mb)]
-        chosen_tokens = sum(len(c.token_ids) for c in flat_completions[0::2])  # the NLL term's pooling
+        chosen_tokens = sum(len(c.token_ids) for c in flat_completions[0::2])
+        nll_pooling = len(pairs) / max(chosen_tokens, 1) if args.nll_length_normalize else 1.0  # the authors' default
 
         # ---- reference logprobs, update: one optimizer step, gradients accumulated over micro-batches
         lr = common.set_lr(optimizer, args.learning_rate * min(1.0, step / max(args.warmup_steps, 1)))  # warm-up, then constant
         # CRUCIAL: every key on every rank, even with no pair (the reduction over ranks is by key)
-        sums, gap_max = dict.fromkeys(("loss", "kl_sum", "tokens", "entropy_sum", "gap_sum", "chosen_logratio", "rejected_logratio", "nll_sum", "chosen_tokens", "pair_correct"), 0.0), 0.0
+        sums, gap_max = dict.fromkeys(("loss", "kl_sum", "tokens", "entropy_sum", "gap_sum", "chosen_logratio", "rejected_logratio", "nll_sum", "chosen_tokens", "pair_correct", "entropy_bonus", "grpo_term"), 0.0), 0.0
         with timer("train"):
             for mb in micro_batches:
                 mb_prompts, mb_completions, mb_refs, weight = flat_prompts[mb], flat_completions[mb], flat_refs[mb], 1.0
+                mb_weights, mb_advantages = pair_weights[mb.start // 2 : mb.stop // 2], flat_advantages[mb]
                 if not mb_completions:  # padding pass: same collectives (any reference), no gradient, no stats
                     mb_prompts, mb_completions, mb_refs, weight = [prompts[0]] * 2, [outs[0][0]] * 2, [next(iter(references))] * 2, 0.0
+                    mb_weights, mb_advantages = [1.0], [0.0, 0.0]
                 mb_tokens = [c.token_ids for c in mb_completions]
                 with torch.no_grad(), autocast:  # CRUCIAL: every reference runs on every rank (FSDP); each row keeps its task's
                     ref_logps_by_kind = {kind: common.completion_logprobs(ref, mb_prompts, mb_tokens, args.temperature,
@@ -363,10 +406,20 @@ def main(args: Args) -> None:
                 with autocast:
                     logps, mask, entropy = common.completion_logprobs(policy, mb_prompts, mb_tokens, args.temperature,
                                                                       tokenizer.pad_token_id, with_entropy=True)
-                seq, ref_seq = (logps * mask).sum(-1), (ref_logps * mask).sum(-1)  # (2K,) summed over tokens
+                seq_sum, ref_sum, tokens = (logps * mask).sum(-1), (ref_logps * mask).sum(-1), mask.sum(-1).clamp(min=1)
+                seq, ref_seq = seq_sum, ref_sum  # (2K,) summed over tokens
+                if args.length_norm == "sequence":  # ALGO LOGIC (--length-norm): token means, reference alike
+                    seq, ref_seq = seq_sum / tokens, ref_sum / tokens
+                mb_weights = torch.tensor(mb_weights, device=device)
                 loss, chosen_logratio, rejected_logratio = dpo_loss(
                     seq[0::2], seq[1::2], ref_seq[0::2], ref_seq[1::2], args.beta, args.nll_scale,
-                    len(pairs) / max(chosen_tokens, 1), args.prompts_per_rank)
+                    -seq_sum[0::2].sum() * nll_pooling, args.prompts_per_rank, mb_weights)
+                bonus, grpo = torch.zeros((), device=device), torch.zeros((), device=device)
+                if args.entropy_coef:  # ALGO LOGIC: the authors' entropy bonus on the chosen completions
+                    bonus = args.entropy_coef * (mb_weights * (entropy * mask).sum(-1)[0::2] / tokens[0::2]).sum()
+                if args.grpo_coef:  # ALGO LOGIC: + A x GRPO's objective on the groups (ρ ≡ 1: A_i ∇ Σ_t log π)
+                    grpo = args.grpo_coef * (torch.tensor(mb_advantages, device=device) * seq_sum).sum() / n
+                loss = loss - (bonus + grpo) / args.prompts_per_rank
                 (loss * weight).backward()
                 if not weight:
                     continue
@@ -374,15 +427,17 @@ def main(args: Args) -> None:
                 gap_sum, mb_gap_max = common.logprob_gap(logps, mask, mb_completions)
                 gap_max = max(gap_max, mb_gap_max)
                 sums["loss"] += loss.item()
-                sums["kl_sum"] += seq.sum().item() - ref_seq.sum().item()  # k1: log π - log π_ref per sampled token
+                sums["kl_sum"] += seq_sum.sum().item() - ref_sum.sum().item()  # k1: log π - log π_ref per sampled token
                 sums["tokens"] += mask.sum().item()
                 sums["entropy_sum"] += entropy.sum().item()
                 sums["gap_sum"] += gap_sum
                 sums["chosen_logratio"] += chosen_logratio.sum().item()
                 sums["rejected_logratio"] += rejected_logratio.sum().item()
-                sums["nll_sum"] -= seq[0::2].sum().item()
+                sums["nll_sum"] -= seq_sum[0::2].sum().item()
                 sums["chosen_tokens"] += mask[0::2].sum().item()
                 sums["pair_correct"] += (chosen_logratio > rejected_logratio).sum().item()
+                sums["entropy_bonus"] += bonus.item() / args.prompts_per_rank
+                sums["grpo_term"] += grpo.item() / args.prompts_per_rank
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -407,6 +462,8 @@ def main(args: Args) -> None:
             "train/rejected_logratio": s["rejected_logratio"] / max(s["pairs"], 1),
             "train/nll": s["nll_sum"] / max(s["chosen_tokens"], 1),
             **{f"train/{task}/pairs": s[f"{task}_pairs"] for task in ("math", "chat") if s[f"{task}_samples"]},
+            **({"train/entropy_bonus": s["entropy_bonus"] / world_size} if args.entropy_coef else {}),
+            **({"train/grpo_term": s["grpo_term"] / world_size} if args.grpo_coef else {}),
             "rollout/policy_lag": step - 1 - last_sync,
             **common.rollout_metrics(s), **common.trainer_metrics(s, s_max, timer),
         }

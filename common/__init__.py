@@ -44,6 +44,7 @@ from common.launch import check_args, claim_output_dir, finish, run
 from common.metrics import (
     PhaseTimer,
     Progress,
+    engine_logprobs,
     logprob_gap,
     reduce_step,
     rollout_metrics,
@@ -55,6 +56,7 @@ from common.models import (
     copy_weights,
     default_dtype,
     encode_prompts,
+    engine_dtype,
     fsdp_wrap,
     full_state_dict,
     load_model,
@@ -74,8 +76,8 @@ from common.utils import (
 __all__ = [
     "find_checkpoint", "load_checkpoint", "save_checkpoint",
     "eval_chat", "eval_line", "eval_math", "eval_seeds", "eval_subset", "evaluate", "mean_and_se", "mean_se_from_sums", "PAPER_MATH_TEMPLATE", "encode_pairs", "fit_prompts", "last_boxed", "load_pairs", "load_prompts", "load_rollout_log", "save_pairs", "shuffled_indices",
-    "Completion", "Generator", "request_seed", "completion_logprobs", "copy_weights", "default_dtype", "encode_prompts", "fsdp_wrap", "full_state_dict", "load_model",
+    "Completion", "Generator", "request_seed", "completion_logprobs", "copy_weights", "default_dtype", "engine_dtype", "encode_prompts", "fsdp_wrap", "full_state_dict", "load_model",
     "load_tokenizer", "RewardModel", "math_reward", "math_rewards", "MetricsLogger", "UserError",
-    "all_reduce", "peak_memory_gb", "seed_everything", "setup_distributed", "score", "PhaseTimer", "logprob_gap",
+    "all_reduce", "peak_memory_gb", "seed_everything", "setup_distributed", "score", "PhaseTimer", "engine_logprobs", "logprob_gap",
     "reduce_step", "StepOrder", "Progress", "rollout_metrics", "rollout_sums", "trainer_metrics", "check_args", "claim_output_dir", "finish", "run", "set_lr",
 ]

@@ -62,7 +62,8 @@ _FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 MATH_COLUMNS = ("problem", "question", "solution", "answer", "final_answer")
 _READ_COLUMNS = {"task", "prompt", "messages", "conversation", "source", *MATH_COLUMNS}
 _PAIR_COLUMNS = ("chosen", "rejected", "chosen_eos", "rejected_eos",  # + offline_dpo.py's own:
-                 "step", "position", "chosen_ids", "rejected_ids", "chosen_reward", "rejected_reward", "answer")
+                 "step", "position", "chosen_ids", "rejected_ids", "chosen_reward", "rejected_reward", "answer",
+                 "chosen_advantage", "rejected_advantage")
 _BARE_ANSWER_CHARS = 200
 # The paper's NuminaMath-CoT filter (261,440 problems of ~860k): no synthetic subsets, no proofs,
 # no multiple choice.

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import fcntl
 import json
+import math
 import os
 import signal
 import sys
@@ -21,7 +22,8 @@ from common.utils import UserError
 # Every numeric flag must be > 0, but for these (checked on any script's Args that has the field):
 # a new flag is checked by default, never forgotten.
 _NON_NEGATIVE = ("seed", "warmup_steps", "eval_every", "log_samples_every", "eval_temperature", "nll_scale", "kl_coef",
-                 "epochs", "gpu_memory_utilization", "limit", "weight_decay")
+                 "epochs", "gpu_memory_utilization", "limit", "weight_decay", "entropy_coef", "grpo_coef", "tis_cap",
+                 "ref_sync_interval")
 _DERIVED = ("world_size", "prompts_per_rank")  # filled in after parsing, not flags
 
 
@@ -72,11 +74,17 @@ def check_args(args, world_size: int) -> None:
                             "(each prompt's sampling streams are kept apart from every other's)")
     if getattr(args, "samples_per_prompt", 2) < 2:
         raise UserError("--samples-per-prompt must be >= 2: one sample per prompt gives nothing to compare")
-    s = getattr(args, "sync_interval", 1)
+    s, what = window(args)
     if hasattr(args, "save_every") and args.save_every % s and args.save_every < args.num_steps:
-        raise UserError(f"--save-every {args.save_every} is not a multiple of --sync-interval {s}: a checkpoint inside a "
-                        f"sync window cannot resume exactly (the rest of the window was sampled from the window's first "
-                        f"weights); use a multiple of {s} ({s}, {2 * s}, ...)")
+        raise UserError(f"--save-every {args.save_every} is not a multiple of {what}: a checkpoint inside a sync "
+                        f"window cannot resume exactly (the rest of the window was sampled from, or scored against, the "
+                        f"window's first weights); use a multiple of {s} ({s}, {2 * s}, ...)")
+    if getattr(args, "grpo_coef", 0) and not args.group_dpo:
+        raise UserError("--grpo-coef adds GRPO's objective on GroupDPO's groups: pass --group-dpo too")
+    if getattr(args, "group_dpo", False) and args.nll_scale:
+        raise UserError("--group-dpo with --nll-scale: the authors' GroupDPO has no NLL term; use one of them")
+    if 0 < getattr(args, "tis_cap", 0) < 1:
+        raise UserError(f"--tis-cap {args.tis_cap}: a cap below 1 would shrink on-policy tokens (weight 1); use >= 1")
     if hasattr(args, "prompts_per_step") and args.prompts_per_step % world_size:
         raise UserError(f"--prompts-per-step {args.prompts_per_step} must divide by the number of ranks ({world_size})")
     if hasattr(args, "max_new_tokens") and args.max_new_tokens >= args.max_model_len:
@@ -86,6 +94,15 @@ def check_args(args, world_size: int) -> None:
         if getattr(args, temperature, 1.0) == 0 and getattr(args, samples, 1) > 1:
             raise UserError(f"{_flag(temperature)} 0 is greedy: one sample per prompt; set {_flag(samples)} 1 "
                             "or a temperature above 0")
+
+
+def window(args) -> tuple[int, str]:
+    """(steps, what) a run resumes exactly at multiples of: semi-online DPO's sync interval and, when
+    the reference re-syncs on its own schedule, the least common multiple with its interval."""
+    s, k = getattr(args, "sync_interval", 1), getattr(args, "ref_sync_interval", 0)
+    if not k or s * k // math.gcd(s, k) == s:
+        return s, f"--sync-interval {s}"
+    return s * k // math.gcd(s, k), f"lcm(--sync-interval {s}, --ref-sync-interval {k}) = {s * k // math.gcd(s, k)}"
 
 
 def check_generative(name: str, flag: str, trust_remote_code: bool = False) -> None:
@@ -150,9 +167,9 @@ def claim_output_dir(args, world_size: int, rank: int) -> None:
         from common.checkpoint import check_checkpoint
 
         check_checkpoint(os.path.join(output_dir, "checkpoint"), world_size)
-        step, s = json.load(open(step_json))["step"], getattr(args, "sync_interval", 1)
+        step, (s, what) = json.load(open(step_json))["step"], window(args)
         if step % s and step < args.num_steps:  # only a run's last step can end inside a window
-            raise UserError(f"--resume: the checkpoint of step {step} is inside a sync window (--sync-interval {s}): "
+            raise UserError(f"--resume: the checkpoint of step {step} is inside a sync window ({what}): "
                             f"the run it came from stopped there, and this one would sample steps {step + 1}-"
                             f"{min((step // s + 1) * s, args.num_steps)} from newer weights than one uninterrupted run "
                             f"(cut at step {step // s * s} instead); resume with --num-steps {step}, or start a new "

@@ -35,14 +35,20 @@ class PhaseTimer:
         return time.time() - self.start
 
 
+def engine_logprobs(completions, like: torch.Tensor) -> torch.Tensor:
+    """(B, T) the engine's (vLLM's) logprob of each sampled token, laid out like the trainer's
+    `completion_logprobs` (0 on padding)."""
+    out = torch.zeros(like.shape, dtype=torch.float32)
+    for i, c in enumerate(completions):
+        out[i, : len(c.logprobs)] = torch.tensor(c.logprobs)
+    return out.to(like.device)
+
+
 def logprob_gap(logps: torch.Tensor, mask: torch.Tensor, completions) -> tuple[float, float]:
     """(sum, max) over tokens of |trainer logprob - vLLM's logprob| of each sampled token, for a
     (B, T) micro-batch. ~0 right after a sync: the proof that the sync worked; between syncs it
     grows with the policy lag (how stale the generator's samples are)."""
-    vllm_logps = torch.zeros_like(logps)
-    for i, c in enumerate(completions):
-        vllm_logps[i, : len(c.logprobs)] = torch.tensor(c.logprobs)
-    gap = (logps.detach() - vllm_logps).abs() * mask
+    gap = (logps.detach() - engine_logprobs(completions, logps)).abs() * mask
     return gap.sum().item(), gap.max().item() if gap.numel() else 0.0
 
 

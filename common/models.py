@@ -51,6 +51,12 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def engine_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The generator's precision for `--generator-dtype`: "auto" is `default_dtype`, else the named one
+    (bfloat16 on the CPU reproduces the GPU's trainer-engine logprob mismatch on a laptop)."""
+    return default_dtype(device) if name == "auto" else getattr(torch, name)
+
+
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Tokenizer of a hub id or local folder. It must carry a chat template: every prompt in this
     project is a chat turn, and guessing a template silently changes what the model sees."""
@@ -247,6 +253,7 @@ class _TokenLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, temperature, block, with_entropy):
+        ctx.set_materialize_grads(False)  # an unused entropy gets None in the backward: no work for it
         n = logits.shape[0]
         logps, lse = logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
         entropy = logits.new_empty(n if with_entropy else 0, dtype=torch.float32)
@@ -268,8 +275,10 @@ class _TokenLogps(torch.autograd.Function):
         for i in range(0, logits.shape[0], ctx.block):
             lp = logits[i : i + ctx.block].float() / ctx.temperature - lse[i : i + ctx.block, None]  # (b, V)
             p = lp.exp()
-            g = p * -g_logps[i : i + ctx.block, None]
-            g.scatter_add_(-1, targets[i : i + ctx.block, None], g_logps[i : i + ctx.block, None])
+            g = torch.zeros_like(p)
+            if g_logps is not None:
+                g = p * -g_logps[i : i + ctx.block, None]
+                g.scatter_add_(-1, targets[i : i + ctx.block, None], g_logps[i : i + ctx.block, None])
             if g_entropy is not None and entropy.numel():
                 g -= p * (lp + entropy[i : i + ctx.block, None]) * g_entropy[i : i + ctx.block, None]
             grad[i : i + ctx.block] = g / ctx.temperature

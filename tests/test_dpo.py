@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from online_dpo import dpo_loss, select_pairs
+from online_dpo import dpo_loss, group_terms, select_pairs
 from tests.conftest import DETERMINISTIC, GAP, KEYS, ROOT, SEQ_TOL, SMALL, metrics, run_script
 
 DPO_KEYS = KEYS + ["train/pairs", "train/reward_margin", "train/pair_accuracy", "train/chosen_logratio",
@@ -39,8 +39,9 @@ def test_dpo_loss_by_hand():
     rejected = torch.tensor([-4.0, -6.0], requires_grad=True)
     ref_c, ref_r = torch.tensor([-5.5, -2.0]), torch.tensor([-4.0, -5.0])
     beta, nll_scale, B = 0.1, 0.5, 4  # 4 prompts in the batch, 2 valid pairs
-    pairs_per_token = 2 / 9  # the chosen completions hold 5 + 4 tokens
-    loss, c_lr, r_lr = dpo_loss(chosen, rejected, ref_c, ref_r, beta, nll_scale, pairs_per_token, B)
+    pairs_per_token = 2 / 9  # the chosen completions hold 5 + 4 tokens: the loop's NLL pooling
+    loss, c_lr, r_lr = dpo_loss(chosen, rejected, ref_c, ref_r, beta, nll_scale, -chosen.sum() * pairs_per_token, B,
+                                torch.ones(2))
     logsig = lambda x: -math.log1p(math.exp(-x))
     m0, m1 = (0.5 - 0.0), (0.0 - (-1.0))  # Δc - Δr per pair
     nll = (5 + 2) / 9 * 2  # the authors' pooling: the token-pooled mean NLL x the pairs
@@ -56,8 +57,35 @@ def test_dpo_loss_by_hand():
 
 def test_dpo_loss_at_the_reference_is_log2():
     x = torch.tensor([-3.0])
-    loss, *_ = dpo_loss(x, x - 1, x, x - 1, 0.1, 0.0, 1 / 3, 1)
+    loss, *_ = dpo_loss(x, x - 1, x, x - 1, 0.1, 0.0, -x.sum(), 1, torch.ones(1))
     assert loss.item() == pytest.approx(math.log(2))
+
+
+def test_group_dpo_pairs_weights_and_grpo_advantages_by_hand():
+    """GroupDPO (the authors' `_group_dpo.py`): every correct x incorrect pair of a math prompt, the
+    DPO loss averaged over the prompt's pairs; the GRPO term counts each completion once."""
+    rewards = torch.tensor([[1.0, 0.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0], [0.0, 1.0, 0.0, 0.0]])
+    pairs = select_pairs(rewards, ["math"] * 3, [0, 1, 2], group=True)
+    assert pairs == [(0, 0, 1), (0, 0, 3), (0, 2, 1), (0, 2, 3), (2, 1, 0), (2, 1, 2), (2, 1, 3)]
+    weights, advantages = group_terms(pairs, rewards)
+    assert weights == [0.25] * 4 + [pytest.approx(1 / 3)] * 3
+    std0, std2 = math.sqrt(4 * 0.25 / 3), math.sqrt((3 * 0.25**2 + 0.75**2) / 3)
+    a0, a2 = 0.5 / (std0 + 1e-6), 0.75 / (std2 + 1e-6)  # prompt 2's wrong ones: -0.25 / std2 each, in 1 pair
+    # prompt 0: each of its 4 completions sits in 2 pairs; prompt 2: the correct one in 3, each wrong in 1
+    assert advantages[:2] == pytest.approx([a0 / 2, -a0 / 2]) and advantages[8:10] == pytest.approx([a2 / 3, -a2 / 3])
+    per_completion = {}
+    for (j, c, r), ac, ar in zip(pairs, advantages[0::2], advantages[1::2]):
+        per_completion[j, c] = per_completion.get((j, c), 0) + ac
+        per_completion[j, r] = per_completion.get((j, r), 0) + ar
+    adv = (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-6)
+    assert per_completion == {k: pytest.approx(adv[k].item()) for k in per_completion}  # each completion once
+    # the loss: a prompt's pairs averaged, summed over prompts, / B
+    lc, lr = torch.tensor([-1.0, -1.0, -2.0, -2.0, -3.0, -3.0, -3.0]), torch.tensor([-2.0, -4.0, -2.0, -4.0, -1.0, -2.0, -5.0])
+    zero = torch.zeros(7)
+    loss, *_ = dpo_loss(lc, lr, zero, zero, 0.1, 0.0, torch.zeros(()), 3, torch.tensor(weights))
+    d = lambda m: math.log1p(math.exp(-0.1 * m))  # -log σ(β m)
+    expected = (sum(d(m) for m in (1, 3, 0, 2)) / 4 + sum(d(m) for m in (-2, -1, 2)) / 3) / 3
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
 
 
 def check_dpo_run(out_dir, steps):
@@ -126,3 +154,26 @@ def test_bad_sync_interval_is_one_line():
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().endswith("error: --sync-interval must be > 0 (got 0)")
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_ablation_flags_end_to_end(tmp_path):
+    """The paper's DPO ablations together on online DPO, and the same on offline DPO (s = ∞: the same
+    first step): GroupDPO + GRPO term, entropy bonus, length-normalised DPO, summed NLL, and a
+    reference re-synced every 2 steps on its own schedule (policy == reference at steps 1 and 3)."""
+    flags = ["--num-steps", "3", "--eval-every", "0", "--group-dpo", "--grpo-coef", "0.01", "--entropy-coef", "1e-4",
+             "--length-norm", "sequence", "--no-nll-length-normalize", "--learning-rate", "1e-3", *SMALL]
+    run_script("online_dpo.py", [*flags, "--ref-sync-interval", "2", "--output-dir", str(tmp_path / "on")])
+    m = metrics(tmp_path / "on")
+    for x in m:
+        assert x["train/pairs"] > 8 and x["train/entropy_bonus"] > 0 and x["train/grpo_term"] != 0  # all pairs
+    assert [abs(x["train/chosen_logratio"]) < SEQ_TOL for x in m] == [True, False, True]  # the reference's syncs
+    run_script("offline_dpo.py", [*flags, "--output-dir", str(tmp_path / "off")])
+    off = next(x for x in metrics(tmp_path / "off") if x["step"] == 1)  # step 0: the sampling phase
+    for k in ("train/loss", "train/pairs", "train/entropy_bonus", "train/grpo_term", "train/chosen_logratio"):
+        assert off[k] == pytest.approx(m[0][k], rel=1e-5, abs=1e-7), k
+    import json
+
+    saved = [json.loads(line) for line in open(tmp_path / "off" / "pairs.jsonl")]
+    positions = [(p["step"], p["position"]) for p in saved]
+    assert len(set(positions)) < len(positions) and all("chosen_advantage" in p for p in saved)

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from grpo import group_advantages, grpo_loss
+from grpo import group_advantages, grpo_loss, tis_weights
 from tests.conftest import DETERMINISTIC, GAP, KEYS, KL_TOL, ROOT, SMALL, metrics, run_script
 
 
@@ -30,7 +30,7 @@ def test_grpo_loss_by_hand():
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     adv = torch.tensor([2.0, -1.0])
     beta, B, n = 0.1, 1, 2
-    loss, kl_sum = grpo_loss(logps, ref, mask, adv, beta, B, n)
+    loss, kl_sum, _ = grpo_loss(logps, ref, mask, adv, beta, B, n)
     k3 = lambda d: math.exp(d) - d - 1  # d = ref - logp
     kl = [[k3(-0.5), k3(1.0)], [k3(0.0)]]
     expected = -((2.0 * 2 - beta * sum(kl[0])) + (-1.0 * 1 - beta * sum(kl[1]))) / (B * n)
@@ -43,13 +43,53 @@ def test_grpo_loss_by_hand():
     assert logps.grad[0, 2].item() == 0.0  # padding gets no gradient
 
 
+def test_length_norms_and_entropy_bonus_by_hand():
+    """--length-norm sequence: each sequence's token mean; token: / the step's tokens; --entropy-coef:
+    - C Σ_i mean_t H_t / B, with the entropy's gradient."""
+    logps = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    adv, B, n = torch.tensor([2.0, -1.0]), 1, 2
+    seq, *_ = grpo_loss(logps, None, mask, adv, 0.0, B, n, "sequence")
+    assert seq.item() == pytest.approx(-(2.0 * 2 / 2 + -1.0 * 1 / 1) / (B * n))
+    tok, *_ = grpo_loss(logps, None, mask, adv, 0.0, B, n, "token", num_tokens=3.0)
+    assert tok.item() == pytest.approx(-(2.0 * 2 + -1.0 * 1) / 3)
+    entropy = torch.tensor([[0.5, 1.5, 9.0], [2.0, 9.0, 9.0]], requires_grad=True)  # padding must not count
+    loss, _, bonus = grpo_loss(logps, None, mask, adv, 0.0, B, n, entropy=entropy, entropy_coef=0.1)
+    assert bonus.item() == pytest.approx(0.1 * ((0.5 + 1.5) / 2 + 2.0) / B)
+    assert loss.item() == pytest.approx(-(2.0 * 2 - 1.0) / 2 - bonus.item())
+    loss.backward()
+    assert torch.allclose(entropy.grad, torch.tensor([[-0.05, -0.05, 0.0], [-0.1, 0.0, 0.0]]))
+
+
+def test_tis_weights_by_hand():
+    """Truncated / masked importance sampling against the engine's logprobs, per token or per
+    sequence; detached (no gradient through the weight), 0 on padding."""
+    logps = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, -1.0, 0.0]], requires_grad=True)
+    engine = torch.tensor([[-2.0, -1.9, 0.0], [-0.5, -0.2, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    w, capped = tis_weights(logps, engine, mask, 2.0, "token", "truncate")
+    e = math.exp
+    assert torch.allclose(w, torch.tensor([[2.0, e(-0.1), 0.0], [1.0, e(-0.8), 0.0]])) and capped.sum() == 1
+    assert not w.requires_grad
+    w, _ = tis_weights(logps, engine, mask, 2.0, "token", "mask")
+    assert torch.allclose(w, torch.tensor([[0.0, e(-0.1), 0.0], [1.0, e(-0.8), 0.0]]))
+    w, capped = tis_weights(logps, engine, mask, 2.0, "sequence", "truncate")  # exp(0.9) = 2.46 > 2; exp(-0.8)
+    assert torch.allclose(w, torch.tensor([[2.0, 2.0, 0.0], [e(-0.8), e(-0.8), 0.0]])) and capped.sum() == 2
+    w, _ = tis_weights(logps, engine, mask, 3.0, "sequence", "mask")
+    assert torch.allclose(w, torch.tensor([[e(0.9), e(0.9), 0.0], [e(-0.8), e(-0.8), 0.0]]))
+    # the weight multiplies the advantage term only; the gradient is w A ∇logp
+    loss, *_ = grpo_loss(logps, None, mask, torch.tensor([1.0, 1.0]), 0.0, 1, 1, weights=w)
+    loss.backward()
+    assert torch.allclose(logps.grad, -w)
+
+
 def test_all_equal_group_leaves_only_kl():
     logps = torch.tensor([[-1.0, -2.0]], requires_grad=True)
     ref = torch.tensor([[-1.2, -2.0]])
     adv = group_advantages(torch.tensor([[1.0, 1.0]]), True, 1e-4)[:, :1].flatten()
-    loss, _ = grpo_loss(logps, ref, torch.ones(1, 2), adv, 0.5, 1, 1)
+    loss, *_ = grpo_loss(logps, ref, torch.ones(1, 2), adv, 0.5, 1, 1)
     assert loss.item() == pytest.approx(0.5 * (math.exp(-0.2) + 0.2 - 1), rel=1e-6)
-    without_ref, _ = grpo_loss(logps, None, torch.ones(1, 2), adv, 0.5, 1, 1)
+    without_ref, *_ = grpo_loss(logps, None, torch.ones(1, 2), adv, 0.5, 1, 1)
     assert without_ref.item() == 0.0
 
 
@@ -113,3 +153,17 @@ def test_end_to_end_torchrun_two_processes(tmp_path):
     run_script("grpo.py", [*args, "--output-dir", str(tmp_path / "one")])
     one, two = metrics(tmp_path / "one")[1], metrics(tmp_path / "run")[1]
     assert (one["rollout/reward_mean"], one["rollout/length_mean"]) == (two["rollout/reward_mean"], two["rollout/length_mean"])
+
+
+@pytest.mark.slow
+def test_tis_with_a_bf16_engine_on_the_cpu(tmp_path):
+    """--generator-dtype bfloat16 makes the CPU engine disagree with the fp32 trainer as a GPU does
+    (the logprob gap grows from ~1e-6); --tis-cap corrects for it; --length-norm token and the
+    entropy bonus log what they add."""
+    run_script("grpo.py", ["--num-steps", "2", "--eval-every", "0", "--generator-dtype", "bfloat16", "--tis-cap", "2",
+                           "--length-norm", "token", "--entropy-coef", "1e-4", "--output-dir", str(tmp_path / "run"),
+                           *SMALL])
+    for x in metrics(tmp_path / "run"):
+        assert x["rollout/logprob_gap_max"] > 1e-3  # bf16 engine vs fp32 trainer
+        assert 0.9 < x["train/tis_weight_mean"] < 1.1 and 0 <= x["train/tis_capped_frac"] < 0.05
+        assert x["train/entropy_bonus"] > 0
