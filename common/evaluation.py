@@ -95,7 +95,7 @@ def evaluate(generator, tokenizer, reward_model, rows: list[dict], *, k: int, te
     s = all_reduce({"n": len(accs), "sum": sum(accs), "sq": sum(a * a for a in accs),
                     "chat_n": len(chat_rewards), "chat_sum": chat_rewards.sum().item(),
                     "chat_sq": (chat_rewards**2).sum().item(), "chat_tokens": chat_lengths.sum().item()})
-    out = {}
+    out = {"eval/samples": k} if s["n"] or s["chat_n"] else {}
     if s["n"]:
         out["eval/accuracy"], out["eval/accuracy_se"] = mean_se_from_sums(s["n"], s["sum"], s["sq"])
         out["eval/problems"] = int(s["n"])
@@ -111,8 +111,9 @@ def eval_line(m: dict) -> str:
     """The human-readable part of a step line for the `eval/*` keys in `m`."""
     parts = []
     if "eval/accuracy" in m:
-        parts.append(f"eval accuracy {m['eval/accuracy']:.3f} ± {m['eval/accuracy_se']:.3f} ({m['eval/problems']} problems)")
+        parts.append(f"eval accuracy {m['eval/accuracy']:.3f} ± {m['eval/accuracy_se']:.3f} "
+                     f"({m['eval/problems']} problems x {m['eval/samples']})")
     if "eval/chat/reward_mean" in m:
         parts.append(f"eval chat reward {m['eval/chat/reward_mean']:.3f} (len {m['eval/chat/length_mean']:.1f}, "
-                     f"{m['eval/chat/prompts']} prompts)")
+                     f"{m['eval/chat/prompts']} prompts x {m['eval/samples']})")
     return " | ".join(parts)

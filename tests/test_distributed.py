@@ -20,3 +20,15 @@ def test_fsdp2_sync_two_ranks(tmp_path):
         assert res["before"] < FP32_GAP, res  # engine loaded the same init as the trainer
         assert res["stale"] > 1e-2, res  # the step changed the trainer, not the engine
         assert res["after"] < FP32_GAP, res  # the sync brought the engine up to date
+
+
+def test_resume_repair_takes_one_barrier_on_every_rank(tmp_path):
+    """`find_checkpoint` repairs a checkpoint left between a save's two renames; a rank that looks
+    after rank 0's repair must still take the barrier rank 0 takes (it once skipped it: a hang)."""
+    old = tmp_path / "checkpoint.old"
+    old.mkdir()
+    json.dump({"step": 2, "world_size": 2}, open(old / "step.json", "w"))
+    run_script(os.path.join(HERE, "dist", "find_checkpoint_race.py"), [str(tmp_path / "checkpoint")], nproc=2,
+               timeout=120)
+    assert [json.load(open(tmp_path / f"rank{r}.json"))["found"] for r in (0, 1)] == [True, True]
+    assert (tmp_path / "checkpoint" / "step.json").exists() and not old.exists()
