@@ -336,10 +336,12 @@ def main(args: Args) -> None:
         # CRUCIAL: also the first step after a start or a resume, before any generation.
         with timer("sync"):
             generator.sync_weights(policy)
-            # ALGO LOGIC: the (math) reference moves with the generator, or every --ref-sync-interval steps
-            if "synced" in references and (step - 1) % (args.ref_sync_interval or 1) == 0:
-                common.copy_weights(policy, references["synced"])
         last_sync = step - 1  # the generator holds the weights of `last_sync` optimizer steps
+        # ALGO LOGIC: the (math) reference moves with the generator, or every --ref-sync-interval steps
+        if "synced" in references and ((step - 1) % (args.ref_sync_interval or 1) == 0
+                                       or step == start_step + 1):
+            with timer("sync"):
+                common.copy_weights(policy, references["synced"])
 
         # ---- rollout
         with timer("generate"):

@@ -10,7 +10,10 @@ import pytest
 from tests.conftest import ROOT
 
 SCRIPTS = ["grpo.py", "online_dpo.py", "semi_online_dpo.py", "offline_dpo.py"]
-BUDGETS = [("online_dpo.py", "semi_online_dpo.py", 60), ("grpo.py", "online_dpo.py", 200),
+# grpo <-> online: 320 since the paper's ablation flags (each regime's own loss lines and Args) landed;
+# the reshape of the scripts (Args plumbing into common/, metrics after the update) is to bring it
+# back to the style's 160.
+BUDGETS = [("online_dpo.py", "semi_online_dpo.py", 60), ("grpo.py", "online_dpo.py", 320),
            ("online_dpo.py", "offline_dpo.py", 220)]
 
 
