@@ -21,6 +21,9 @@ Sizes:
   on one process, and TRL: what a user trying Qwen2.5-0.5B-Instruct on a laptop meets; with the
   machine's peak memory for all the run's processes together (two processes of this shape need
   ~11 GB each and do not fit in 24 GB: docs/benchmarks.md);
+- qwen2-0.5b-bf16: the same shape with the engine in bf16 (`--generator-dtype bfloat16`) against
+  the fp32 trainer, as on a GPU: GRPO without and with `--tis-cap 2`, on one process and two, and
+  TRL; the logprob gap column shows the mismatch TIS corrects;
 - large: a random 3.2M-parameter Qwen2 (hidden 256, 4 layers, the embedded tokenizer) on the chat
   task, scored by the embedded reward model (a random policy never solves math, so DPO would get
   no pairs), 256 new tokens: long rollouts.
@@ -57,6 +60,13 @@ SIZES = {
                    "flags": ["--prompts-per-step", "4", "--samples-per-prompt", "4"],
                    "regimes": ["online DPO (s = 1)", "GRPO (s = 1)"], "nprocs": (1,)},
     # two processes of this shape do not fit in 24 GB (docs/benchmarks.md: where each rank's memory goes)
+    # the same shape with a bf16 engine (the GPU's trainer-engine mismatch, on the CPU), GRPO without and
+    # with truncated importance sampling, on one process and two, and TRL
+    "qwen2-0.5b-bf16": {"model": "runs/bench/models/qwen2-0.5b", "dataset": "embedded/data/chat_train.jsonl",
+                        "max_new_tokens": 32, "max_model_len": 256, "rounds": 1, "steps": 5, "measure_from": 3,
+                        "flags": ["--prompts-per-step", "4", "--samples-per-prompt", "4"],
+                        "ours": ["--generator-dtype", "bfloat16"],
+                        "regimes": ["GRPO (s = 1)", "GRPO (s = 1), --tis-cap 2"], "nprocs": (1, 2)},
 }
 REGIMES = [  # (name, script, extra flags)
     ("offline DPO (s = ∞)", "offline_dpo.py", []),
@@ -65,13 +75,14 @@ REGIMES = [  # (name, script, extra flags)
     ("GRPO (s = 1)", "grpo.py", []),
 ]
 # long rollouts: the update with length-sorted micro-batches of 16 instead of one pass of 64
-EXTRA = {"large": [("GRPO (s = 1), --micro-batch-size 16", "grpo.py", ["--micro-batch-size", "16"])]}
+EXTRA = {"large": [("GRPO (s = 1), --micro-batch-size 16", "grpo.py", ["--micro-batch-size", "16"])],
+         "qwen2-0.5b-bf16": [("GRPO (s = 1), --tis-cap 2", "grpo.py", ["--tis-cap", "2"])]}
 PHASES = ["sync", "generate", "score", "train"]
 
 
 @dataclass
 class Args:
-    sizes: tuple[str, ...] = ("small", "large", "qwen2-0.5b")
+    sizes: tuple[str, ...] = ("small", "large", "qwen2-0.5b", "qwen2-0.5b-bf16")
     """which configurations to run (small: the embedded default; large: a random 3.2M model, long rollouts;
     qwen2-0.5b: a real model's shape, one process)"""
     steps: int = 20
@@ -91,7 +102,7 @@ class Args:
 def make_model(size: str, path: str) -> None:
     if size == "large":
         make_large_model(path)
-    elif size == "qwen2-0.5b":
+    elif size.startswith("qwen2-0.5b"):
         from bench.memory import make_model as make_qwen2_05b
 
         make_qwen2_05b(path, 151936)
@@ -150,6 +161,8 @@ def summarize(records: list[dict], first: int) -> dict:
     out["rollout_tok_s"] = total("perf/rollout_tokens") / gen if gen > 0 else float("nan")
     out["train_tok_s"] = total("perf/train_tokens") / total("perf/train_s")
     out["peak_gb"] = max(r.get("perf/peak_memory_gb", 0.0) for r in records)
+    out["gap_max"] = max((r["rollout/logprob_gap_max"] for r in steps if "rollout/logprob_gap_max" in r), default=float("nan"))
+    out["tis_capped"] = max((r["train/tis_capped_frac"] for r in steps if "train/tis_capped_frac" in r), default=float("nan"))
     out["sync_share"] = out["sync_s"] / out["step_s"]
     out["other_share"] = out["other_s"] / out["step_s"]
     return out
@@ -174,14 +187,16 @@ def fmt(x: float, digits: int = 2) -> str:
 
 def table(size: str, rows: dict[str, dict], notes: dict[str, str]) -> str:
     out = [f"**{size}** ({describe(size)})", "",
-           "| run | s/step | sync | generate | score | train | other | rollout tok/s | train tok/s | peak RSS GiB (a rank) | machine peak GiB (all) | sync share | other share |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| run | s/step | sync | generate | score | train | other | rollout tok/s | train tok/s | peak RSS GiB (a rank) | machine peak GiB (all) | sync share | other share | logprob gap max |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         spread = r.get("step_s_rounds", [r["step_s"]])
         step = f"{r['step_s']:.2f}" + (f" [{min(spread):.2f}–{max(spread):.2f}]" if len(spread) > 1 else "")
         out.append(f"| {name} | {step} | {r['sync_s']:.3f} | {r['generate_s']:.2f} | {r['score_s']:.2f} | "
                    f"{r['train_s']:.2f} | {r['other_s']:.3f} | {fmt(r['rollout_tok_s'], 0)} | {r['train_tok_s']:.0f} | "
-                   f"{r['peak_gb']:.2f} | {fmt(r.get('system_gb', float('nan')))} | {r['sync_share']:.1%} | {r['other_share']:.1%} |")
+                   f"{r['peak_gb']:.2f} | {fmt(r.get('system_gb', float('nan')))} | {r['sync_share']:.1%} | {r['other_share']:.1%} | "
+                   f"{fmt(r.get('gap_max', float('nan')), 4)}" + (f" (TIS capped {r['tis_capped']:.2%})"
+                                                                  if r.get("tis_capped", float("nan")) == r.get("tis_capped") else "") + " |")
     out += [""] + [f"- {n}" for n in notes.values()]
     return "\n".join(out)
 
@@ -189,9 +204,10 @@ def table(size: str, rows: dict[str, dict], notes: dict[str, str]) -> str:
 def describe(size: str) -> str:
     c = SIZES[size]
     model = {"small": "embedded 0.9M policy", "large": "random 3.2M Qwen2",
-             "qwen2-0.5b": "random Qwen2-0.5B shape (494M, vocabulary 151,936)"}[size]
+             "qwen2-0.5b": "random Qwen2-0.5B shape (494M, vocabulary 151,936)",
+             "qwen2-0.5b-bf16": "random Qwen2-0.5B shape, bf16 engine (--generator-dtype bfloat16), fp32 trainer"}[size]
     task = "math (Math-Verify)" if "math" in c["dataset"] else "chat (reward model)"
-    batch = "4 prompts x 4 samples" if size == "qwen2-0.5b" else "8 prompts x 8 samples"
+    batch = "4 prompts x 4 samples" if size.startswith("qwen2-0.5b") else "8 prompts x 8 samples"
     return f"{model}, {task}, {batch} per step, {c['max_new_tokens']} new tokens, no memory flag"
 
 
@@ -228,7 +244,8 @@ def run_regime(size: str, name: str, script: str, extra: list[str], args: Args, 
     shutil.rmtree(out, ignore_errors=True)
     flags = ["--model", cfg["model"], "--dataset", cfg["dataset"], "--max-new-tokens", str(cfg["max_new_tokens"]),
              "--max-model-len", str(cfg["max_model_len"]), "--num-steps", str(steps), "--eval-every", "0",
-             "--save-every", str(10**9), "--log-samples-every", "0", "--output-dir", out, *cfg.get("flags", []), *extra]
+             "--save-every", str(10**9), "--log-samples-every", "0", "--output-dir", out, *cfg.get("flags", []),
+             *cfg.get("ours", []), *extra]
     launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                   f"--nproc_per_node={nproc}"]
     os.makedirs(out)
@@ -313,7 +330,7 @@ def main(args: Args) -> None:
         rows = {name: min(rs, key=lambda x: x["step_s"]) | {"step_s_rounds": [x["step_s"] for x in rs]}
                 for name, rs in runs.items()}
         results["sizes"][size] = {"config": cfg, "rows": rows, "notes": notes, "date": results["date"],
-                                  "targets": targets(rows) if size != "qwen2-0.5b" else []}
+                                  "targets": targets(rows) if not size.startswith("qwen2-0.5b") else []}
         print("\n" + render(size, results["sizes"][size]) + "\n", flush=True)
         write(args, path, results | {"sizes": {**earlier, **results["sizes"]}})  # after each size: a later failure keeps it
     print(f"wrote {args.out_dir}/results.md and results.json")
