@@ -140,6 +140,8 @@ def reward_model_layout(name: str, trust_remote_code: bool = False) -> str:
             raise UserError(f"reward model '{name}' ships its own model code (auto_map); pass "
                             "--trust-remote-code to run it")
         return "custom"
+    if not names and any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
+        return "score"  # weights without safetensors headers to read: the load's missing keys decide
     kind = ", ".join(config.architectures or ["no architectures in config.json"])
     raise UserError(f"reward model '{name}' ({kind}) has no reward head in its checkpoint (none of "
                     f"{', '.join(h[0] for h, _ in LAYOUTS.values())}): it would score with random "
