@@ -159,7 +159,9 @@ class Generator:
             )
         self.tokenizer = self.llm.get_tokenizer()
         cache = self.llm.llm_engine.vllm_config.cache_config
-        self.kv_tokens, self.max_num_seqs, self.kv_checked = cache.num_gpu_blocks * cache.block_size, max_num_seqs, False
+        # (unknown, 0, if the engine core runs in another process: then the capacity is not checked)
+        self.kv_tokens, self.max_num_seqs = (cache.num_gpu_blocks or 0) * cache.block_size, max_num_seqs
+        self.kv_checked = not self.kv_tokens
         self.memory_flag = "--gpu-memory-utilization" + (f" (now {kwargs['gpu_memory_utilization']})"
                                                          if "gpu_memory_utilization" in kwargs else "")
 
