@@ -1,12 +1,14 @@
 """The generator really gets the trainer's weights: vLLM's sampled-token logprobs equal the
 trainer's recomputed ones after a sync, and differ without it (real vLLM CPU engine)."""
 
+import os
+
 import pytest
 import torch
 
 import common
 from common.demo import logprob_gap as _max_gap  # max |vLLM - trainer| over sampled tokens
-from tests.conftest import FP32_GAP
+from tests.conftest import FP32_GAP, run_script
 
 
 def _prompts(tok):
@@ -85,38 +87,20 @@ def test_no_two_prompts_share_a_sampling_stream(generator, tiny_model_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["online_dpo", "semi_online_dpo"])  # grpo.py, offline_dpo.py: as online_dpo.py
-def test_engine_asleep_at_every_update_with_vllm_sleep(script, tmp_path, monkeypatch):
+@pytest.mark.parametrize("script", ["online_dpo.py", "semi_online_dpo.py"])  # grpo.py, offline_dpo.py: as online
+def test_engine_asleep_at_every_update_with_vllm_sleep(script, tmp_path):
     """--vllm-sleep: the engine's weights and KV cache are off the GPU whenever the trainer updates,
-    evaluations included. The real engine and script (in this process); vLLM's CPU build has no
-    sleep mode, so its sleep / wake_up calls are counted instead of run, and the optimizer's steps
-    and the checkpoint save record whether the engine was asleep."""
-    import importlib
+    evaluations included. The real engine and script (tests/dist/counted_sleep.py, in its own
+    process); vLLM's CPU build has no sleep mode, so its sleep / wake_up calls are counted instead
+    of run, and the optimizer's steps and the checkpoint save record whether the engine was asleep."""
+    import json
 
-    import tyro
-
-    from common.generation import Generator
-
-    events = []
-
-    class Counting(Generator):
-        def __init__(self, *a, enable_sleep_mode=False, **k):
-            super().__init__(*a, enable_sleep_mode=False, **k)
-            self.enable_sleep_mode = enable_sleep_mode
-            self.llm.sleep = lambda level: events.append("sleep")
-            self.llm.wake_up = lambda: events.append("wake")
-
-    monkeypatch.setattr(common, "Generator", Counting)
-    step = torch.optim.AdamW.step
-    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (events.append("update"), step(self, *a, **k))[1])
-    save = common.save_checkpoint
-    monkeypatch.setattr(common, "save_checkpoint", lambda *a, **k: (events.append("save"), save(*a, **k))[1])
-    module = importlib.import_module(script)
-    args = tyro.cli(module.Args, args=["--num-steps", "3", "--eval-every", "1", "--vllm-sleep", "--eval-limit", "4",
-                                       "--eval-samples", "1", "--save-every", "100", "--output-dir", str(tmp_path / "o"),
-                                       *(["--sync-interval", "2"] if script == "semi_online_dpo" else [])])
-    monkeypatch.setattr(common, "check_args", lambda *a: None)  # --vllm-sleep is refused without a GPU
-    module.main(args)
+    events = tmp_path / "events.json"
+    run_script(os.path.join(os.path.dirname(__file__), "dist", "counted_sleep.py"), [
+        str(events), script, "--num-steps", "3", "--eval-every", "1", "--vllm-sleep", "--eval-limit", "4",
+        "--eval-samples", "1", "--save-every", "100", "--output-dir", str(tmp_path / "o"),
+        *(["--sync-interval", "2"] if script == "semi_online_dpo.py" else [])])
+    events = json.load(open(events))
     assert events.count("update") == 3 and events.count("save") == 1
     asleep = False
     for e in events:

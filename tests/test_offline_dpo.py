@@ -51,7 +51,9 @@ def test_shared_functions_are_online_dpos():
         seeds = [s, s + 1, s + 2, s + 3]
         assert offline_dpo.select_pairs(rewards, tasks, seeds) == online_dpo.select_pairs(rewards, tasks, seeds)
     x = torch.tensor([-3.0, -1.0])
-    assert offline_dpo.dpo_loss(x, x - 1, x + 1, x, 0.1, 0.5, 0.2, 4)[0] == online_dpo.dpo_loss(x, x - 1, x + 1, x, 0.1, 0.5, 0.2, 4)[0]
+    w, nll = torch.tensor([1.0, 0.5]), torch.tensor(0.2)
+    assert offline_dpo.dpo_loss(x, x - 1, x + 1, x, 0.1, 0.5, nll, 4, w)[0] == online_dpo.dpo_loss(x, x - 1, x + 1, x, 0.1, 0.5, nll, 4, w)[0]
+    assert offline_dpo.group_terms([(0, 0, 1), (0, 2, 1)], rewards) == online_dpo.group_terms([(0, 0, 1), (0, 2, 1)], rewards)
 
 
 @pytest.mark.slow

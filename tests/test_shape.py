@@ -38,7 +38,7 @@ def functions(script):
 
 def test_shared_functions_are_byte_identical():
     dpo = [functions(s) for s in ("online_dpo.py", "semi_online_dpo.py", "offline_dpo.py")]
-    for name in ("select_pairs", "dpo_loss"):
+    for name in ("select_pairs", "dpo_loss", "group_terms"):
         assert dpo[0][name] == dpo[1][name] == dpo[2][name], name
 
 
