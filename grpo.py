@@ -339,8 +339,9 @@ def main(args: Args) -> None:
         flat_completions = [outs[i // n][i % n] for i in by_length]
         advantages = advantages[by_length]
         micro_batches = [slice(i, i + args.micro_batch_size) for i in range(0, len(flat_completions), args.micro_batch_size)]
-        # --length-norm token: the loss / the step's completion tokens (this rank's share: FSDP averages over ranks)
-        num_tokens = common.all_reduce({"t": sum(len(c.token_ids) for c in flat_completions)})["t"] / world_size
+        num_tokens = 0.0  # --length-norm token: the loss / the step's completion tokens (this rank's share:
+        if args.length_norm == "token":  # FSDP averages over ranks), one collective for the count
+            num_tokens = common.all_reduce({"t": sum(len(c.token_ids) for c in flat_completions)})["t"] / world_size
 
         # ---- reference logprobs, update: one optimizer step, gradients accumulated over micro-batches
         lr = common.set_lr(optimizer, args.learning_rate * min(1.0, step / max(args.warmup_steps, 1)))  # warm-up, then constant

@@ -240,8 +240,8 @@ def group_terms(pairs: list[tuple[int, int, int]], rewards: torch.Tensor) -> tup
     group, divided by the pairs it appears in: `--grpo-coef` then counts every completion once."""
     per_prompt = Counter(j for j, _, _ in pairs)
     appears = Counter((j, i) for j, c, r in pairs for i in (c, r))
-    adv = (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-6)  # (P, n)
-    return [1 / per_prompt[j] for j, _, _ in pairs], [adv[j, i].item() / appears[j, i] for j, c, r in pairs for i in (c, r)]
+    adv = ((rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-6)).tolist()  # (P, n)
+    return [1 / per_prompt[j] for j, _, _ in pairs], [adv[j][i] / appears[j, i] for j, c, r in pairs for i in (c, r)]
 
 
 def main(args: Args) -> None:

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from common.models import default_dtype, full_state_dict
+from common.models import check_safetensors, default_dtype, full_state_dict
 from common.utils import UserError
 
 
@@ -59,17 +59,11 @@ def find_checkpoint(ckpt_dir: str) -> bool:
 def check_checkpoint(ckpt_dir: str, world_size: int) -> None:
     """Every file `--resume` reads is there and whole (safetensors headers and sizes), checked before
     any model loads: a copy cut short is named in one line, not in a traceback after the load."""
-    from safetensors import SafetensorError, safe_open
-
     files = [os.path.join(ckpt_dir, "trainer_state", f"rank{r}.safetensors") for r in range(world_size)]
     for f in files + [os.path.join(ckpt_dir, "model.safetensors")]:
         if not os.path.isfile(f):
             raise UserError(f"--resume: {f} is missing; the checkpoint is incomplete (copy it again)")
-        try:
-            with safe_open(f, "pt"):
-                pass
-        except (SafetensorError, OSError) as e:
-            raise UserError(f"--resume: checkpoint file {f} is unreadable ({e}); copy it again") from None
+        check_safetensors(f, "--resume: checkpoint file")
 
 
 def save_checkpoint(ckpt_dir: str, step: int, policy: torch.nn.Module, optimizer: torch.optim.Optimizer,

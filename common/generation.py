@@ -188,10 +188,10 @@ class Generator:
         runs differ. A prompt's samples depend only on its seed and the weights, not on what else
         is in the batch.
         """
-        seeds = seed if isinstance(seed, list) else [request_seed(seed + i) for i in range(len(prompts))]
-        self.check_kv_capacity(prompts, n, max_tokens)
         if n > SEED_STRIDE:
             raise ValueError(f"{n} samples per request: at most {SEED_STRIDE} keep their streams apart")
+        seeds = seed if isinstance(seed, list) else [request_seed(seed + i) for i in range(len(prompts))]
+        self.check_kv_capacity(prompts, n, max_tokens)
         self.wake_up()
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt

@@ -74,7 +74,7 @@ def check_args(args, world_size: int) -> None:
                             "(each prompt's sampling streams are kept apart from every other's)")
     if getattr(args, "samples_per_prompt", 2) < 2:
         raise UserError("--samples-per-prompt must be >= 2: one sample per prompt gives nothing to compare")
-    s, what = window(args)
+    s, what = resume_window(args)
     if hasattr(args, "save_every") and args.save_every % s and args.save_every < args.num_steps:
         raise UserError(f"--save-every {args.save_every} is not a multiple of {what}: a checkpoint inside a sync "
                         f"window cannot resume exactly (the rest of the window was sampled from, or scored against, the "
@@ -96,13 +96,12 @@ def check_args(args, world_size: int) -> None:
                             "or a temperature above 0")
 
 
-def window(args) -> tuple[int, str]:
+def resume_window(args) -> tuple[int, str]:
     """(steps, what) a run resumes exactly at multiples of: semi-online DPO's sync interval and, when
     the reference re-syncs on its own schedule, the least common multiple with its interval."""
-    s, k = getattr(args, "sync_interval", 1), getattr(args, "ref_sync_interval", 0)
-    if not k or s * k // math.gcd(s, k) == s:
-        return s, f"--sync-interval {s}"
-    return s * k // math.gcd(s, k), f"lcm(--sync-interval {s}, --ref-sync-interval {k}) = {s * k // math.gcd(s, k)}"
+    s, k = getattr(args, "sync_interval", 1), getattr(args, "ref_sync_interval", 0) or 1
+    steps = math.lcm(s, k)
+    return steps, f"--sync-interval {s}" if steps == s else f"lcm(--sync-interval {s}, --ref-sync-interval {k}) = {steps}"
 
 
 def check_generative(name: str, flag: str, trust_remote_code: bool = False) -> None:
@@ -125,7 +124,7 @@ def claim_output_dir(args, world_size: int, rank: int) -> None:
     for the run's lifetime (an OS lock, released when the process dies, so a killed run never
     leaves a stale one), and consistent with `--resume` (which finds the checkpoint, repairing one a
     crash left half-renamed). A folder whose run stopped before its first checkpoint is simply
-    started over. Semi-online DPO resumes only at a sync-window boundary (`exact_resume_step`).
+    started over. Semi-online DPO resumes only at a sync-window boundary (`resume_window`).
     Collective under torchrun."""
     output_dir, resume = args.output_dir, args.resume
     step_json = os.path.join(output_dir, "checkpoint", "step.json")
@@ -167,7 +166,7 @@ def claim_output_dir(args, world_size: int, rank: int) -> None:
         from common.checkpoint import check_checkpoint
 
         check_checkpoint(os.path.join(output_dir, "checkpoint"), world_size)
-        step, (s, what) = json.load(open(step_json))["step"], window(args)
+        step, (s, what) = json.load(open(step_json))["step"], resume_window(args)
         if step % s and step < args.num_steps:  # only a run's last step can end inside a window
             raise UserError(f"--resume: the checkpoint of step {step} is inside a sync window ({what}): "
                             f"the run it came from stopped there, and this one would sample steps {step + 1}-"

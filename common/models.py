@@ -36,14 +36,20 @@ def check_model_path(name: str, what: str = "model") -> None:
     path = Path(name).expanduser()
     if not path.is_dir():
         raise UserError(f"{what} folder '{name}' does not exist")
+    for f in sorted(path.glob("*.safetensors")):
+        check_safetensors(str(f), f"{what} weights file")
+
+
+def check_safetensors(path: str, what: str) -> None:
+    """A safetensors file is whole (its header and the sizes it declares), or one `UserError` line
+    naming it: a copy cut short fails here, not in a traceback deep in a load."""
     from safetensors import SafetensorError, safe_open
 
-    for f in sorted(path.glob("*.safetensors")):
-        try:
-            with safe_open(str(f), "pt"):
-                pass
-        except (SafetensorError, OSError) as e:
-            raise UserError(f"{what} weights file {f} is unreadable ({e}); copy it again") from None
+    try:
+        with safe_open(path, "pt"):
+            pass
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{what} {path} is unreadable ({e}); copy it again") from None
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -275,11 +281,11 @@ class _TokenLogps(torch.autograd.Function):
         for i in range(0, logits.shape[0], ctx.block):
             lp = logits[i : i + ctx.block].float() / ctx.temperature - lse[i : i + ctx.block, None]  # (b, V)
             p = lp.exp()
-            g = torch.zeros_like(p)
+            g = 0.0
             if g_logps is not None:
                 g = p * -g_logps[i : i + ctx.block, None]
                 g.scatter_add_(-1, targets[i : i + ctx.block, None], g_logps[i : i + ctx.block, None])
             if g_entropy is not None and entropy.numel():
-                g -= p * (lp + entropy[i : i + ctx.block, None]) * g_entropy[i : i + ctx.block, None]
+                g = g - p * (lp + entropy[i : i + ctx.block, None]) * g_entropy[i : i + ctx.block, None]
             grad[i : i + ctx.block] = g / ctx.temperature
         return grad, None, None, None, None

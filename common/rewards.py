@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import select
 import subprocess
@@ -104,9 +105,11 @@ LAYOUTS = {
 }
 
 
+@functools.lru_cache(maxsize=8)
 def checkpoint_tensor_names(name: str) -> dict[str, str]:
     """{tensor name: file holding it} of a checkpoint, read from its safetensors headers (a local
-    folder) or the hub's safetensors metadata (no weights downloaded). Empty without safetensors."""
+    folder) or the hub's safetensors metadata (no weights downloaded). Empty without safetensors.
+    Cached: the flag check, the layout and the head's load all ask (do not mutate the result)."""
     if not _looks_local(name):
         from huggingface_hub import get_safetensors_metadata
 
@@ -205,17 +208,17 @@ class RewardModel:
         if self.layout == "score" and self.model.config.num_labels != 1:
             raise UserError(f"reward model '{name}' has {self.model.config.num_labels} labels; a scalar reward "
                             "model has one")
-        self.norm = (0.0, 1.0)
+        self.norm = (0.0, 1.0)  # OpenRLHF's reward normalisation, when its config asks for it
         if self.layout == "openrlhf" and getattr(self.model.config, "normalize_reward", False):
             self.norm = (float(self.model.config.mean), float(self.model.config.std))
         self.model.config.use_cache = False  # frozen: a KV cache would only cost memory
         self.model.eval().requires_grad_(False)
         self.device, self.max_length, self.batch_size = device, max_length, batch_size
         self.truncated = 0  # rows cut to max_length (Athene: scored 0, its CLS cut off)
-        # --rm-offload: one pinned host copy made once; moving to the device is an asynchronous
-        # copy, moving back drops the device copy (the weights never change)
         if verbose:
             print(self.describe(), flush=True)
+        # --rm-offload: one pinned host copy made once; moving to the device is an asynchronous
+        # copy, moving back drops the device copy (the weights never change)
         self._host = None
         if offload:
             pin = device.type == "cuda"
@@ -251,7 +254,8 @@ class RewardModel:
         return ids
 
     @torch.no_grad()
-    def _forward(self, rows: list[list[int]], device: torch.device) -> list[float]:
+    def _forward(self, rows: list[list[int]]) -> list[float]:
+        device = self.device
         lengths = torch.tensor([len(r) for r in rows], device=device)
         ids = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)
         for i, r in enumerate(rows):
@@ -290,7 +294,7 @@ class RewardModel:
             self._move(to_device=True)
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
-            for i, s in zip(idx, self._forward([enc[i] for i in idx], self.device), strict=True):
+            for i, s in zip(idx, self._forward([enc[i] for i in idx]), strict=True):
                 scores[i] = s
         if self._host is not None:
             self._move(to_device=False)
