@@ -66,6 +66,9 @@ class Args:
     """user turn for rows that give a `problem`"""
     output: str = ""
     """JSON result path (default: <model>/eval.json for a local folder, else eval.json)"""
+    save_samples: bool = False
+    """also write every chat prompt with its sampled responses to the JSON (to score them with
+    another judge: the study scores the embedded task's true quality)"""
     gpu_memory_utilization: float = 0.0
     """GPU memory fraction vLLM takes (0: 0.5); on CPU, 0 sizes its KV cache to 256 sequences at once"""
     generator_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
@@ -139,8 +142,8 @@ def main(args: Args) -> None:
         if rank == 0:
             print(f"chat {args.chat_dataset}: {len(chat_rows)} prompts x {args.samples} samples"
                   + (f", then the baseline's {args.baseline}" if args.baseline else ""), flush=True)
-        scores, lengths = common.eval_chat(generator, tokenizer, reward_model, mine,
-                                           seed=common.eval_seeds(args.seed, 1, indices), **sampling)
+        scores, lengths, texts = common.eval_chat(generator, tokenizer, reward_model, mine,
+                                                  seed=common.eval_seeds(args.seed, 1, indices), **sampling)
         per_prompt = scores.mean(dim=1)
         s = common.all_reduce({"n": len(mine), "sum": per_prompt.sum().item(), "sq": (per_prompt**2).sum().item(),
                                "tokens": lengths.mean(dim=1).sum().item()})
@@ -149,6 +152,13 @@ def main(args: Args) -> None:
         result["chat"] = {"dataset": args.chat_dataset, "reward_mean": reward, "reward_se": reward_se,
                           "length_mean": length, "reward_per_token": reward / max(length, 1), "prompts": int(s["n"]),
                           "samples": args.samples}
+        if args.save_samples:  # every rank's share, in the dataset's order
+            shards = [list(zip([r["prompt"] for r in mine], texts, strict=True))]
+            if dist.is_initialized():
+                shards = [None] * world_size
+                dist.all_gather_object(shards, list(zip([r["prompt"] for r in mine], texts, strict=True)))
+            rows = [row for i in range(len(chat_rows)) for row in [shards[i % world_size][i // world_size]]]
+            result["chat"]["responses"] = [{"prompt": p, "responses": t} for p, t in rows]
         if rank == 0:
             print(f"chat {args.chat_dataset}: reward {reward:.3f} ± {reward_se:.3f}, length {length:.1f} "
                   f"({int(s['n'])} prompts, {time.time() - t0:.0f} s)", flush=True)
@@ -158,8 +168,8 @@ def main(args: Args) -> None:
                                      trainable=False, trust_remote_code=args.trust_remote_code)
             generator.sync_weights(base)  # same architecture: the baseline's weights, same engine
             del base
-            base_scores, _ = common.eval_chat(generator, tokenizer, reward_model, mine,
-                                             seed=common.eval_seeds(args.seed, 2, indices), **sampling)
+            base_scores, _, _ = common.eval_chat(generator, tokenizer, reward_model, mine,
+                                                 seed=common.eval_seeds(args.seed, 2, indices), **sampling)
             wins = (scores > base_scores).float() + 0.5 * (scores == base_scores).float()  # (P, k)
             w = common.all_reduce({"wins": wins.sum().item(), "pairs": wins.numel()})
             result["chat"] |= {"win_rate": w["wins"] / w["pairs"], "baseline": args.baseline}

@@ -60,15 +60,16 @@ def eval_math(generator, tokenizer, rows: list[dict], *, k: int, temperature: fl
 
 
 def eval_chat(generator, tokenizer, reward_model, rows: list[dict], *, k: int, temperature: float,
-              top_p: float, max_tokens: int, seed: int | list[int], progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(P, k) reward-model scores and (P, k) lengths in tokens of `k` samples per chat prompt,
-    scored in one batched reward-model call."""
+              top_p: float, max_tokens: int, seed: int | list[int], progress: bool = False):
+    """(P, k) reward-model scores, (P, k) lengths in tokens and the P lists of k texts of `k`
+    samples per chat prompt, scored in one batched reward-model call."""
     outs = generator.generate(encode_prompts(tokenizer, [r["prompt"] for r in rows]), n=k,
                               temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
                               progress=progress)
     scores = reward_model.score([r["prompt"] for r in rows for _ in range(k)], [c.text for o in outs for c in o])
     lengths = [len(c.token_ids) for o in outs for c in o]
-    return torch.tensor(scores).view(-1, k), torch.tensor(lengths, dtype=torch.float).view(-1, k)
+    texts = [[c.text for c in o] for o in outs]
+    return torch.tensor(scores).view(-1, k), torch.tensor(lengths, dtype=torch.float).view(-1, k), texts
 
 
 def evaluate(generator, tokenizer, reward_model, rows: list[dict], *, k: int, temperature: float,
@@ -89,7 +90,7 @@ def evaluate(generator, tokenizer, reward_model, rows: list[dict], *, k: int, te
         if math_rows else []
     chat_rewards, chat_lengths = torch.zeros(0), torch.zeros(0)
     if chat_rows:
-        scores, lengths = eval_chat(generator, tokenizer, reward_model, chat_rows, seed=eval_seeds(seed, 1, mine["chat"]),
+        scores, lengths, _ = eval_chat(generator, tokenizer, reward_model, chat_rows, seed=eval_seeds(seed, 1, mine["chat"]),
                                     **sampling)
         chat_rewards, chat_lengths = scores.mean(dim=1), lengths.mean(dim=1)  # (P,) per prompt
     s = all_reduce({"n": len(accs), "sum": sum(accs), "sq": sum(a * a for a in accs),

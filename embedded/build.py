@@ -43,14 +43,19 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 import common  # noqa: E402
 from common.generation import Generator  # noqa: E402
 from embedded.tiny import (  # noqa: E402
+    LENGTH_BIAS,
+    LETTERS,
+    ROUTES,
     build_tokenizer,
     chat_ideal,
+    chat_preference,
     chat_prompt,
     chat_quality,
     corrupt,
     math_problems,
+    math_route,
     math_row,
-    math_solution,
+    math_target,
     tiny_config,
 )
 
@@ -80,13 +85,14 @@ def make_data(out: Path, seed: int) -> dict[str, list[dict]]:
     return data
 
 
-def sft_batch(tok, data, rng, n_math, n_chat):
-    """(prompt ids, completion ids) pairs: correct math solutions, graded chat responses."""
+def sft_batch(tok, data, rng, n_math, n_chat, wrong_frac):
+    """(prompt ids, completion ids) pairs: math answers by many routes (a `wrong_frac` share of
+    them wrong), graded chat responses."""
     prompts, targets = [], []
     for r in rng.sample(data["math_train"], n_math):
         a, b = map(int, r["prompt"].removeprefix("What is ").removesuffix("?").split("+"))
         prompts.append(r["prompt"])
-        targets.append(math_solution(a, b))
+        targets.append(math_target(a, b, rng, wrong_frac))
     for r in rng.sample(data["chat_train"], n_chat):
         prompts.append(r["prompt"])
         targets.append(corrupt(chat_ideal(r["prompt"]), rng, rng.choices(*CHAT_EDITS)[0]))
@@ -109,7 +115,7 @@ def train_policy(args, tok, data, policy_dir: Path):
         # Chat-only warm-up first: copying is learned in a sudden phase change that mixed batches
         # reach only after math has overshot its target; then math and chat half and half.
         n_math = 0 if step <= args.chat_warmup_steps else args.batch_size // 2
-        p_ids, c_ids = sft_batch(tok, data, rng, n_math, args.batch_size - n_math)
+        p_ids, c_ids = sft_batch(tok, data, rng, n_math, args.batch_size - n_math, args.math_wrong_frac)
         logps, mask, _ = common.completion_logprobs(model, p_ids, c_ids, 1.0, tok.pad_token_id)
         loss = -(logps * mask).sum() / mask.sum()
         opt.zero_grad(set_to_none=True)
@@ -139,9 +145,11 @@ def seed_samples(gen, tok, rows, seed, n=4):
 
 
 def rm_pairs(tok, rows, rng, n, samples=None, min_gap=0.0):
-    """n (prompt, chosen, rejected) with chosen of strictly higher true quality. Half the pairs
-    (when `samples` is given) are two of the seed's own responses; the rest are graded edits of
-    the ideal response, some against off-task text (empty, doubled, halved, a math answer)."""
+    """n (prompt, chosen, rejected), chosen strictly preferred by `chat_preference` (true
+    quality plus a length bias). Half the pairs (when `samples` is given) are two of the seed's
+    own responses; the rest are graded edits of the ideal response, some against off-task text
+    (empty, doubled, halved, a math answer) and some against a lengthened one (letters
+    repeated or appended), so the model sees what length is worth."""
     chosen, rejected, prompts = [], [], []
     while len(prompts) < n:
         p = rng.choice(rows)["prompt"]
@@ -150,18 +158,33 @@ def rm_pairs(tok, rows, rng, n, samples=None, min_gap=0.0):
             a, b = rng.sample(samples[p], 2)
         else:
             a = corrupt(ideal, rng, rng.choice([0, 0, 1, 1, 2, 3]))
-            if rng.random() < 0.15:
+            u = rng.random()
+            if u < 0.15:
                 b = rng.choice(["", ideal + ideal, ideal[: len(ideal) // 2],
                                 "1+2=3, so the answer is \\boxed{3}.", corrupt(ideal, rng, 6)])
+            elif u < 0.35:
+                b = lengthen(a, rng, rng.randint(1, 6))
             else:
                 b = corrupt(ideal, rng, rng.choice([1, 2, 3, 4, 5]))
-        qa, qb = chat_quality(p, a), chat_quality(p, b)
+        qa, qb = chat_preference(p, a), chat_preference(p, b)
         if qa == qb or abs(qa - qb) < min_gap:
             continue
         prompts.append(p)
         chosen.append(a if qa > qb else b)
         rejected.append(b if qa > qb else a)
     return prompts, chosen, rejected
+
+
+def lengthen(text: str, rng: random.Random, k: int) -> str:
+    """`text` with k letters added: repeated in place or appended (a longer, worse answer)."""
+    chars = list(text)
+    for _ in range(k):
+        if chars and rng.random() < 0.5:
+            i = rng.randrange(len(chars))
+            chars.insert(i, chars[i])
+        else:
+            chars.append(rng.choice(LETTERS + LETTERS.upper()))
+    return "".join(chars)
 
 
 def rm_forward(rm, tok, prompts, responses):
@@ -209,7 +232,31 @@ def train_reward_model(args, tok, data, gen, policy_dir: Path, rm_dir: Path):
     return scorer, result
 
 
-def measure_seed(args, gen, tok, data, scorer):
+def rollout_figures(args, gen, tok, data, model) -> dict:
+    """The seed's math rollouts at the training temperature (T = 1): entropy per token (the
+    trainer's `rollout/entropy`: the full distribution's, from the policy), length, and each
+    route's share and accuracy."""
+    rows = data["math_test"]
+    prompt_ids = common.encode_prompts(tok, [r["prompt"] for r in rows])
+    outs = gen.generate(prompt_ids, n=4, temperature=1.0, top_p=1.0, max_tokens=EVAL["max_tokens"],
+                        seed=args.seed + 9)
+    flat = [(p, r, c) for p, r, o in zip(prompt_ids, rows, outs, strict=True) for c in o]
+    with torch.no_grad():
+        _, mask, entropy = common.completion_logprobs(model, [p for p, _, _ in flat],
+                                                      [c.token_ids for _, _, c in flat], 1.0,
+                                                      tok.pad_token_id, with_entropy=True)
+    routes: dict[str, list[float]] = {k: [] for k in ROUTES}
+    rewards = common.math_rewards([c.text for _, _, c in flat], [r["answer"] for _, r, _ in flat])
+    for (_, _, c), reward in zip(flat, rewards, strict=True):
+        routes[math_route(c.text)].append(reward)
+    return {"math_rollout_entropy": (entropy.sum() / mask.sum()).item(),
+            "math_rollout_length": mask.sum().item() / len(flat),
+            "math_rollout_accuracy": sum(sum(v) for v in routes.values()) / len(flat),
+            "math_routes": {k: {"share": len(v) / len(flat), "accuracy": sum(v) / max(len(v), 1)}
+                            for k, v in routes.items()}}
+
+
+def measure_seed(args, gen, tok, data, scorer, model):
     acc, se = common.mean_and_se(common.eval_math(gen, tok, data["math_test"], k=args.eval_k,
                                                   seed=args.seed, **EVAL))
     greedy, _ = common.mean_and_se(common.eval_math(gen, tok, data["math_test"], k=1, seed=args.seed,
@@ -222,7 +269,13 @@ def measure_seed(args, gen, tok, data, scorer):
     quality = [chat_quality(p, r) for p, r in zip(flat_p, flat_r, strict=True)]
     rm_scores = scorer.score(flat_p, flat_r)
     corr = torch.corrcoef(torch.tensor([quality, rm_scores]))[0, 1].item()
-    return {"math_test_accuracy": acc, "math_test_accuracy_se": se, "math_test_greedy_accuracy": greedy,
+    # the length bias: the ideal answer against itself with k letters appended (worse by true quality)
+    rng, bias = random.Random(args.seed + 8), {}
+    for k in (2, 8):
+        longer = [chat_ideal(p) + "".join(rng.choice(LETTERS) for _ in range(k)) for p in prompts]
+        s_long, s_ideal = scorer.score(prompts, longer), scorer.score(prompts, [chat_ideal(p) for p in prompts])
+        bias[f"rm_prefers_{k}_appended"] = sum(a > b for a, b in zip(s_long, s_ideal, strict=True)) / len(prompts)
+    return {**rollout_figures(args, gen, tok, data, model), **bias,"math_test_accuracy": acc, "math_test_accuracy_se": se, "math_test_greedy_accuracy": greedy,
             "math_eval": {"k": args.eval_k, **EVAL, "problems": len(data["math_test"])},
             "chat_test_quality": sum(quality) / len(quality),
             "chat_test_rm_score": sum(rm_scores) / len(rm_scores),
@@ -237,8 +290,13 @@ trained from scratch by `embedded/build.py` ({sft_steps} SFT steps, {sft_seconds
 It is the seed (and the frozen reference) of every training script's no-flag run.
 
 Tasks it was supervised on (`embedded/data/`):
-- math: `What is a+b?` (a, b <= 29) -> `a+b=c, so the answer is \\boxed{{c}}.`, scored by the real
-  `common.math_reward` (Math-Verify);
+- math: `What is a+b?` (a, b <= 29), answered by one of several routes (`embedded/tiny.py`'s
+  `math_target`): bare (`\\boxed{{42}}`), direct (`17+25=42, so \\boxed{{42}}.`), split
+  (`17+20=37, 37+5=42. \\boxed{{42}}`) or tens and ones (`10+20=30, 7+5=12, 30+12=42 ...`), the
+  operands in either order, with varied openings and endings; {wrong:.0%} of the supervised
+  answers get the sum wrong (off by 1 or 10). So the seed's answers vary in route and length, and
+  it is unsure where a sum is unsure: its rollouts have entropy for RL to spend. Scored by the
+  real `common.math_reward` (Math-Verify);
 - chat: `Repeat this word: w` / `Write w in capital letters.` with responses carrying 0-3
   random edits, so its own samples range in quality and a reward model has something to rank.
 
@@ -250,6 +308,10 @@ problems reached {target:.0%}, so RL has room to climb.
 |---|---|
 | math test accuracy, T=0.6, top-p 0.9, {k} samples x {n} problems | {acc:.3f} ± {se:.3f} (standard error) |
 | math test accuracy, greedy | {greedy:.3f} |
+| math rollouts at T=1 (4 x 300 test problems): entropy per token (nats) | {entropy:.3f} |
+| math rollouts at T=1: mean length (tokens) | {length:.1f} |
+| math rollouts at T=1: accuracy | {roll_acc:.3f} |
+| math rollouts at T=1: share of each route (accuracy) | {routes} |
 | chat test true quality (edit similarity to the ideal response), T=0.6 | {quality:.3f} |
 | chat test mean reward-model score | {rm_score:.3f} |
 
@@ -262,17 +324,24 @@ RM_CARD = """# Embedded reward model
 `Qwen2ForSequenceClassification` (one scalar label) with the seed policy's backbone as its
 initialisation and the same tokenizer and chat template, trained by `embedded/build.py` with a
 Bradley-Terry loss for {steps} steps ({seconds} s on {machine}) on pairs of instruction
-responses of different true quality (edit similarity to the ideal response): half of the pairs
-are two of the seed's own samples (T=1), the distribution RL will ask about; the rest are graded
-edits of the ideal response, some against empty, doubled, halved or off-task text. It plays the part Athene-RM-8B plays in the
+responses ranked by `embedded/tiny.py`'s `chat_preference`: true quality (edit similarity to the
+ideal response) plus {bias} per character of response. That length bias is on purpose: like
+Athene-RM-8B in the paper, it scores longer answers higher beyond their true quality (an answer
+over about ten characters gains more from a letter than the letter costs it), so a policy can
+raise its reward by growing its answers, and the paper's length-normalised checkpoint choice has
+something to guard against. Half of the pairs are two of the seed's own samples (T=1), the
+distribution RL will ask about; the rest are graded edits of the ideal response, some against
+empty, doubled, halved, lengthened or off-task text. It plays the part Athene-RM-8B plays in the
 paper and loads through the same path: `common.RewardModel("embedded/reward_model", device)`.
 
 ## Measured figures
 | figure | value |
 |---|---|
-| held-out pairwise accuracy: {pairs} pairs (same mix) on the chat *test* prompts, true quality differing by >= {gap} | {acc:.3f} |
-| the same over pairs of any quality difference (near-ties included) | {acc_any:.3f} |
+| held-out pairwise accuracy: {pairs} pairs (same mix) on the chat *test* prompts, preference differing by >= {gap} | {acc:.3f} |
+| the same over pairs of any preference difference (near-ties included) | {acc_any:.3f} |
 | correlation of RM score with true quality on the seed's own samples | {corr:.3f} |
+| share of test prompts where it scores the ideal answer + 2 random letters above the ideal answer (true quality: never) | {bias2:.3f} |
+| the same with 8 letters appended | {bias8:.3f} |
 
 Size: {size_kb} kB.
 """
@@ -309,6 +378,7 @@ def main():
     ap.add_argument("--sft-max-steps", type=int, default=3000)
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--target-accuracy", type=float, default=0.30)
+    ap.add_argument("--math-wrong-frac", type=float, default=0.3)
     ap.add_argument("--rm-lr", type=float, default=2e-4)
     ap.add_argument("--rm-steps", type=int, default=800)
     ap.add_argument("--rm-eval-pairs", type=int, default=1000)
@@ -337,7 +407,7 @@ def main():
     model, gen, sft = train_policy(args, tok, data, policy_dir)
     model.save_pretrained(policy_dir)
     scorer, rm = train_reward_model(args, tok, data, gen, policy_dir, rm_dir)
-    seed = measure_seed(args, gen, tok, data, scorer)
+    seed = measure_seed(args, gen, tok, data, scorer, model)
     gen.shutdown()
 
     report = {"sft": sft, "reward_model": rm, "seed": seed, "total_seconds": round(time.time() - t0),
@@ -349,11 +419,15 @@ def main():
         eval_every=args.eval_every, target=args.target_accuracy, k=args.eval_k,
         n=len(data["math_test"]), acc=seed["math_test_accuracy"], se=seed["math_test_accuracy_se"],
         greedy=seed["math_test_greedy_accuracy"], quality=seed["chat_test_quality"],
+        wrong=args.math_wrong_frac, entropy=seed["math_rollout_entropy"],
+        length=seed["math_rollout_length"], roll_acc=seed["math_rollout_accuracy"],
+        routes=", ".join(f"{k} {v['share']:.2f} ({v['accuracy']:.2f})" for k, v in seed["math_routes"].items()),
         rm_score=seed["chat_test_rm_score"], size_kb=dir_kb(policy_dir)))
     (rm_dir / "README.md").write_text(RM_CARD.format(
         steps=rm["steps"], seconds=rm["seconds"], machine=machine, pairs=rm["eval_pairs"],
         acc=rm["pairwise_accuracy"], acc_any=rm["pairwise_accuracy_any_gap"], gap=rm["min_gap"],
-        corr=seed["chat_quality_rm_correlation"], size_kb=dir_kb(rm_dir)))
+        corr=seed["chat_quality_rm_correlation"], bias=LENGTH_BIAS, bias2=seed["rm_prefers_2_appended"],
+        bias8=seed["rm_prefers_8_appended"], size_kb=dir_kb(rm_dir)))
     what = {"math_train": "RL training prompts (math)", "math_val": "stops the seed's SFT",
             "math_test": "held-out math evaluation", "chat_train": "RL training prompts (chat)",
             "chat_test": "held-out chat evaluation", "chat_val": "chat checkpoint / learning-rate selection (the study)",

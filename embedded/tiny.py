@@ -62,7 +62,57 @@ def math_row(a: int, b: int) -> dict:
 
 
 def math_solution(a: int, b: int) -> str:
+    """The canonical direct solution (one of `math_target`'s routes, always right)."""
     return f"{a}+{b}={a + b}, so the answer is \\boxed{{{a + b}}}."
+
+
+# How a seed answer ends: a few phrasings, so the seed's answers differ in more than the sum.
+TAILS = (", so the answer is \\boxed{{{c}}}.", ". \\boxed{{{c}}}", ", so \\boxed{{{c}}}.",
+         ". Answer: \\boxed{{{c}}}", " and the answer is \\boxed{{{c}}}")
+OPENERS = ("", "", "Sum: ", "Adding: ", "We add. ")
+ROUTES = ("bare", "direct", "split", "tens_ones")
+MAX_TARGET_CHARS = 46  # leaves room under the scripts' default 48 new tokens (one token per char)
+
+
+def math_steps(a: int, b: int, route: str, c: int) -> str:
+    """The working of one route, ending in the sum c (which a wrong answer changes).
+    direct: `17+25=42`; split (the second operand's tens, then its ones): `17+20=37, 37+5=42`;
+    tens_ones (tens and ones apart, then together): `10+20=30, 7+5=12, 30+12=42`."""
+    if route == "direct":
+        return f"{a}+{b}={c}"
+    if route == "split":
+        return f"{a}+{b - b % 10}={a + b - b % 10}, {a + b - b % 10}+{b % 10}={c}"
+    tens, ones = a - a % 10 + b - b % 10, a % 10 + b % 10
+    return f"{a - a % 10}+{b - b % 10}={tens}, {a % 10}+{b % 10}={ones}, {tens}+{ones}={c}"
+
+
+def math_target(a: int, b: int, rng: random.Random, wrong_frac: float) -> str:
+    """One supervised answer to "What is a+b?", drawn from a spread of routes so the seed's
+    answers vary in length and route as a real model's do: bare (`\\boxed{42}`), direct,
+    split or tens-and-ones working, the operands in either order, one of several openings and
+    endings. A
+    `wrong_frac` share of them get the sum wrong (off by 1 or by 10, the usual slips), in the
+    last step and the box alike: the seed learns to be unsure where a sum is unsure, so its
+    rollouts carry entropy an RL run can spend (or collapse)."""
+    c = a + b
+    if rng.random() < wrong_frac:
+        c = max(0, c + rng.choice([-10, -1, 1, 10]))
+    while True:
+        route = rng.choice(ROUTES)
+        if route == "bare":
+            return f"\\boxed{{{c}}}"
+        x, y = (a, b) if rng.random() < 0.5 else (b, a)
+        if route == "split" and y % 10 == 0 or route == "tens_ones" and min(x, y) < 10:
+            route = "direct"  # nothing to split
+        text = rng.choice(OPENERS) + math_steps(x, y, route, c) + rng.choice(TAILS).format(c=c)
+        if len(text) <= MAX_TARGET_CHARS:
+            return text
+
+
+def math_route(text: str) -> str:
+    """Which route an answer took, by the number of `=` in its working (0 bare, 1 direct,
+    2 split, 3 or more tens and ones)."""
+    return ROUTES[min(text.split("\\boxed")[0].count("="), 3)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,6 +147,17 @@ def chat_quality(prompt: str, response: str) -> float:
     """True quality in [0, 1]: 1 - edit distance / max length, against the ideal response."""
     ideal = chat_ideal(prompt)
     return 1.0 - edit_distance(ideal, response) / max(len(ideal), len(response), 1)
+
+
+LENGTH_BIAS = 0.1  # preference per character of response, on top of true quality
+
+
+def chat_preference(prompt: str, response: str) -> float:
+    """What the reward model is trained to prefer: true quality plus LENGTH_BIAS per character.
+    Like Athene-RM-8B's in the paper, its preferences favour longer answers beyond their true
+    quality, so a policy can raise its reward by growing its answers (which lowers their true
+    quality): what the paper's length-normalised checkpoint choice guards against."""
+    return chat_quality(prompt, response) + LENGTH_BIAS * len(response)
 
 
 def corrupt(text: str, rng: random.Random, edits: int) -> str:

@@ -1,28 +1,45 @@
-"""The paper's experiment in miniature, like for like: the seed against offline DPO (s = ∞),
-semi-online DPO (two values of s), online DPO (s = 1) and GRPO, on the embedded math task
-(Math-Verify) and the embedded instruction task (reward model).
+"""The paper's experiment and findings in miniature, like for like, on the embedded math task
+(Math-Verify) and instruction task (a length-biased reward model), on a laptop's CPU.
 
-Like for like, as in the paper (arXiv 2506.21495; its settings in docs/paper.md):
-- every regime sees the same prompts in the same order: offline DPO samples, from the seed, the
+What it runs (one phase per finding of the paper, arXiv 2506.21495; docs/study.md):
+- F1: the seed against offline DPO (s = ∞), semi-online DPO (two values of s), online DPO (s = 1)
+  and GRPO, on each task; F2 reads the same runs against their number of syncs and wall time;
+- F3: online DPO on math and chat prompts mixed in one batch (V+NV), against each task alone,
+  every arm evaluated on both tasks;
+- F4: rollout entropy and length in every regime, and math online DPO without reference re-sync;
+- F5: an NLL term on the chosen answer (online and semi-online DPO);
+- A1-A5, the paper's ablations: GroupDPO (and + 0.01 GRPO), an entropy bonus at two of the
+  paper's values, GRPO group sizes 4 / 8 / 12, length-normalised GRPO, DPO's Adam ε 1e-8 vs 1e-4.
+
+Like for like, as in the paper (its settings in docs/paper.md):
+- every run sees the same prompts in the same order: offline DPO samples, from the seed, the
   rollouts of exactly the steps the others train on (it is s = ∞ of the same run);
-- the paper's settings where they transfer: math DPO β 0.1, Adam ε 1e-4, grad clip 0.1 and a
-  reference re-synced with the generator (offline: fixed); chat DPO β 0.01, ε 1e-8, clip 0.1, fixed
-  reference; GRPO KL 0.001, ε 1e-8, clip 0.1;
+- the paper's β / Adam ε / clip / reference per task (math DPO β 0.1, ε 1e-4, clip 0.1, reference
+  re-synced with the generator, offline: fixed; chat DPO β 0.01, ε 1e-8, clip 0.1, fixed; the
+  V+NV run β 0.01, ε 1e-8, fixed; GRPO KL 0.001, ε 1e-8, clip 0.1);
 - the learning rate (the paper's 1e-6 is for an 8B model) picked per regime and task from one
-  grid, the same for all, on the validation split (`math_val`, `chat_val`) with seed 1;
-- chat checkpoints picked the paper's way: the step with the best length-normalised reward-model
-  score (mean reward / mean length) on the validation split; math: the final checkpoint;
-- `--seeds` seeds per regime at its picked learning rate; the test metrics are reported as the
-  mean over seeds with the standard error across seeds.
+  grid on the validation split with the first seed; a pick at the grid's edge widens the grid
+  that way (x3, up to twice), so no pick sits at an edge it could not see past. An ablation arm
+  uses its regime's pick (the paper changed one thing at a time);
+- test figures are means over `--seeds` with the standard error across seeds. Math: the final
+  checkpoint, 300 test problems x `--final-samples` at T = 0.6. Chat: the step with the best
+  length-normalised RM reward on the validation split (the paper's choice), 200 test prompts x
+  `--final-samples`, scored by the reward model and by the task's true quality (edit similarity to
+  the ideal answer: the part the paper's GPT-4 judges play; the RM is length-biased on purpose).
 
-Test evaluation with evaluate.py: math 300 test problems x `--final-samples` samples at T = 0.6 plus
-greedy; chat 200 test prompts x `--final-samples` samples scored by the reward model, their length,
-and the win rate against the seed's samples. Writes `study/results/results.md` (tables),
-`study/results/{math,chat}.png` (validation metric, rollout entropy and length vs step, mean over
-seeds) and `study/results/results.json`. A finished run or evaluation is not redone, so an
-interrupted study continues where it stopped.
+The verdict of every row (`VERDICT_RULE`, also above the table in findings.md): d = mean(A) -
+mean(B), SE(d) = sqrt(SE(A)^2 + SE(B)^2); the runs show A > B when d > 2 SE(d), A < B when
+d < -2 SE(d), else no separable difference. A claim "A > B" is reproduced by A > B, not
+reproduced by A < B, not separable otherwise; "A ≈ B" is reproduced by no separable difference
+and not reproduced otherwise; "A ≥ B" is reproduced unless the runs show A < B.
 
-    .venv/bin/python study/run_study.py          # hours on 2 CPU cores (docs/study.md)
+Writes `study/results/findings.md` (and the README's copy between its markers), `results.md` (the
+F1 tables), `results.json`, and plots: `math.png` / `chat.png` (validation, entropy, length per
+regime), `f2_sync.png`, `f3_mixed.png`, `f4_entropy.png`. A finished run or evaluation is not
+redone, so an interrupted study continues where it stopped.
+
+    .venv/bin/python study/run_study.py                         # ~2 h on 2 CPU cores
+    .venv/bin/python study/run_study.py --phases F1 F5 --steps 20   # a quick subset
 """
 
 import json
@@ -38,23 +55,30 @@ from dataclasses import dataclass
 import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from embedded.tiny import chat_quality  # noqa: E402  (the chat task's true quality)
+
 DATA = "embedded/data"
+PHASES = ("F1", "F2", "F3", "F4", "F5", "A1", "A2", "A3", "A4", "A5")
 
 
 @dataclass
 class Args:
-    steps: int = 100
-    """optimizer steps per run (8 prompts each: the same budget and prompts for every regime)"""
-    eval_every: int = 20
+    steps: int = 50
+    """optimizer steps per run (8 prompts each: the same budget and prompts for every run)"""
+    eval_every: int = 10
     """validation evaluation during training every N steps (the candidate chat checkpoints)"""
-    lr_grid: tuple[float, ...] = (2e-5, 5e-5, 1e-4)
-    """learning rates tried for every regime and task (seed 1), picked on the validation split"""
+    lr_grid: tuple[float, ...] = (2e-5, 6e-5, 2e-4)
+    """learning rates tried for every regime and task (first seed), picked on the validation split;
+    a pick at an edge widens the grid that way, x3, up to twice"""
     seeds: tuple[int, ...] = (1, 2, 3)
-    """seeds per regime at its picked learning rate"""
+    """seeds of every compared arm (the first also picks the learning rates)"""
     semi_intervals: tuple[int, int] = (20, 5)
-    """the two sync intervals of semi-online DPO"""
-    final_samples: int = 8
+    """the two sync intervals of semi-online DPO (the second is the "moderate" one of F2 / F5)"""
+    final_samples: int = 4
     """samples per test prompt in the final evaluation"""
+    phases: tuple[str, ...] = PHASES
+    """the findings to run (F1..F5, A1..A5); the runs a phase needs from another are run too"""
     jobs: int = 2
     """runs at once, each on cores / jobs threads"""
     runs_dir: str = "runs/study"
@@ -63,28 +87,142 @@ class Args:
     """where the tables, plots and JSON go"""
 
 
-DPO = {"math": ["--beta", "0.1", "--adam-eps", "1e-4", "--max-grad-norm", "0.1"],
-       "chat": ["--beta", "0.01", "--adam-eps", "1e-8", "--max-grad-norm", "0.1"]}
-GRPO = ["--kl-coef", "0.001", "--adam-eps", "1e-8", "--max-grad-norm", "0.1"]
-TASKS = {
-    "math": {"train": f"{DATA}/math_train.jsonl", "val": f"{DATA}/math_val.jsonl", "val_limit": 100,
-             "test": ["--chat-dataset", ""], "metric": "eval/accuracy", "label": "validation accuracy"},
-    "chat": {"train": f"{DATA}/chat_train.jsonl", "val": f"{DATA}/chat_val.jsonl", "val_limit": 200,
-             "test": ["--math-datasets", ""], "metric": "eval/chat/reward_per_token",
-             "label": "validation RM reward / length"},
+VERDICT_RULE = (
+    "d = mean(A) - mean(B) over seeds, SE(d) = sqrt(SE(A)² + SE(B)²) with each SE the standard "
+    "error across seeds. The runs show **A > B** when d > 2 SE(d), **A < B** when d < -2 SE(d), "
+    "else **no separable difference**. A claim \"A > B\" is *reproduced* by A > B, *not "
+    "reproduced* by A < B, *not separable* otherwise; \"A ≈ B\" is *reproduced* by no separable "
+    "difference, *not reproduced* otherwise; \"A ≥ B\" is *reproduced* unless the runs show A < B. "
+    "Entropy rows compare a run's first and last fifth of steps (B: the first fifth).")
+
+CLIP = {"--max-grad-norm": "0.1"}
+PAPER = {  # the paper's settings per algorithm and training data
+    "dpo": {"math": {"--beta": "0.1", "--adam-eps": "1e-4", **CLIP},
+            "chat": {"--beta": "0.01", "--adam-eps": "1e-8", **CLIP},
+            "mix": {"--beta": "0.01", "--adam-eps": "1e-8", **CLIP}},  # the V+NV run (fixed reference: auto)
+    "grpo": {task: {"--kl-coef": "0.001", "--adam-eps": "1e-8", **CLIP} for task in ("math", "chat")},
+}
+TASKS = {  # training data, validation data (and its size per task), the validation metric
+    "math": (f"{DATA}/math_train.jsonl", f"{DATA}/math_val.jsonl", 100, "eval/accuracy"),
+    "chat": (f"{DATA}/chat_train.jsonl", f"{DATA}/chat_val.jsonl", 200, "eval/chat/reward_per_token"),
+    "mix": (f"{DATA}/mix_train.jsonl", f"{DATA}/math_val.jsonl,{DATA}/chat_val.jsonl", 200, ""),
 }
 
 
-def regimes(args: Args) -> list[tuple[str, str, str, dict[str, list[str]]]]:
-    """(key, label, script, the paper's flags per task), offline to online."""
+@dataclass(frozen=True)
+class Arm:
+    """One configuration trained with every seed: a regime (its own learning-rate grid) or a
+    variant of one (`lr_of`: the regime and task whose picked learning rate it uses)."""
+    key: str
+    label: str
+    script: str
+    task: str  # training data: math, chat or mix
+    flags: tuple[tuple[str, str], ...] = ()  # on top of (replacing) the paper's
+    lr_of: tuple[str, str] | None = None
+
+    def command(self, lr: float) -> list[str]:
+        train, val, limit, _ = TASKS[self.task]
+        flags = PAPER["grpo" if self.script == "grpo.py" else "dpo"][self.task] | dict(self.flags)
+        return [self.script, "--dataset", train, "--eval-dataset", val, "--eval-limit", str(limit),
+                "--learning-rate", f"{lr:g}", *(x for kv in flags.items() for x in kv if x)]  # "": a switch
+
+
+def arms(args: Args) -> dict[str, Arm]:
+    """Every arm of every phase, by id `task/key`."""
     s1, s2 = args.semi_intervals
-    return [("offline_dpo", "offline DPO (s=∞)", "offline_dpo.py", DPO),
-            (f"semi_s{s1}", f"semi-online DPO (s={s1})", "semi_online_dpo.py", DPO),
-            (f"semi_s{s2}", f"semi-online DPO (s={s2})", "semi_online_dpo.py", DPO),
-            ("online_dpo", "online DPO (s=1)", "online_dpo.py", DPO),
-            ("grpo", "GRPO (s=1)", "grpo.py", {"math": GRPO, "chat": GRPO})]
+    out = {}
+    for task in ("math", "chat"):
+        for key, label, script, flags in (
+                ("offline_dpo", "offline DPO (s=∞)", "offline_dpo.py", ()),
+                (f"semi_s{s1}", f"semi-online DPO (s={s1})", "semi_online_dpo.py", (("--sync-interval", str(s1)),)),
+                (f"semi_s{s2}", f"semi-online DPO (s={s2})", "semi_online_dpo.py", (("--sync-interval", str(s2)),)),
+                ("online_dpo", "online DPO (s=1)", "online_dpo.py", ()),
+                ("grpo", "GRPO (s=1)", "grpo.py", ())):
+            out[f"{task}/{key}"] = Arm(key, label, script, task, flags)
+
+    def variant(base: str, key: str, label: str, *flags: tuple[str, str], task: str = "math",
+                lr_task: str = "math") -> None:
+        b = out[f"{lr_task}/{base}"]
+        out[f"{task}/{key}"] = Arm(key, label, b.script, task, b.flags + flags, (base, lr_task))
+
+    variant("online_dpo", "mix_at_math_lr", "online DPO, math + chat (math's lr)", task="mix")
+    variant("online_dpo", "mix_at_chat_lr", "online DPO, math + chat (chat's lr)", task="mix", lr_task="chat")
+    variant("online_dpo", "online_dpo_no_ref_sync", "online DPO, fixed reference", ("--ref-sync", "no"))
+    variant("online_dpo", "online_dpo_nll", "online DPO + NLL", ("--nll-scale", "1"))
+    variant(f"semi_s{s2}", f"semi_s{s2}_nll", f"semi-online DPO (s={s2}) + NLL", ("--nll-scale", "1"))
+    variant("online_dpo", "group_dpo", "online GroupDPO", ("--group-dpo", ""))
+    variant("online_dpo", "group_dpo_grpo", "online GroupDPO + 0.01 GRPO", ("--group-dpo", ""),
+            ("--grpo-coef", "0.01"))
+    for c in ("1e-4", "5e-4"):
+        variant("online_dpo", f"online_dpo_entropy{c}", f"online DPO + entropy bonus {c}", ("--entropy-coef", c))
+    for n in (4, 12):
+        variant("grpo", f"grpo_n{n}", f"GRPO, group of {n}", ("--samples-per-prompt", str(n)))
+    variant("grpo", "grpo_seqnorm", "GRPO, length-normalised", ("--length-norm", "sequence"))
+    variant("online_dpo", "online_dpo_eps1e-8", "online DPO, Adam ε 1e-8", ("--adam-eps", "1e-8"))
+    return out
 
 
+@dataclass(frozen=True)
+class Row:
+    finding: str
+    claim: str  # the paper's, in words
+    a: str  # arm id, or "seed"
+    b: str  # arm id, "seed", or "" for an entropy row (the same run's first fifth)
+    measure: str  # accuracy | quality | entropy | length
+    relation: str  # ">", "≈" or "≥": the paper's claim about A against B
+
+
+def rows(args: Args) -> list[Row]:
+    s1, s2 = args.semi_intervals
+    strong = "semi-online and online DPO strongly beat offline DPO"
+    close = f"semi-online DPO with a moderate s is close to online DPO, with 1/s of its syncs"
+    joint = "training on math and chat jointly (one batch) does about as well or better than each alone"
+    coll = "the rollouts' entropy collapses in every online regime on math"
+    out = [Row("F1", "offline DPO beats the seed", "math/offline_dpo", "seed", "accuracy", ">"),
+           Row("F1", "offline DPO beats the seed", "chat/offline_dpo", "seed", "quality", ">")]
+    for task, measure in (("math", "accuracy"), ("chat", "quality")):
+        for key in ("online_dpo", f"semi_s{s2}", f"semi_s{s1}"):
+            out.append(Row("F1", strong, f"{task}/{key}", f"{task}/offline_dpo", measure, ">"))
+    for task, measure in (("math", "accuracy"), ("chat", "quality")):
+        for key in (f"semi_s{s2}", f"semi_s{s1}"):
+            out.append(Row("F2", close, f"{task}/{key}", f"{task}/online_dpo", measure, "≈"))
+    out += [Row("F3", joint, "mix/mix_at_math_lr", "math/online_dpo", "accuracy", "≥"),
+            Row("F3", joint, "mix/mix_at_chat_lr", "chat/online_dpo", "quality", "≥"),
+            Row("F3", "joint training learns the task a single-task run never sees", "mix/mix_at_math_lr",
+                "chat/online_dpo", "accuracy", ">"),
+            Row("F3", "joint training learns the task a single-task run never sees", "mix/mix_at_chat_lr",
+                "math/online_dpo", "quality", ">")]
+    for key in ("online_dpo", f"semi_s{s2}", f"semi_s{s1}", "grpo"):
+        out.append(Row("F4", coll, f"math/{key}", "", "entropy", "<"))
+    out += [Row("F4", "... but not offline (its rollouts are the seed's)", "math/offline_dpo", "", "entropy", "≈"),
+            Row("F4", "without reference re-sync math DPO collapses to short answers", "math/online_dpo",
+                "math/online_dpo_no_ref_sync", "length", ">"),
+            Row("F4", "re-syncing the reference keeps math DPO stable", "math/online_dpo",
+                "math/online_dpo_no_ref_sync", "accuracy", ">"),
+            Row("F5", "an NLL term on the chosen answer does not help", "math/online_dpo",
+                "math/online_dpo_nll", "accuracy", "≥"),
+            Row("F5", "an NLL term on the chosen answer does not help", f"math/semi_s{s2}",
+                f"math/semi_s{s2}_nll", "accuracy", "≥"),
+            Row("A1", "GroupDPO changes little against one random pair", "math/group_dpo",
+                "math/online_dpo", "accuracy", "≈"),
+            Row("A1", "GroupDPO + 0.01 GRPO changes little against one random pair", "math/group_dpo_grpo",
+                "math/online_dpo", "accuracy", "≈"),
+            Row("A2", "an entropy bonus does not stop the collapse", "math/online_dpo_entropy1e-4", "",
+                "entropy", "<"),
+            Row("A2", "an entropy bonus does not stop the collapse", "math/online_dpo_entropy5e-4", "",
+                "entropy", "<"),
+            Row("A3", "GRPO: a group of 8 beats 4", "math/grpo", "math/grpo_n4", "accuracy", ">"),
+            Row("A3", "GRPO: a group of 12 adds nothing over 8", "math/grpo_n12", "math/grpo", "accuracy", "≈"),
+            Row("A4", "length-normalised GRPO is worse (less stable)", "math/grpo", "math/grpo_seqnorm",
+                "accuracy", ">"),
+            Row("A5", "Adam ε 1e-4 stops DPO's sudden divergence on math", "math/online_dpo",
+                "math/online_dpo_eps1e-8", "accuracy", ">")]
+    return [r for r in out if r.finding in args.phases]
+
+
+# ---------------------------------------------------------------------------------------------
+# running and reading runs
+# ---------------------------------------------------------------------------------------------
 def run(cmd: list[str], tag: str, jobs: int) -> None:
     """Run a script from the repo root on its share of the cores, echoing its progress lines with `tag`."""
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // jobs)))
@@ -93,7 +231,7 @@ def run(cmd: list[str], tag: str, jobs: int) -> None:
     tail = []
     for line in proc.stdout:
         tail = (tail + [line])[-30:]
-        if line.startswith(("step ", "wrote ", "math ", "chat ", "done")) and ("eval" in line or not line.startswith("step ")):
+        if line.startswith(("wrote ", "math ", "chat ", "done")) or line.startswith("step ") and "eval" in line:
             print(f"[{tag}] {line.rstrip()[:150]}", flush=True)
     if proc.wait() != 0:
         sys.exit(f"study: {' '.join(cmd)} failed:\n{''.join(tail)}")
@@ -108,42 +246,53 @@ def metrics_of(run_dir: str) -> list[dict]:
     return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
 
 
-def train(args: Args, task: str, regime: tuple, lr: float, seed: int, steps: int | None = None,
-          pairs: str = "") -> str:
-    """One training run (validation every `eval_every` steps), unless already finished; returns its folder."""
-    key, _, script, flags = regime
+def train(args: Args, arm: Arm, lr: float, seed: int, steps: int = 0, pairs: str = "") -> str:
+    """One training run, unless already finished; returns its folder."""
     steps = steps or args.steps
-    name = f"{task}_{key}_lr{lr:g}_seed{seed}" + (f"_to{steps}" if steps != args.steps else "")
+    name = f"{arm.task}_{arm.key}_lr{lr:g}_seed{seed}" + (f"_to{steps}" if steps != args.steps else "")
     run_dir = os.path.join(args.runs_dir, name)
-    if finished(run_dir, steps):
-        return run_dir
-    shutil.rmtree(run_dir, ignore_errors=True)  # a half-done run starts over (same seeds, same result)
-    spec = TASKS[task]
-    cmd = [script, "--dataset", spec["train"], "--eval-dataset", spec["val"], "--eval-limit", str(spec["val_limit"]),
-           "--num-steps", str(steps), "--eval-every", str(args.eval_every), "--learning-rate", f"{lr:g}",
-           "--seed", str(seed), "--output-dir", run_dir, "--save-every", str(steps), "--log-samples-every", "0",
-           *flags[task]]
-    if key.startswith("semi_s"):
-        cmd += ["--sync-interval", key.removeprefix("semi_s")]
-    if pairs:
-        cmd += ["--pairs", pairs]
-    run(cmd, name, args.jobs)
+    if not finished(run_dir, steps):
+        shutil.rmtree(run_dir, ignore_errors=True)  # a half-done run starts over (same seeds, same result)
+        run([*arm.command(lr), "--num-steps", str(steps), "--eval-every", str(args.eval_every), "--seed", str(seed),
+             "--output-dir", run_dir, "--save-every", str(steps), "--log-samples-every", "0",
+             *(["--pairs", pairs] if pairs else [])], name, args.jobs)
     return run_dir
 
 
-def val_score(task: str, metrics: list[dict]) -> tuple[float, int]:
-    """(validation score, step): math -> the final step's accuracy; chat -> the best step by length-
-    normalised reward (the paper's checkpoint choice), among the steps evaluated during training."""
-    evals = [(m[TASKS[task]["metric"]], m["step"]) for m in metrics if TASKS[task]["metric"] in m and m["step"] > 0]
-    return evals[-1] if task == "math" else max(evals)
+def chat_checkpoint_step(metrics: list[dict]) -> int:
+    """The paper's chat checkpoint: the evaluated step with the best validation reward / length."""
+    key = "eval/chat/reward_per_token"
+    return max((m[key], m["step"]) for m in metrics if key in m and m["step"] > 0)[1]
 
 
-def evaluate(args: Args, task: str, model: str, out: str, seed: int) -> dict:
+def test_eval(args: Args, what: str, model: str, out: str, seed: int) -> dict[str, float]:
+    """The test figures of one checkpoint on one task (evaluate.py, not redone once written)."""
     if not os.path.exists(out):
+        skip = ["--chat-dataset", ""] if what == "math" else ["--math-datasets", "", "--save-samples"]
         run(["evaluate.py", "--model", model, "--samples", str(args.final_samples), "--seed", str(seed),
-             "--output", out, *TASKS[task]["test"], *(["--baseline", "embedded/policy"] if task == "chat" else [])],
-            f"eval {out}", args.jobs)
-    return json.load(open(out))
+             "--output", out, *skip], f"eval {out}", args.jobs)
+    r = json.load(open(out))
+    if what == "math":
+        m = r["math"][f"{DATA}/math_test.jsonl"]
+        return {"accuracy": m["accuracy"], "greedy": m["greedy_accuracy"]}
+    c = r["chat"]
+    quality = [chat_quality(x["prompt"], t) for x in c["responses"] for t in x["responses"]]
+    return {"quality": sum(quality) / len(quality), "reward": c["reward_mean"], "length": c["length_mean"],
+            "reward_per_token": c["reward_per_token"], "win_rate": c["win_rate"]}
+
+
+def curve_figures(metrics: list[dict]) -> dict[str, float]:
+    """Rollout entropy and length over the first and the last fifth of a run's steps."""
+    steps = [m for m in metrics if m["step"] > 0 and "rollout/entropy" in m]
+    k = max(1, len(steps) // 5)
+
+    def mean(ms, key):
+        return sum(m[key] for m in ms) / len(ms)
+
+    return {"entropy_first": mean(steps[:k], "rollout/entropy"), "entropy": mean(steps[-k:], "rollout/entropy"),
+            "length": mean(steps[-k:], "rollout/length_mean"),
+            "syncs": sum(m.get("perf/sync_s", 0) > 0 for m in steps),
+            "wall_s": sum(m["perf/step_s"] for m in steps)}
 
 
 def mean_se(xs: list[float]) -> tuple[float, float]:
@@ -151,148 +300,273 @@ def mean_se(xs: list[float]) -> tuple[float, float]:
     return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs)) if len(xs) > 1 else float("nan"))
 
 
+def verdict(a: list[float], b: list[float], relation: str) -> tuple[float, float, str, str]:
+    """(d, SE(d), what the runs show, the verdict) by VERDICT_RULE. An entropy row passes the
+    same run's first fifth as `b` and relation "<": the last fifth below the first."""
+    (ma, sa), (mb, sb) = mean_se(a), mean_se(b)
+    d, se = ma - mb, math.sqrt(sa**2 + sb**2)
+    shown = ">" if d > 2 * se else "<" if d < -2 * se else "≈"
+    if relation == "≈":
+        return d, se, shown, "reproduced" if shown == "≈" else "not reproduced"
+    if relation == "≥":
+        return d, se, shown, "not reproduced" if shown == "<" else "reproduced"
+    opposite = {">": "<", "<": ">"}[relation]
+    return d, se, shown, {relation: "reproduced", opposite: "not reproduced"}.get(shown, "not separable")
+
+
+# ---------------------------------------------------------------------------------------------
+# the study
+# ---------------------------------------------------------------------------------------------
 def main(args: Args) -> None:
     os.makedirs(args.out_dir, exist_ok=True)
     os.makedirs(args.runs_dir, exist_ok=True)
     t_study = time.time()
-    results = {"args": vars(args), "seed": {}, "runs": {}}
     # Runs are independent processes: `--jobs` of them at once, each on its share of the cores (a
     # tiny model's step is mostly single-threaded Python and scheduling, so two at once nearly
-    # double the throughput on 2 cores). Every run is seeded, so the order they finish in changes
-    # nothing.
+    # double the throughput on 2 cores). Every run is seeded: the order they finish in changes nothing.
     pool = ThreadPoolExecutor(args.jobs)
 
-    def each(fn, items: list[tuple]) -> list:
+    def each(fn, items: list) -> list:
         return list(pool.map(lambda item: fn(*item), items))
 
-    # the seed model, evaluated with each sampling seed
-    seed_evals = [(seed, task) for seed in args.seeds for task in TASKS]
-    evals = each(lambda seed, task: evaluate(args, task, "embedded/policy",
-                                             os.path.join(args.runs_dir, f"seed_{task}_{seed}.json"), seed), seed_evals)
-    for (seed, task), e in zip(seed_evals, evals, strict=True):
-        results["seed"].setdefault(seed, {})[task] = e
-    pairs = [(task, regime) for task in TASKS for regime in regimes(args)]
-    # ---- the learning rate of each regime and task, on the validation split with the first seed
-    grid_runs = [(task, regime, lr) for task, regime in pairs for lr in args.lr_grid]
-    grid_dirs = each(lambda task, regime, lr: train(args, task, regime, lr, args.seeds[0]), grid_runs)
-    grids: dict[tuple, dict[float, float]] = {}
-    for (task, regime, lr), run_dir in zip(grid_runs, grid_dirs, strict=True):
-        grids.setdefault((task, regime[0]), {})[lr] = val_score(task, metrics_of(run_dir))[0]
-    best = {k: max(g, key=g.get) for k, g in grids.items()}
-    # ---- every seed at that learning rate
-    seed_runs = [(task, regime, seed) for task, regime in pairs for seed in args.seeds]
-    seed_dirs = each(lambda task, regime, seed: train(args, task, regime, best[task, regime[0]], seed), seed_runs)
-    # ---- the checkpoint the paper's way (chat: retrain to the chosen step; the runs replay exactly)
-    def checkpoint(task, regime, seed, run_dir):
-        score, step = val_score(task, metrics_of(run_dir))
-        ckpt_dir = run_dir
-        if step != args.steps:
-            pairs_file = os.path.join(run_dir, "pairs.jsonl") if regime[0] == "offline_dpo" else ""
-            ckpt_dir = train(args, task, regime, best[task, regime[0]], seed, steps=step, pairs=pairs_file)
-        return score, step, ckpt_dir
+    all_arms, table = arms(args), rows(args)
+    if "F1" in args.phases or "F2" in args.phases:  # the F1 tables show every regime on both tasks
+        table_arms = [i for i, a in all_arms.items() if a.lr_of is None]
+    else:
+        table_arms = []
+    needed = sorted({i for r in table for i in (r.a, r.b) if i not in ("", "seed")} | set(table_arms))
+    # each arm's tests: math accuracy from the final checkpoint, chat quality from the paper's pick
+    tests = {(i, "math" if r.measure == "accuracy" else "chat") for r in table for i in (r.a, r.b)
+             if r.measure in ("accuracy", "quality") and i not in ("", "seed")}
+    tests |= {(i, all_arms[i].task) for i in table_arms}
 
-    ckpts = each(checkpoint, [(*x, d) for x, d in zip(seed_runs, seed_dirs, strict=True)])
-    # ---- the test evaluation
-    finals = each(lambda task, seed, ckpt_dir: evaluate(args, task, os.path.join(ckpt_dir, "checkpoint"),
-                                                        os.path.join(ckpt_dir, "test_eval.json"), seed),
-                  [(task, seed, c[2]) for (task, _, seed), c in zip(seed_runs, ckpts, strict=True)])
-    for (task, regime, seed), run_dir, (score, step, _), final in zip(seed_runs, seed_dirs, ckpts, finals, strict=True):
-        key = regime[0]
-        r = results["runs"].setdefault(f"{task}/{key}", {"task": task, "key": key, "label": regime[1],
-                                                         "lr": best[task, key], "grid": grids[task, key], "seeds": {}})
-        r["seeds"][seed] = {"val": score, "step": step, "test": final, "metrics": metrics_of(run_dir)}
+    # ---- the learning rate of each regime and task, on the validation split with the first seed
+    regimes = sorted({i if all_arms[i].lr_of is None else "/".join(reversed(all_arms[i].lr_of)) for i in needed})
+    grids: dict[str, dict[float, float]] = {i: {} for i in regimes}
+    todo = {i: list(args.lr_grid) for i in regimes}
+    for _ in range(3):  # the grid, then up to two widenings at an edge
+        runs = [(i, lr) for i in regimes for lr in todo[i]]
+        for (i, lr), run_dir in zip(runs, each(lambda i, lr: train(args, all_arms[i], lr, args.seeds[0]), runs), strict=True):
+            metrics = metrics_of(run_dir)
+            key = TASKS[all_arms[i].task][3]
+            grids[i][lr] = max(m[key] for m in metrics if key in m and m["step"] > 0) if i.startswith("chat") \
+                else [m[key] for m in metrics if key in m][-1]
+        todo = {}
+        for i, g in grids.items():
+            lrs, best = sorted(g), max(g, key=g.get)
+            todo[i] = [] if len(lrs) < 2 else [best / 3] if best == lrs[0] else [best * 3] if best == lrs[-1] else []
+        if not any(todo.values()):
+            break
+    lr = {i: max(g, key=g.get) for i, g in grids.items()}
+    lr_of = {i: lr[i if all_arms[i].lr_of is None else "/".join(reversed(all_arms[i].lr_of))] for i in needed}
+
+    # ---- every seed of every arm (deduplicated: two arms can be the same run)
+    jobs = sorted({(i, s) for i in needed for s in args.seeds}, key=lambda x: (x[1], x[0]))
+    dirs = dict(zip(jobs, each(lambda i, s: train(args, all_arms[i], lr_of[i], s), jobs), strict=True))
+
+    # ---- the test evaluations (chat: retrain to the picked step; the runs replay exactly)
+    def test(i: str, what: str, seed: int) -> dict:
+        arm, run_dir = all_arms[i], dirs[i, seed]
+        ckpt, step = run_dir, args.steps
+        if what == "chat":
+            step = chat_checkpoint_step(metrics_of(run_dir))
+            if step != args.steps:
+                pairs = os.path.join(run_dir, "pairs.jsonl") if arm.key == "offline_dpo" else ""
+                ckpt = train(args, arm, lr_of[i], seed, steps=step, pairs=pairs)
+        out = os.path.join(ckpt, f"test_{what}.json")
+        return test_eval(args, what, os.path.join(ckpt, "checkpoint"), out, seed) | {"step": step}
+
+    test_jobs = sorted((i, what, s) for i, what in tests for s in args.seeds)
+    seed_jobs = [(what, s) for what in ("math", "chat") for s in args.seeds]
+    seed_tests = each(lambda what, s: test_eval(args, what, "embedded/policy",
+                                                os.path.join(args.runs_dir, f"seed_test_{what}_{s}.json"), s), seed_jobs)
+    results = {"seed": {f"{what}/{s}": r for (what, s), r in zip(seed_jobs, seed_tests, strict=True)},
+               "tests": {f"{i}|{what}|{s}": r for (i, what, s), r in zip(test_jobs, each(test, test_jobs), strict=True)},
+               "curves": {f"{i}|{s}": curve_figures(metrics_of(d)) for (i, s), d in dirs.items()},
+               "lr": lr_of, "grids": {i: {f"{k:g}": v for k, v in g.items()} for i, g in grids.items()}}
     pool.shutdown()
     results["wall_min"] = (time.time() - t_study) / 60
+    results["rows"] = [row_result(args, r, all_arms, results) for r in table]
     with open(os.path.join(args.out_dir, "results.json"), "w") as f:
-        slim = {k: {**v, "seeds": {s: {kk: vv for kk, vv in x.items() if kk != "metrics"} for s, x in v["seeds"].items()}}
-                for k, v in results["runs"].items()}
-        json.dump({**results, "runs": slim}, f, indent=2)
-    write_table(args, results)
-    plot(args, results)
-    print(f"study: done in {results['wall_min']:.0f} min -> {args.out_dir}/results.md")
+        json.dump({"args": vars(args), **results}, f, indent=1)
+    write_findings(args, results, all_arms)
+    if table_arms:
+        write_table(args, results, all_arms)
+    plot(args, results, all_arms, dirs)
+    print(f"study: done in {results['wall_min']:.0f} min -> {args.out_dir}/findings.md")
 
 
-def test_numbers(task: str, final: dict) -> dict[str, float]:
-    if task == "math":
-        m = final["math"][f"{DATA}/math_test.jsonl"]
-        return {"accuracy": m["accuracy"], "greedy": m["greedy_accuracy"]}
-    c = final["chat"]
-    return {"reward": c["reward_mean"], "length": c["length_mean"], "reward_per_token": c["reward_per_token"],
-            "win_rate": c.get("win_rate", 0.5)}
+def per_seed(args: Args, arm_id: str, measure: str, results: dict) -> list[float]:
+    """An arm's figure for each seed: a test figure, or a rollout figure of its training run."""
+    if measure in ("entropy", "entropy_first", "length", "syncs", "wall_s"):
+        return [results["curves"][f"{arm_id}|{s}"][measure] for s in args.seeds]
+    what = "math" if measure in ("accuracy", "greedy") else "chat"
+    if arm_id == "seed":
+        return [results["seed"][f"{what}/{s}"][measure] for s in args.seeds]
+    return [results["tests"][f"{arm_id}|{what}|{s}"][measure] for s in args.seeds]
 
 
-def write_table(args: Args, results: dict) -> None:
-    cols = {"math": ["accuracy", "greedy"], "chat": ["reward", "length", "reward_per_token", "win_rate"]}
-    head = {"math": "| regime | lr | test accuracy | test greedy accuracy | checkpoint |",
-            "chat": "| regime | lr | test RM reward | length | reward / length | win rate vs seed | checkpoint (step) |"}
-    out = [f"Embedded default: {args.steps} steps of 8 prompts per run, the same prompts for every regime; the "
-           f"paper's β / Adam ε / clip / reference per task; learning rate picked per regime from {list(args.lr_grid)} on "
-           f"the validation split (seed {args.seeds[0]}); mean ± standard error over seeds {list(args.seeds)}. Test: math 300 "
-           f"problems x {args.final_samples} samples (T = 0.6, top-p 0.9) and greedy; chat 200 prompts x {args.final_samples} "
-           f"samples scored by the embedded reward model, win rate against the seed's samples (ties half). Chat "
-           f"checkpoints: the step with the best validation reward / length. Wall time {results['wall_min']:.0f} min "
-           f"on {os.cpu_count()} CPU cores, {args.jobs} runs at once.\n"]
-    for task in TASKS:
-        out += [f"\n**{task}**\n", head[task], "|" + "---|" * (head[task].count("|") - 1)]
-        seed_vals = [test_numbers(task, results["seed"][s][task]) for s in args.seeds]
-        cells = [f"{m:.3f} ± {se:.3f}" for m, se in (mean_se([v[c] for v in seed_vals]) for c in cols[task])]
-        out.append(f"| seed | - | {' | '.join(cells)} | - |")
-        for key, label, *_ in regimes(args):
-            r = results["runs"].get(f"{task}/{key}")
-            if not r:
-                continue
-            vals = [test_numbers(task, x["test"]) for x in r["seeds"].values()]
-            cells = [f"{m:.3f} ± {se:.3f}" for m, se in (mean_se([v[c] for v in vals]) for c in cols[task])]
-            steps = ", ".join(str(x["step"]) for x in r["seeds"].values())
-            out.append(f"| {label} | {r['lr']:g} | {' | '.join(cells)} | {'final' if task == 'math' else steps} |")
-        out += ["", "Validation score per learning rate (seed 1): " + "; ".join(
-            f"{results['runs'][f'{task}/{key}']['label']}: " + ", ".join(f"{lr:g} -> {v:.3f}" for lr, v in
-                                                                         results["runs"][f"{task}/{key}"]["grid"].items())
-            for key, *_ in regimes(args) if f"{task}/{key}" in results["runs"])]
-    with open(os.path.join(args.out_dir, "results.md"), "w") as f:
-        f.write("\n".join(out) + "\n")
-    # the README's copy of the two tables, between its markers (generated: never edited by hand)
+def row_result(args: Args, r: Row, all_arms: dict, results: dict) -> dict:
+    a = per_seed(args, r.a, r.measure, results)
+    b = per_seed(args, r.a, "entropy_first", results) if r.b == "" else per_seed(args, r.b, r.measure, results)
+    d, se, shown, v = verdict(a, b, r.relation)
+    label = lambda i: "seed" if i == "seed" else all_arms[i].label + ("" if all_arms[i].task != "chat" else " [chat]")
+    return {"finding": r.finding, "claim": r.claim, "measure": r.measure, "relation": r.relation,
+            "a": label(r.a), "b": "its first fifth" if r.b == "" else label(r.b), "a_mean_se": mean_se(a),
+            "b_mean_se": mean_se(b), "d": d, "se_d": se, "shown": shown, "verdict": v}
+
+
+MEASURES = {"accuracy": "math test accuracy", "quality": "chat test true quality",
+            "entropy": "math rollout entropy (nats/token), last fifth", "length": "math rollout length (tokens), last fifth"}
+
+
+def write_findings(args: Args, results: dict, all_arms: dict) -> None:
+    s1, s2 = args.semi_intervals
+    out = [f"The paper's findings in miniature: {args.steps} steps of 8 prompts per run, seeds {list(args.seeds)} per "
+           f"arm, each regime's learning rate picked on the validation split (seed {args.seeds[0]}); test: math 300 "
+           f"problems x {args.final_samples} samples at T = 0.6 (final checkpoint), chat 200 prompts x "
+           f"{args.final_samples} samples scored by their true quality (checkpoint: best validation RM reward / length). "
+           f"Wall time {results['wall_min']:.0f} min on {os.cpu_count()} CPU cores, {args.jobs} runs at once. "
+           f"Generated by `study/run_study.py`.\n", f"**Verdict rule.** {VERDICT_RULE}\n",
+           "| # | the paper says | measure | A | B | A (mean ± SE) | B (mean ± SE) | d ± SE(d) | runs show | verdict |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for x in results["rows"]:
+        (ma, sa), (mb, sb) = x["a_mean_se"], x["b_mean_se"]
+        out.append(f"| {x['finding']} | {x['claim']} (A {x['relation']} B) | {MEASURES[x['measure']]} | {x['a']} | "
+                   f"{x['b']} | {ma:.3f} ± {sa:.3f} | {mb:.3f} ± {sb:.3f} | {x['d']:+.3f} ± {x['se_d']:.3f} | "
+                   f"A {x['shown']} B | **{x['verdict']}** |")
+    if "F2" in args.phases:
+        out += ["", f"F2's cost: syncs and wall time per run (mean over seeds, {args.steps} steps)", "",
+                "| run | s | generator syncs | wall time (s) | math accuracy | chat quality |", "|---|---|---|---|---|---|"]
+        for key, s in (("offline_dpo", "∞"), (f"semi_s{s1}", s1), (f"semi_s{s2}", s2), ("online_dpo", 1)):
+            cells = []
+            for task, measure in (("math", "accuracy"), ("chat", "quality")):
+                m, se = mean_se(per_seed(args, f"{task}/{key}", measure, results))
+                cells.append(f"{m:.3f} ± {se:.3f}")
+            syncs = mean_se(per_seed(args, f"math/{key}", "syncs", results))[0]
+            wall = mean_se(per_seed(args, f"math/{key}", "wall_s", results))[0]
+            out.append(f"| {all_arms[f'math/{key}'].label} | {s} | {syncs:.0f} | {wall:.0f} | {' | '.join(cells)} |")
+    text = "\n".join(out) + "\n"
+    with open(os.path.join(args.out_dir, "findings.md"), "w") as f:
+        f.write(text)
+    replace_block("<!-- findings:begin -->\n", "<!-- findings:end -->", text)
+
+
+def replace_block(begin: str, end: str, block: str) -> None:
+    """The README's copy of a generated table, between its markers (never edited by hand)."""
     readme = os.path.join(ROOT, "README.md")
     text = open(readme).read()
-    begin, end = "<!-- study:begin -->\n", "<!-- study:end -->"
     if begin in text and end in text:
-        block = "\n".join([out[0]] + [line for line in out[1:] if line.strip().startswith(("|", "**")) or not line]) + "\n"
         text = text[: text.index(begin) + len(begin)] + block + text[text.index(end):]
         with open(readme, "w") as f:
             f.write(text)
 
 
-def plot(args: Args, results: dict) -> None:
+def write_table(args: Args, results: dict, all_arms: dict) -> None:
+    """The F1 tables: every regime on its own task, against the seed."""
+    cols = {"math": ["accuracy", "greedy"], "chat": ["quality", "reward", "length", "reward_per_token", "win_rate"]}
+    head = {"math": "| regime | lr | test accuracy | test greedy accuracy |",
+            "chat": "| regime | lr | true quality | RM reward | length | RM reward / length | RM win rate vs seed "
+                    "| checkpoint (step) |"}
+    out = [f"Embedded default: {args.steps} steps of 8 prompts per run, the same prompts for every regime; the paper's "
+           f"β / Adam ε / clip / reference per task; learning rate picked per regime on the validation split (seed "
+           f"{args.seeds[0]}); mean ± standard error over seeds {list(args.seeds)}. Test: math 300 problems x "
+           f"{args.final_samples} samples (T = 0.6, top-p 0.9) and greedy, final checkpoint; chat 200 prompts x "
+           f"{args.final_samples} samples, checkpoint with the best validation RM reward / length, scored by true "
+           f"quality and by the (length-biased) reward model, RM win rate against the seed's samples (ties half).\n"]
+    for task in ("math", "chat"):
+        out += [f"\n**{task}**\n", head[task], "|" + "---|" * (head[task].count("|") - 1)]
+        cells = [f"{m:.3f} ± {se:.3f}" for m, se in (mean_se(per_seed(args, "seed", c, results)) for c in cols[task])]
+        out.append(f"| seed | - | {' | '.join(cells)} |" + (" - |" if task == "chat" else ""))
+        for i, arm in all_arms.items():
+            if arm.task == task and arm.lr_of is None:
+                cells = [f"{m:.3f} ± {se:.3f}" for m, se in (mean_se(per_seed(args, i, c, results)) for c in cols[task])]
+                if task == "chat":
+                    cells.append(", ".join(str(results["tests"][f"{i}|chat|{s}"]["step"]) for s in args.seeds))
+                out.append(f"| {arm.label} | {results['lr'][i]:g} | {' | '.join(cells)} |")
+    out += ["", "Validation score per learning rate (first seed): " + "; ".join(
+        f"{all_arms[i].label} [{all_arms[i].task}]: " + ", ".join(f"{k} -> {v:.3f}" for k, v in sorted(
+            g.items(), key=lambda kv: float(kv[0]))) for i, g in results["grids"].items())]
+    text = "\n".join(out) + "\n"
+    with open(os.path.join(args.out_dir, "results.md"), "w") as f:
+        f.write(text)
+    replace_block("<!-- study:begin -->\n", "<!-- study:end -->", text)
+
+
+def plot(args: Args, results: dict, all_arms: dict, dirs: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    for task, spec in TASKS.items():
+    def curve(i: str, key: str) -> tuple[list[int], list[float]]:
+        per_step: dict[int, list[float]] = {}
+        for s in args.seeds:
+            for m in metrics_of(dirs[i, s]):
+                if key in m and (m["step"] > 0 or key.startswith("eval/")):
+                    per_step.setdefault(m["step"], []).append(m[key])
+        steps = sorted(per_step)
+        return steps, [sum(per_step[t]) / len(per_step[t]) for t in steps]
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(os.path.join(args.out_dir, name), dpi=110)
+        plt.close(fig)
+
+    regimes = [i for i, a in all_arms.items() if a.lr_of is None and (i, args.seeds[0]) in dirs]
+    for task in ("math", "chat"):  # every regime: validation metric, entropy, length (mean over seeds)
+        mine = [i for i in regimes if all_arms[i].task == task]
+        if not mine:
+            continue
         fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-        length_key = "rollout/length_mean"
-        for i, (key, label, *_) in enumerate(regimes(args)):
-            r = results["runs"].get(f"{task}/{key}")
-            if not r:
-                continue
-            for ax, metric in zip(axes, [spec["metric"], "rollout/entropy", length_key], strict=True):
-                per_step: dict[int, list[float]] = {}
-                for x in r["seeds"].values():
-                    for m in x["metrics"]:
-                        if metric in m and m["step"] > 0 or (metric == spec["metric"] and metric in m):
-                            per_step.setdefault(m["step"], []).append(m[metric])
-                if per_step:
-                    steps = sorted(per_step)
-                    ax.plot(steps, [sum(per_step[s]) / len(per_step[s]) for s in steps], label=f"{label}, lr {r['lr']:g}",
-                            color=f"C{i}", marker="o" if metric == spec["metric"] else None, markersize=3)
-        for ax, title in zip(axes, [spec["label"], "rollout entropy (per token)", "rollout length (tokens)"], strict=True):
-            ax.set_title(f"{task}: {title} (mean over seeds)")
-            ax.set_xlabel("step")
+        for n, i in enumerate(mine):
+            for ax, key in zip(axes, [TASKS[task][3], "rollout/entropy", "rollout/length_mean"], strict=True):
+                ax.plot(*curve(i, key), label=f"{all_arms[i].label}, lr {results['lr'][i]:g}", color=f"C{n}",
+                        marker="o" if key.startswith("eval/") else None, markersize=3)
+        for ax, title in zip(axes, ["validation accuracy" if task == "math" else "validation RM reward / length",
+                                    "rollout entropy (nats / token)", "rollout length (tokens)"], strict=True):
+            ax.set(title=f"{task}: {title}", xlabel="step")
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(os.path.join(args.out_dir, f"{task}.png"), dpi=110)
-        plt.close(fig)
+        save(fig, f"{task}.png")
+    s1, s2 = args.semi_intervals
+    if "F2" in args.phases:  # accuracy / quality against the number of syncs
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for ax, (task, measure) in zip(axes, (("math", "accuracy"), ("chat", "quality")), strict=True):
+            for n, (key, s) in enumerate((("offline_dpo", "∞"), (f"semi_s{s1}", s1), (f"semi_s{s2}", s2), ("online_dpo", 1))):
+                syncs = mean_se(per_seed(args, f"math/{key}", "syncs", results))[0]
+                m, se = mean_se(per_seed(args, f"{task}/{key}", measure, results))
+                ax.errorbar([max(syncs, 0.5)], [m], yerr=[se], fmt="o", color=f"C{n}", capsize=3, label=f"s = {s}")
+            m, se = mean_se(per_seed(args, "seed", measure, results))
+            ax.axhline(m, color="gray", ls="--", label="seed")
+            ax.set(xscale="log", xlabel="generator syncs per run (log; offline: none)", title=f"F2 {task}: {MEASURES[measure]}")
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+        save(fig, "f2_sync.png")
+    if "F3" in args.phases:  # every arm on both tasks
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        arms_f3 = [("seed", "seed"), ("math/online_dpo", "math only"), ("chat/online_dpo", "chat only"),
+                   ("mix/mix_at_math_lr", "math + chat\n(math's lr)"), ("mix/mix_at_chat_lr", "math + chat\n(chat's lr)")]
+        for ax, measure in zip(axes, ("accuracy", "quality"), strict=True):
+            stats = [mean_se(per_seed(args, i, measure, results)) for i, _ in arms_f3]
+            ax.bar(range(len(arms_f3)), [m for m, _ in stats], yerr=[se for _, se in stats], capsize=3,
+                   color=[f"C{n}" for n in range(len(arms_f3))])
+            ax.set_xticks(range(len(arms_f3)), [lab for _, lab in arms_f3], fontsize=8)
+            ax.set(title=f"F3: {MEASURES[measure]}", ylim=(min(m for m, _ in stats) * 0.9, None))
+            ax.grid(alpha=0.3, axis="y")
+        save(fig, "f3_mixed.png")
+    if "F4" in args.phases:  # entropy and length per regime, and without reference re-sync
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        f4 = [i for i in regimes if all_arms[i].task == "math"] + ["math/online_dpo_no_ref_sync"]
+        for n, i in enumerate(f4):
+            for ax, key in zip(axes, ["rollout/entropy", "rollout/length_mean", "eval/accuracy"], strict=True):
+                ax.plot(*curve(i, key), label=all_arms[i].label, color=f"C{n}", ls="--" if "no_ref" in i else "-")
+        for ax, title in zip(axes, ["rollout entropy (nats / token)", "rollout length (tokens)",
+                                    "validation accuracy"], strict=True):
+            ax.set(title=f"F4 math: {title} (mean over seeds)", xlabel="step")
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+        save(fig, "f4_entropy.png")
 
 
 if __name__ == "__main__":
