@@ -175,7 +175,7 @@ class Row:
 def rows(args: Args) -> list[Row]:
     s1, s2 = args.semi_intervals
     strong = "semi-online and online DPO strongly beat offline DPO"
-    close = f"semi-online DPO with a moderate s is close to online DPO, with 1/s of its syncs"
+    close = "semi-online DPO with a moderate s is close to online DPO, with 1/s of its syncs"
     joint = "training on math and chat jointly (one batch) does about as well or better than each alone"
     coll = "the rollouts' entropy collapses in every online regime on math"
     out = [Row("F1", "offline DPO beats the seed", "math/offline_dpo", "seed", "accuracy", ">"),
