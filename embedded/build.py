@@ -9,18 +9,23 @@ What it does, deterministically (fixed seeds, CPU, fp32):
    300 test; "copy / capitalise this word" instruction prompts, 2,000 train / 200 test; and a
    mixed train file (math + chat, one row each in turn).
 3. Supervises a Qwen2 policy from scratch (4 layers, hidden 128, ~1M parameters): first on
-   instruction responses alone (`--chat-warmup-steps`), then on correct math solutions and
-   instruction responses of graded quality (0-3 random edits) half and half, and stops
+   instruction responses alone (`--chat-warmup-steps`), then on math answers and instruction
+   responses of graded quality (0-3 random edits) half and half, and stops
    the first time held-out accuracy on the *val* problems, sampled with vLLM at the paper's eval
    settings (T=0.6, top-p 0.9), reaches `--target-accuracy`: a seed with room for RL to climb.
    The vLLM engine follows the training weights through `Generator.sync_weights`, the same
    in-process reload the training scripts use.
+   The math answers take one of four routes with varied wording (`embedded/tiny.py`'s
+   `math_target`), and `--math-wrong-frac` of them get the sum wrong, so the seed's answers vary
+   in route and length and its rollouts have entropy that RL can spend.
 4. Trains a reward model (Qwen2ForSequenceClassification, initialised from the seed's backbone,
-   as RMs usually start from the SFT model) with a Bradley-Terry loss on pairs of responses of
-   different true quality (edit similarity to the ideal response): half of them two of the
-   seed's own samples (the distribution RL will query), half graded edits and off-task text.
-5. Measures the seed on the *test* files (math accuracy with standard error; chat true quality
-   and RM score) and the RM's held-out pairwise accuracy, and writes each artifact's card.
+   as RMs usually start from the SFT model) with a Bradley-Terry loss on pairs ranked by
+   `chat_preference`: true quality (edit similarity to the ideal response) plus a length bias,
+   as Athene-RM-8B's; half of them two of the seed's own samples (the distribution RL will
+   query), half graded edits, lengthened and off-task text.
+5. Measures the seed on the *test* files (math accuracy with standard error; its T=1 rollouts'
+   entropy, length and routes; chat true quality and RM score), the RM's held-out pairwise
+   accuracy and its length bias, and writes each artifact's card.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import common
 from embedded.build import EVAL, rm_pairs, seed_samples
-from embedded.tiny import chat_quality, math_solution
+from embedded.tiny import chat_ideal, chat_preference, chat_quality, math_route, math_solution
 from tests.conftest import EMBEDDED
 
 REPORT = json.load(open(os.path.join(EMBEDDED, "build_report.json")))
@@ -60,9 +60,33 @@ def test_shipped_seed_matches_its_card(generator):
     assert 0.20 <= acc <= 0.45  # RL has room to climb
 
 
+def test_shipped_seed_has_entropy_and_routes_to_spend(generator):
+    """The seed's math rollouts at T = 1 carry >= 0.3 nats per token (there is entropy for an
+    online run to collapse) and take several routes of different lengths (there is length to
+    change), re-measured here with other sampling seeds than the card's."""
+    tok = common.load_tokenizer(POLICY)
+    model = common.load_model(POLICY, torch.device("cpu"))
+    generator.sync_weights(model)
+    rows = common.load_prompts(os.path.join(DATA, "math_test.jsonl"))
+    prompts = common.encode_prompts(tok, [r["prompt"] for r in rows])
+    outs = generator.generate(prompts, n=2, temperature=1.0, top_p=1.0, max_tokens=EVAL["max_tokens"], seed=321)
+    flat = [(p, c) for p, o in zip(prompts, outs, strict=True) for c in o]
+    with torch.no_grad():
+        _, mask, entropy = common.completion_logprobs(model, [p for p, _ in flat], [c.token_ids for _, c in flat],
+                                                      1.0, tok.pad_token_id, with_entropy=True)
+    measured = (entropy.sum() / mask.sum()).item()
+    assert measured >= 0.3 and abs(measured - REPORT["seed"]["math_rollout_entropy"]) < 0.03, measured
+    routes = [math_route(c.text) for _, c in flat]
+    shares = {r: routes.count(r) / len(routes) for r in set(routes)}
+    assert sum(share >= 0.1 for share in shares.values()) >= 3, shares  # bare, direct, split at least
+    lengths = {r: sum(len(c.token_ids) for _, c in flat if math_route(c.text) == r) / routes.count(r) for r in shares}
+    assert lengths["bare"] + 10 < lengths["direct"] < lengths["split"], lengths
+
+
 def test_shipped_reward_model_ranks_held_out_pairs(generator):
     """Re-measure the RM's card figure on fresh held-out pairs: half of them two of the seed's
-    own samples (drawn here with vLLM), half graded edits, true quality differing by >= min_gap."""
+    own samples (drawn here with vLLM), half graded edits, the length-biased preference it was
+    trained on differing by >= min_gap."""
     card = REPORT["reward_model"]
     assert card["pairwise_accuracy"] >= 0.9
     tok = common.load_tokenizer(RM)
@@ -70,18 +94,26 @@ def test_shipped_reward_model_ranks_held_out_pairs(generator):
     chat_test = common.load_prompts(os.path.join(DATA, "chat_test.jsonl"))
     samples = seed_samples(generator, tok, chat_test, seed=123)  # not the builder's seed
     prompts, chosen, rejected = rm_pairs(tok, chat_test, random.Random(123), 400, samples, card["min_gap"])
-    assert all(chat_quality(p, c) >= chat_quality(p, r) + card["min_gap"] for p, c, r in zip(prompts, chosen, rejected))
+    assert all(chat_preference(p, c) >= chat_preference(p, r) + card["min_gap"]
+               for p, c, r in zip(prompts, chosen, rejected, strict=True))
     rm = common.RewardModel(RM, torch.device("cpu"), batch_size=64)
     sc, sr = rm.score(prompts, chosen), rm.score(prompts, rejected)
     acc = sum(a > b for a, b in zip(sc, sr)) / len(sc)
     se = (acc * (1 - acc) / len(sc)) ** 0.5
     assert abs(acc - card["pairwise_accuracy"]) <= 3 * se + 0.01, (acc, card)
+    # its length bias: the ideal answer with 8 letters appended (worse by true quality) scores higher
+    rng = random.Random(7)
+    ps = [r["prompt"] for r in chat_test]
+    longer = [chat_ideal(p) + "".join(rng.choice("abcdefghij") for _ in range(8)) for p in ps]
+    prefer = sum(a > b for a, b in zip(rm.score(ps, longer), rm.score(ps, [chat_ideal(p) for p in ps])))
+    assert all(chat_quality(p, x) < 1 for p, x in zip(ps, longer))
+    assert prefer / len(ps) > 0.5, prefer
 
 
 @pytest.mark.slow
 def test_builder_quick_mode(tmp_path, generator):
     r = subprocess.run([sys.executable, os.path.join(EMBEDDED, "build.py"), "--out", str(tmp_path), "--quick"],
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     for f in ("math_train", "math_val", "math_test", "chat_train", "chat_test", "mix_train"):
         assert common.load_prompts(str(tmp_path / "data" / f"{f}.jsonl"))

@@ -1,18 +1,19 @@
 """evaluate.py on the shipped seed: the JSON it writes, the table it prints, and the same greedy
-accuracy on one process and under torchrun with two (greedy decoding does not depend on sharding)."""
+accuracy on one process and under torchrun with two (greedy decoding does not depend on sharding),
+and the same saved chat responses (every prompt samples with its own seeds, whatever the shard)."""
 
 import json
 
 import pytest
 
-from tests.conftest import run_script
+from tests.conftest import ROOT, run_script
 
 ARGS = ["--limit", "16", "--samples", "2"]
 
 
 @pytest.mark.slow
 def test_evaluate_one_and_two_processes(tmp_path):
-    r = run_script("evaluate.py", [*ARGS, "--output", str(tmp_path / "one.json")])
+    r = run_script("evaluate.py", [*ARGS, "--save-samples", "--output", str(tmp_path / "one.json")])
     one = json.load(open(tmp_path / "one.json"))
     m = one["math"]["embedded/data/math_test.jsonl"]
     assert m["problems"] == 16 and 0 <= m["accuracy"] <= 1 and 0 <= m["greedy_accuracy"] <= 1 and m["accuracy_se"] > 0
@@ -21,7 +22,13 @@ def test_evaluate_one_and_two_processes(tmp_path):
     assert c["reward_per_token"] == pytest.approx(c["reward_mean"] / c["length_mean"])
     assert 0.2 < c["win_rate"] < 0.8  # the seed against itself, with other sampling seeds
     assert "| embedded/data/math_test.jsonl |" in r.stdout and "win rate vs baseline" in r.stdout
-    run_script("evaluate.py", [*ARGS, "--baseline", "", "--output", str(tmp_path / "two.json")], nproc=2)
+    run_script("evaluate.py", [*ARGS, "--baseline", "", "--save-samples", "--output", str(tmp_path / "two.json")],
+               nproc=2)
     two = json.load(open(tmp_path / "two.json"))
     assert two["math"]["embedded/data/math_test.jsonl"]["greedy_accuracy"] == m["greedy_accuracy"]
     assert two["chat"]["prompts"] == 16 and "win_rate" not in two["chat"]
+    saved = one["chat"]["responses"]
+    assert len(saved) == 16 and all(len(x["responses"]) == 2 for x in saved)
+    prompts = [json.loads(line)["prompt"] for line in open(f"{ROOT}/embedded/data/chat_test.jsonl")][:16]
+    assert [x["prompt"] for x in saved] == prompts  # the dataset's order
+    assert two["chat"]["responses"] == saved  # gathered from two shards in that order, same samples
