@@ -64,7 +64,7 @@ PHASES = ("F1", "F2", "F3", "F4", "F5", "A1", "A2", "A3", "A4", "A5")
 
 @dataclass
 class Args:
-    steps: int = 50
+    steps: int = 40
     """optimizer steps per run (8 prompts each: the same budget and prompts for every run)"""
     eval_every: int = 10
     """validation evaluation during training every N steps (the candidate chat checkpoints)"""
@@ -104,8 +104,8 @@ PAPER = {  # the paper's settings per algorithm and training data
 }
 TASKS = {  # training data, validation data (and its size per task), the validation metric
     "math": (f"{DATA}/math_train.jsonl", f"{DATA}/math_val.jsonl", 100, "eval/accuracy"),
-    "chat": (f"{DATA}/chat_train.jsonl", f"{DATA}/chat_val.jsonl", 200, "eval/chat/reward_per_token"),
-    "mix": (f"{DATA}/mix_train.jsonl", f"{DATA}/math_val.jsonl,{DATA}/chat_val.jsonl", 200, ""),
+    "chat": (f"{DATA}/chat_train.jsonl", f"{DATA}/chat_val.jsonl", 100, "eval/chat/reward_per_token"),
+    "mix": (f"{DATA}/mix_train.jsonl", f"{DATA}/math_val.jsonl,{DATA}/chat_val.jsonl", 100, ""),
 }
 
 
