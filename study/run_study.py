@@ -278,7 +278,7 @@ def test_eval(args: Args, what: str, model: str, out: str, seed: int) -> dict[st
         return {"accuracy": m["accuracy"], "greedy": m["greedy_accuracy"]}
     c = r["chat"]
     quality = [chat_quality(x["prompt"], t) for x in c["responses"] for t in x["responses"]]
-    return {"quality": sum(quality) / len(quality), "reward": c["reward_mean"], "length": c["length_mean"],
+    return {"quality": sum(quality) / len(quality), "reward": c["reward_mean"], "test_length": c["length_mean"],
             "reward_per_token": c["reward_per_token"], "win_rate": c["win_rate"]}
 
 
@@ -469,7 +469,7 @@ def replace_block(begin: str, end: str, block: str) -> None:
 
 def write_table(args: Args, results: dict, all_arms: dict) -> None:
     """The F1 tables: every regime on its own task, against the seed."""
-    cols = {"math": ["accuracy", "greedy"], "chat": ["quality", "reward", "length", "reward_per_token", "win_rate"]}
+    cols = {"math": ["accuracy", "greedy"], "chat": ["quality", "reward", "test_length", "reward_per_token", "win_rate"]}
     head = {"math": "| regime | lr | test accuracy | test greedy accuracy |",
             "chat": "| regime | lr | true quality | RM reward | length | RM reward / length | RM win rate vs seed "
                     "| checkpoint (step) |"}
@@ -553,10 +553,12 @@ def plot(args: Args, results: dict, all_arms: dict, dirs: dict) -> None:
         arms_f3 = [("seed", "seed"), ("math/online_dpo", "math only"), ("chat/online_dpo", "chat only"),
                    ("mix/mix_at_math_lr", "math + chat\n(math's lr)"), ("mix/mix_at_chat_lr", "math + chat\n(chat's lr)")]
         for ax, measure in zip(axes, ("accuracy", "quality"), strict=True):
-            stats = [mean_se(per_seed(args, i, measure, results)) for i, _ in arms_f3]
-            ax.bar(range(len(arms_f3)), [m for m, _ in stats], yerr=[se for _, se in stats], capsize=3,
-                   color=[f"C{n}" for n in range(len(arms_f3))])
-            ax.set_xticks(range(len(arms_f3)), [lab for _, lab in arms_f3], fontsize=8)
+            what = "math" if measure == "accuracy" else "chat"
+            shown = [(i, lab) for i, lab in arms_f3 if i == "seed" or f"{i}|{what}|{args.seeds[0]}" in results["tests"]]
+            stats = [mean_se(per_seed(args, i, measure, results)) for i, _ in shown]
+            ax.bar(range(len(shown)), [m for m, _ in stats], yerr=[se for _, se in stats], capsize=3,
+                   color=[f"C{n}" for n in range(len(shown))])
+            ax.set_xticks(range(len(shown)), [lab for _, lab in shown], fontsize=8)
             ax.set(title=f"F3: {MEASURES[measure]}", ylim=(min(m for m, _ in stats) * 0.9, None))
             ax.grid(alpha=0.3, axis="y")
         save(fig, "f3_mixed.png")
