@@ -91,7 +91,7 @@ def evaluate(generator, tokenizer, reward_model, rows: list[dict], *, k: int, te
     chat_rewards, chat_lengths = torch.zeros(0), torch.zeros(0)
     if chat_rows:
         scores, lengths, _ = eval_chat(generator, tokenizer, reward_model, chat_rows, seed=eval_seeds(seed, 1, mine["chat"]),
-                                    **sampling)
+                                       **sampling)
         chat_rewards, chat_lengths = scores.mean(dim=1), lengths.mean(dim=1)  # (P,) per prompt
     s = all_reduce({"n": len(accs), "sum": sum(accs), "sq": sum(a * a for a in accs),
                     "chat_n": len(chat_rewards), "chat_sum": chat_rewards.sum().item(),

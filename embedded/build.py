@@ -237,28 +237,34 @@ def train_reward_model(args, tok, data, gen, policy_dir: Path, rm_dir: Path):
     return scorer, result
 
 
-def rollout_figures(args, gen, tok, data, model) -> dict:
+def rollout_figures(gen, tok, rows, model, seed: int, n: int = 4) -> dict:
     """The seed's math rollouts at the training temperature (T = 1): entropy per token (the
     trainer's `rollout/entropy`: the full distribution's, from the policy), length, and each
-    route's share and accuracy."""
-    rows = data["math_test"]
+    route's share, accuracy and length (tokens)."""
     prompt_ids = common.encode_prompts(tok, [r["prompt"] for r in rows])
-    outs = gen.generate(prompt_ids, n=4, temperature=1.0, top_p=1.0, max_tokens=EVAL["max_tokens"],
-                        seed=args.seed + 9)
+    outs = gen.generate(prompt_ids, n=n, temperature=1.0, top_p=1.0, max_tokens=EVAL["max_tokens"], seed=seed)
     flat = [(p, r, c) for p, r, o in zip(prompt_ids, rows, outs, strict=True) for c in o]
     with torch.no_grad():
         _, mask, entropy = common.completion_logprobs(model, [p for p, _, _ in flat],
                                                       [c.token_ids for _, _, c in flat], 1.0,
                                                       tok.pad_token_id, with_entropy=True)
-    routes: dict[str, list[float]] = {k: [] for k in ROUTES}
+    routes: dict[str, list[tuple[float, int]]] = {k: [] for k in ROUTES}
     rewards = common.math_rewards([c.text for _, _, c in flat], [r["answer"] for _, r, _ in flat])
     for (_, _, c), reward in zip(flat, rewards, strict=True):
-        routes[math_route(c.text)].append(reward)
+        routes[math_route(c.text)].append((reward, len(c.token_ids)))
     return {"math_rollout_entropy": (entropy.sum() / mask.sum()).item(),
             "math_rollout_length": mask.sum().item() / len(flat),
-            "math_rollout_accuracy": sum(sum(v) for v in routes.values()) / len(flat),
-            "math_routes": {k: {"share": len(v) / len(flat), "accuracy": sum(v) / max(len(v), 1)}
-                            for k, v in routes.items()}}
+            "math_rollout_accuracy": sum(rewards) / len(flat),
+            "math_routes": {k: {"share": len(v) / len(flat), "accuracy": sum(r for r, _ in v) / max(len(v), 1),
+                                "length": sum(t for _, t in v) / max(len(v), 1)} for k, v in routes.items()}}
+
+
+def rm_prefers_appended(scorer, prompts: list[str], rng: random.Random, k: int) -> float:
+    """The reward model's length bias: the share of prompts where it scores the ideal answer with k
+    random letters appended (worse by true quality) above the ideal answer."""
+    ideal = [chat_ideal(p) for p in prompts]
+    longer = [x + "".join(rng.choice(LETTERS) for _ in range(k)) for x in ideal]
+    return sum(a > b for a, b in zip(scorer.score(prompts, longer), scorer.score(prompts, ideal), strict=True)) / len(prompts)
 
 
 def measure_seed(args, gen, tok, data, scorer, model):
@@ -275,12 +281,9 @@ def measure_seed(args, gen, tok, data, scorer, model):
     rm_scores = scorer.score(flat_p, flat_r)
     corr = torch.corrcoef(torch.tensor([quality, rm_scores]))[0, 1].item()
     # the length bias: the ideal answer against itself with k letters appended (worse by true quality)
-    rng, bias = random.Random(args.seed + 8), {}
-    for k in (2, 8):
-        longer = [chat_ideal(p) + "".join(rng.choice(LETTERS) for _ in range(k)) for p in prompts]
-        s_long, s_ideal = scorer.score(prompts, longer), scorer.score(prompts, [chat_ideal(p) for p in prompts])
-        bias[f"rm_prefers_{k}_appended"] = sum(a > b for a, b in zip(s_long, s_ideal, strict=True)) / len(prompts)
-    return {**rollout_figures(args, gen, tok, data, model), **bias,"math_test_accuracy": acc, "math_test_accuracy_se": se, "math_test_greedy_accuracy": greedy,
+    rng = random.Random(args.seed + 8)
+    bias = {f"rm_prefers_{k}_appended": rm_prefers_appended(scorer, prompts, rng, k) for k in (2, 8)}
+    return {**rollout_figures(gen, tok, data["math_test"], model, args.seed + 9), **bias,"math_test_accuracy": acc, "math_test_accuracy_se": se, "math_test_greedy_accuracy": greedy,
             "math_eval": {"k": args.eval_k, **EVAL, "problems": len(data["math_test"])},
             "chat_test_quality": sum(quality) / len(quality),
             "chat_test_rm_score": sum(rm_scores) / len(rm_scores),

@@ -11,8 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import common
-from embedded.build import EVAL, rm_pairs, seed_samples
-from embedded.tiny import chat_ideal, chat_preference, chat_quality, math_route, math_solution
+from embedded.build import EVAL, rm_pairs, rm_prefers_appended, rollout_figures, seed_samples
+from embedded.tiny import chat_preference, math_solution
 from tests.conftest import EMBEDDED
 
 REPORT = json.load(open(os.path.join(EMBEDDED, "build_report.json")))
@@ -68,19 +68,12 @@ def test_shipped_seed_has_entropy_and_routes_to_spend(generator):
     model = common.load_model(POLICY, torch.device("cpu"))
     generator.sync_weights(model)
     rows = common.load_prompts(os.path.join(DATA, "math_test.jsonl"))
-    prompts = common.encode_prompts(tok, [r["prompt"] for r in rows])
-    outs = generator.generate(prompts, n=2, temperature=1.0, top_p=1.0, max_tokens=EVAL["max_tokens"], seed=321)
-    flat = [(p, c) for p, o in zip(prompts, outs, strict=True) for c in o]
-    with torch.no_grad():
-        _, mask, entropy = common.completion_logprobs(model, [p for p, _ in flat], [c.token_ids for _, c in flat],
-                                                      1.0, tok.pad_token_id, with_entropy=True)
-    measured = (entropy.sum() / mask.sum()).item()
+    fig = rollout_figures(generator, tok, rows, model, seed=321, n=2)
+    measured = fig["math_rollout_entropy"]
     assert measured >= 0.3 and abs(measured - REPORT["seed"]["math_rollout_entropy"]) < 0.03, measured
-    routes = [math_route(c.text) for _, c in flat]
-    shares = {r: routes.count(r) / len(routes) for r in set(routes)}
-    assert sum(share >= 0.1 for share in shares.values()) >= 3, shares  # bare, direct, split at least
-    lengths = {r: sum(len(c.token_ids) for _, c in flat if math_route(c.text) == r) / routes.count(r) for r in shares}
-    assert lengths["bare"] + 10 < lengths["direct"] < lengths["split"], lengths
+    routes = fig["math_routes"]
+    assert sum(r["share"] >= 0.1 for r in routes.values()) >= 3, routes  # bare, direct, split at least
+    assert routes["bare"]["length"] + 10 < routes["direct"]["length"] < routes["split"]["length"], routes
 
 
 def test_shipped_reward_model_ranks_held_out_pairs(generator):
@@ -102,12 +95,8 @@ def test_shipped_reward_model_ranks_held_out_pairs(generator):
     se = (acc * (1 - acc) / len(sc)) ** 0.5
     assert abs(acc - card["pairwise_accuracy"]) <= 3 * se + 0.01, (acc, card)
     # its length bias: the ideal answer with 8 letters appended (worse by true quality) scores higher
-    rng = random.Random(7)
     ps = [r["prompt"] for r in chat_test]
-    longer = [chat_ideal(p) + "".join(rng.choice("abcdefghij") for _ in range(8)) for p in ps]
-    prefer = sum(a > b for a, b in zip(rm.score(ps, longer), rm.score(ps, [chat_ideal(p) for p in ps])))
-    assert all(chat_quality(p, x) < 1 for p, x in zip(ps, longer))
-    assert prefer / len(ps) > 0.5, prefer
+    assert rm_prefers_appended(rm, ps, random.Random(7), 8) > 0.5
 
 
 @pytest.mark.slow
