@@ -345,7 +345,10 @@ def main(args: Args) -> None:
     tests |= {(i, all_arms[i].task) for i in table_arms}
 
     # ---- the learning rate of each regime and task, on the validation split with the first seed
-    regimes = sorted({i if all_arms[i].lr_of is None else "/".join(reversed(all_arms[i].lr_of)) for i in needed})
+    def grid_of(i: str) -> str:  # the regime whose grid picks arm i's learning rate
+        return i if all_arms[i].lr_of is None else "{1}/{0}".format(*all_arms[i].lr_of)
+
+    regimes = sorted({grid_of(i) for i in needed})
     grids: dict[str, dict[float, float]] = {i: {} for i in regimes}
     todo = {i: list(args.lr_grid) for i in regimes}
     for _ in range(3):  # the grid, then up to two widenings at an edge
@@ -362,7 +365,7 @@ def main(args: Args) -> None:
         if not any(todo.values()):
             break
     lr = {i: max(g, key=g.get) for i, g in grids.items()}
-    lr_of = {i: lr[i if all_arms[i].lr_of is None else "/".join(reversed(all_arms[i].lr_of))] for i in needed}
+    lr_of = {i: lr[grid_of(i)] for i in needed}
 
     # ---- every seed of every arm (deduplicated: two arms can be the same run)
     jobs = sorted({(i, s) for i in needed for s in args.seeds}, key=lambda x: (x[1], x[0]))
