@@ -12,10 +12,12 @@
 - checkpoint: save / resume (HF model folder + per-rank safetensors trainer state, atomic)
 - evaluation: held-out math accuracy and chat reward with standard errors, over ranks
 
+- args:       `RunArgs`, the plumbing flags every script's `Args` holds as `args.run`
 - launch:     flag and path checks before any model loads, the output folder's lock, and `run`:
                 one line for a user error or a Ctrl-C, under python and torchrun
 """
 
+from common.args import RunArgs
 from common.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from common.data import (
     PAPER_MATH_TEMPLATE,
@@ -23,9 +25,14 @@ from common.data import (
     encode_pairs,
     fit_prompts,
     last_boxed,
+    load_data,
     load_pairs,
     load_prompts,
     load_rollout_log,
+    pair_record,
+    pair_rewards,
+    pair_terms,
+    pairs_by_step,
     save_pairs,
     shuffled_indices,
 )
@@ -36,22 +43,36 @@ from common.evaluation import (
     eval_seeds,
     eval_subset,
     evaluate,
+    evaluate_policy,
     mean_and_se,
     mean_se_from_sums,
 )
 from common.generation import Completion, Generator, request_seed
-from common.launch import check_args, claim_output_dir, finish, run
+from common.launch import (
+    check_args,
+    claim_output_dir,
+    eval_settings,
+    finish,
+    generator_for,
+    logger_for,
+    reward_model_for,
+    run,
+)
 from common.metrics import (
     PhaseTimer,
     Progress,
+    add_up,
     engine_logprobs,
     logprob_gap,
     reduce_step,
     rollout_metrics,
     rollout_sums,
+    tis_weights,
     trainer_metrics,
+    update_stats,
 )
 from common.models import (
+    autocast,
     completion_logprobs,
     copy_weights,
     default_dtype,
@@ -67,6 +88,8 @@ from common.utils import (
     MetricsLogger,
     UserError,
     all_reduce,
+    chunks,
+    micro_batches,
     peak_memory_gb,
     seed_everything,
     set_lr,
@@ -74,6 +97,9 @@ from common.utils import (
 )
 
 __all__ = [
+    "RunArgs", "load_data", "eval_settings", "generator_for", "logger_for", "reward_model_for",
+    "autocast", "micro_batches", "add_up", "update_stats", "chunks",
+    "evaluate_policy", "tis_weights", "pair_record", "pair_rewards", "pair_terms", "pairs_by_step",
     "find_checkpoint", "load_checkpoint", "save_checkpoint",
     "eval_chat", "eval_line", "eval_math", "eval_seeds", "eval_subset", "evaluate", "mean_and_se", "mean_se_from_sums", "PAPER_MATH_TEMPLATE", "encode_pairs", "fit_prompts", "last_boxed", "load_pairs", "load_prompts", "load_rollout_log", "save_pairs", "shuffled_indices",
     "Completion", "Generator", "request_seed", "completion_logprobs", "copy_weights", "default_dtype", "engine_dtype", "encode_prompts", "fsdp_wrap", "full_state_dict", "load_model",

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import random
 import re
@@ -63,7 +64,7 @@ MATH_COLUMNS = ("problem", "question", "solution", "answer", "final_answer")
 _READ_COLUMNS = {"task", "prompt", "messages", "conversation", "source", *MATH_COLUMNS}
 _PAIR_COLUMNS = ("chosen", "rejected", "chosen_eos", "rejected_eos",  # + offline_dpo.py's own:
                  "step", "position", "chosen_ids", "rejected_ids", "chosen_reward", "rejected_reward", "answer",
-                 "chosen_advantage", "rejected_advantage")
+                 "chosen_advantage", "rejected_advantage", "weight")
 _BARE_ANSWER_CHARS = 200
 # The paper's NuminaMath-CoT filter (261,440 problems of ~860k): no synthetic subsets, no proofs,
 # no multiple choice.
@@ -281,21 +282,25 @@ class _Drops:
 
 def load_prompts(spec: str, split: str = "train", math_template: str = PAPER_MATH_TEMPLATE,
                  limit: int | None = None, paper_math_filter: bool = False, task: str | None = None,
-                 verbose: bool = False, seed: int = 0) -> list[dict]:
+                 verbose: bool = False, seed: int = 0, read_row=None) -> list[dict]:
     """Load and normalise a prompt dataset spec (module docstring): every part's usable rows, in
     order, at most `limit` per part; `task` forces the task of parts without a prefix. With `verbose`, one line per part says how many rows of each
     task were read and how many were dropped, why, and where. A part with no usable row is refused.
 
     Parts with weights (`AI-MO/NuminaMath-CoT:2,allenai/WildChat-1M:1`) are mixed: each gets a share
     of the concatenation's size proportional to its weight, subsampled or repeated in an order
-    fixed by `seed` (the run's: two seeds draw two mixtures); without weights the parts are concatenated."""
+    fixed by `seed` (the run's: two seeds draw two mixtures); without weights the parts are concatenated.
+    `read_row(raw) -> {task, prompt, answer} | None` replaces the column rules (docs/fork.md)."""
     parts = _parse_spec(spec)
     loaded = []
     for part_task, name, config, _ in parts:
         rows, drops, n = [], _Drops(), 0
         for where, raw in _read_raw(name, config, split):
             n += 1
-            row, reason = read_prompt_row(raw, part_task or task, math_template, paper_math_filter)
+            if read_row is None:
+                row, reason = read_prompt_row(raw, part_task or task, math_template, paper_math_filter)
+            else:  # a script's own columns: raw row -> {task, prompt, answer}, or None to drop it
+                row, reason = read_row(raw), "dropped by the script's read_row"
             if row is None:
                 drops.add(reason, where)
                 continue
@@ -322,6 +327,32 @@ def load_prompts(spec: str, split: str = "train", math_template: str = PAPER_MAT
         order = shuffled_indices(len(rows), seed, i)
         mixed += [rows[order[j % len(rows)]] for j in range(round(total * w / weight_sum))]
     return mixed
+
+
+def load_data(args, tokenizer, verbose: bool, train: bool = True, read_row=None):
+    """A script's training prompts (`--dataset`, unless not `train`) and held-out prompts
+    (`--eval-dataset`, when evaluating), each prompt short enough to answer in full:
+    (rows, prompt_ids, eval_rows). Prints how many of each were too long."""
+    max_prompt = args.run.max_model_len - args.max_new_tokens  # room to answer in full
+    rows, prompt_ids, eval_rows = [], [], []
+    if train:
+        rows = load_prompts(args.dataset, args.run.dataset_split, args.run.math_template,
+                            paper_math_filter=args.paper_math_filter, verbose=verbose,
+                            seed=args.seed, read_row=read_row)
+        rows, prompt_ids, dropped = fit_prompts(tokenizer, rows, max_prompt, args.prompts_per_step,
+                                                "--dataset")
+        if verbose:
+            print(f"data: {len(rows)} training prompts ({dropped} too long, dropped)", flush=True)
+        if getattr(args, "group_dpo", False) and any(r["task"] == "chat" for r in rows):
+            raise UserError("--group-dpo pairs correct with incorrect completions: math data only "
+                            "(this has chat rows)")
+    if args.eval_dataset and args.run.eval_every > 0:
+        eval_rows = load_prompts(args.eval_dataset, args.run.eval_split, args.run.math_template,
+                                 verbose=verbose, read_row=read_row)
+        eval_rows, _, dropped = fit_prompts(tokenizer, eval_rows, max_prompt, 1, "--eval-dataset")
+        if verbose:
+            print(f"data: {len(eval_rows)} held-out prompts ({dropped} too long, dropped)", flush=True)
+    return rows, prompt_ids, eval_rows
 
 
 def fit_prompts(tokenizer, rows: list[dict], max_prompt_tokens: int, need: int, what: str):
@@ -415,11 +446,11 @@ def load_pairs(spec: str, split: str = "train", verbose: bool = False) -> list[d
     return pairs
 
 
-def save_pairs(built: list[dict], step_sums: dict[int, dict], pairs_path: str) -> float:
+def save_pairs(built: list[dict], step_sums: dict[int, dict], pairs_path: str, timer) -> dict:
     """offline_dpo.py's sampled pairs, gathered from every rank, to `pairs_path` (sorted by step and
     place in the step) and each step's `rollout/*` metrics, reduced over ranks, to `rollouts.jsonl`
     beside it; written aside and renamed (a crash never leaves half a file). Collective. Returns the
-    run's rollout tokens. A run whose rollouts gave no pair at all is refused."""
+    sampling's perf/* metrics (its `timer`'s). A run whose rollouts gave no pair is refused."""
     import torch.distributed as dist
 
     from common.metrics import rollout_metrics
@@ -442,7 +473,60 @@ def save_pairs(built: list[dict], step_sums: dict[int, dict], pairs_path: str) -
             os.rename(path + ".tmp", path)
     if dist.is_initialized():
         dist.barrier()
-    return sum(v for k, v in s.items() if k.endswith(":completion_tokens"))
+    tokens = sum(v for k, v in s.items() if k.endswith(":completion_tokens"))
+    return {"perf/generate_s": timer.s["generate"], "perf/score_s": timer.s["score"],
+            "perf/rollout_tokens": tokens, "perf/rollout_tokens_per_s": tokens / timer.s["generate"]}
+
+
+def pair_record(step: int, position: int, row: dict, outs: list, pair: tuple[int, int], rewards,
+                advantages: list[float], weight: float) -> dict:
+    """One line of offline_dpo.py's pairs.jsonl: the prompt's row and place in the step, the
+    pair's (chosen, rejected) completions of the prompt's `outs` (text, token ids, EOS), their
+    rewards (of the prompt's (n,) `rewards`) and GRPO advantages, and the pair's loss weight
+    (GroupDPO: 1 / the prompt's pairs)."""
+    out = {"step": step, "position": position, **row, "weight": weight}
+    for side, i, advantage in zip(("chosen", "rejected"), pair, advantages, strict=True):
+        c = outs[i]
+        out |= {side: c.text, f"{side}_reward": rewards[i].item(), f"{side}_advantage": advantage,
+                f"{side}_eos": c.finish_reason == "stop", f"{side}_ids": c.token_ids}
+    return out
+
+
+def pair_rewards(batch: list[dict]):
+    """(P, 2) rewards of offline_dpo.py's pairs (chosen, rejected), as sampled (NaN if unknown)."""
+    import torch
+
+    return torch.tensor([[p.get(f"{side}_reward", math.nan) for side in ("chosen", "rejected")]
+                         for p in batch])
+
+
+def pair_terms(batch: list[dict], pairs: list[tuple[int, int, int]]):
+    """offline_dpo.py's (K,) pair weights and (2K,) completion advantages (chosen, rejected, ...),
+    as its pairs file saved them (an existing preference dataset: weight 1, advantage 0)."""
+    return ([batch[j].get("weight", 1.0) for j, _, _ in pairs],
+            [batch[j].get(f"{side}_advantage", 0.0) for j, _, _ in pairs
+             for side in ("chosen", "rejected")])
+
+
+def pairs_by_step(data: list[dict], path: str, args, rank: int):
+    """Which pairs each step of offline_dpo.py trains on: pairs sampled for the run's steps ->
+    (this rank's pair indices of each step, each step's rollout metrics from rollouts.jsonl); an
+    existing preference dataset -> (None, {}): `prompts_per_step` pairs a step in a seeded order,
+    `--epochs` passes setting `num_steps`."""
+    if "step" not in data[0]:
+        if args.epochs:
+            args.num_steps = math.ceil(args.epochs * len(data) / args.prompts_per_step)
+        return None, {}
+    by_step = defaultdict(list)
+    for i, p in enumerate(data):
+        if p["position"] // args.prompts_per_rank == rank:  # CRUCIAL: each rank its own prompts'
+            by_step[p["step"]].append(i)
+    rollout_log = load_rollout_log(path)
+    if args.num_steps > max([p["step"] for p in data] + list(rollout_log)):
+        raise UserError(f"{path} holds the pairs of {max(p['step'] for p in data)} steps, fewer "
+                        f"than --num-steps {args.num_steps}; train fewer steps, or start a run "
+                        "that samples more")
+    return by_step, rollout_log
 
 
 def load_rollout_log(pairs_path: str) -> dict[int, dict]:
@@ -498,18 +582,25 @@ class StepOrder:
         self.per_rank = per_step // world_size
         self.first = rank * self.per_rank  # this rank's place in each step
 
-    def indices(self, step: int) -> list[int]:
+    def indices(self, *steps: int) -> list[int]:
+        """This rank's row indices of each of `steps`, in order."""
         out = []
-        for j in range((step - 1) * self.per_step + self.first, (step - 1) * self.per_step + self.first + self.per_rank):
-            epoch, pos = divmod(j, self.size)
-            out.append(shuffled_indices(self.size, self.seed, epoch)[pos])
+        for step in steps:
+            start = (step - 1) * self.per_step + self.first
+            for j in range(start, start + self.per_rank):
+                epoch, pos = divmod(j, self.size)
+                out.append(shuffled_indices(self.size, self.seed, epoch)[pos])
         return out
 
-    def seeds(self, step: int) -> list[int]:
+    def seeds(self, *steps: int) -> list[int]:
+        """This rank's prompts' sampling seeds of each of `steps`, in order."""
         # CRUCIAL: a key per (run seed, step, place in the step), even (evaluation's are odd), each
         # a request seed of its own: no two prompts, ranks or steps share a sampling stream
-        base = (self.seed * 1_000_003 + step) * self.per_step + self.first
-        return [request_seed(2 * (base + j)) for j in range(self.per_rank)]
+        out = []
+        for step in steps:
+            base = (self.seed * 1_000_003 + step) * self.per_step + self.first
+            out += [request_seed(2 * (base + j)) for j in range(self.per_rank)]
+        return out
 
 
 @functools.lru_cache(maxsize=4)

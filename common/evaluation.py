@@ -72,6 +72,18 @@ def eval_chat(generator, tokenizer, reward_model, rows: list[dict], *, k: int, t
     return torch.tensor(scores).view(-1, k), torch.tensor(lengths, dtype=torch.float).view(-1, k), texts
 
 
+def evaluate_policy(generator, policy, tokenizer, reward_model, rows: list[dict], args) -> dict:
+    """A training script's `eval/*` (`evaluate`, with its flags' settings) of the weights being
+    trained: synced into the generator first (never a stale one), the engine asleep again after
+    (CRUCIAL with --vllm-sleep: the update needs that memory)."""
+    from common.launch import eval_settings
+
+    generator.sync_weights(policy)
+    metrics = evaluate(generator, tokenizer, reward_model, rows, **eval_settings(args))
+    generator.sleep()
+    return metrics
+
+
 def evaluate(generator, tokenizer, reward_model, rows: list[dict], *, k: int, temperature: float,
              top_p: float, max_tokens: int, seed: int, limit: int) -> dict[str, float]:
     """The `eval/*` metrics of held-out rows (per task, all of them or a fixed random `limit` of

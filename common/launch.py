@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 
+from common.args import flat
 from common.utils import UserError
 
 # Every numeric flag must be > 0, but for these (checked on any script's Args that has the field):
@@ -36,6 +37,7 @@ def check_args(args, world_size: int) -> None:
     line naming the fix."""
     from common.models import check_model_path
 
+    args = flat(args)  # the script's own flags and its plumbing (`args.run`) alike
     for name, what in (("model", "model"), ("reward_model", "reward model"), ("baseline", "baseline model")):
         if getattr(args, name, ""):
             check_model_path(getattr(args, name), what)
@@ -52,8 +54,7 @@ def check_args(args, world_size: int) -> None:
         if not torch.cuda.is_available():
             raise UserError("--vllm-sleep frees GPU memory while the trainer updates; this machine has no GPU "
                             "(drop the flag)")
-    for field in dataclasses.fields(args):
-        name, value = field.name, getattr(args, field.name)
+    for name, value in vars(args).items():
         if name in _DERIVED or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
         positive = name not in _NON_NEGATIVE
@@ -81,6 +82,9 @@ def check_args(args, world_size: int) -> None:
                         f"window's first weights); use a multiple of {s} ({s}, {2 * s}, ...)")
     if getattr(args, "grpo_coef", 0) and not args.group_dpo:
         raise UserError("--grpo-coef adds GRPO's objective on GroupDPO's groups: pass --group-dpo too")
+    if getattr(args, "group_dpo", False) and getattr(args, "pairs", ""):
+        raise UserError("--group-dpo pairs correct with incorrect completions of the math prompts "
+                        "offline_dpo.py samples itself: not with --pairs")
     if getattr(args, "group_dpo", False) and args.nll_scale:
         raise UserError("--group-dpo with --nll-scale: the authors' GroupDPO has no NLL term; use one of them")
     if 0 < getattr(args, "tis_cap", 0) < 1:
@@ -126,6 +130,7 @@ def claim_output_dir(args, world_size: int, rank: int) -> None:
     crash left half-renamed). A folder whose run stopped before its first checkpoint is simply
     started over. Semi-online DPO resumes only at a sync-window boundary (`resume_window`).
     Collective under torchrun."""
+    args = flat(args)
     output_dir, resume = args.output_dir, args.resume
     step_json = os.path.join(output_dir, "checkpoint", "step.json")
     if rank == 0:
@@ -194,7 +199,7 @@ def run(main, args) -> None:
                     "py_callstack": f"UserError: {e}", "timestamp": str(int(time.time()))}}}, f)
     except KeyboardInterrupt:
         message, code = f"{prefix}interrupted", 130
-        output_dir = getattr(args, "output_dir", "")
+        output_dir = getattr(flat(args), "output_dir", "")
         step_json = os.path.join(output_dir, "checkpoint", "step.json")
         if not os.path.exists(step_json):  # stopped between a save's two renames: --resume puts it back
             step_json = os.path.join(output_dir, "checkpoint.old", "step.json")
@@ -219,3 +224,50 @@ def finish(logger, generator, output_dir: str, t_start: float) -> None:
         generator.shutdown()  # CRUCIAL: before destroy_process_group (vLLM's exit-time cleanup uses the group)
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# What every script builds the same way from its flags; the scripts call these so their own lines
+# stay the regime's.
+def reward_model_for(args, device, rows: list[dict], verbose: bool):
+    """The reward model (`--reward-model`), or None when no row is a chat row (math is verified)."""
+    if not any(r["task"] == "chat" for r in rows):
+        return None
+    from common.rewards import RewardModel
+
+    return RewardModel(args.reward_model, device, max_length=args.run.rm_max_length,
+                       batch_size=args.run.rm_batch_size, offload=args.run.rm_offload,
+                       trust_remote_code=args.run.trust_remote_code, verbose=verbose)
+
+
+def generator_for(args, device, max_num_seqs: int):
+    """The in-process vLLM engine of `--model`, with room for `max_num_seqs` sequences at once."""
+    from common.generation import Generator
+    from common.models import engine_dtype
+
+    run = args.run
+    return Generator(args.model, max_model_len=run.max_model_len, max_num_seqs=max_num_seqs,
+                     gpu_memory_utilization=run.gpu_memory_utilization,
+                     dtype=engine_dtype(run.generator_dtype, device), seed=args.seed,
+                     enable_sleep_mode=run.vllm_sleep, trust_remote_code=run.trust_remote_code)
+
+
+def logger_for(args, rank: int, start_step: int, data: str):
+    """Rank 0's `MetricsLogger` (metrics.jsonl, and wandb with --track; the config after
+    derivation), after a line saying what the run is (`data`: what it trains on); None on the
+    other ranks."""
+    from common.utils import MetricsLogger
+
+    if rank != 0:
+        return None
+    print(f"{args.exp_name}: {data}, {args.world_size} rank(s), {args.num_steps} steps of "
+          f"{args.prompts_per_step}x{args.samples_per_prompt} -> {args.run.output_dir}", flush=True)
+    return MetricsLogger(args.run.output_dir, dataclasses.asdict(args), args.run.track,
+                         args.run.wandb_project_name, f"{args.exp_name}__{args.seed}",
+                         resume_step=start_step)
+
+
+def eval_settings(args) -> dict:
+    """`common.evaluate`'s sampling settings, from the flags."""
+    run = args.run
+    return {"k": run.eval_samples, "temperature": run.eval_temperature, "top_p": run.eval_top_p,
+            "max_tokens": args.max_new_tokens, "seed": args.seed, "limit": run.eval_limit}

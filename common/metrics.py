@@ -44,6 +44,18 @@ def engine_logprobs(completions, like: torch.Tensor) -> torch.Tensor:
     return out.to(like.device)
 
 
+def tis_weights(logps, engine_logps, mask, cap: float, level: str, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, T) importance weights w = exp(log π_θ - log π_vLLM) of the sampled tokens, per token or
+    per sequence (summed log-ratio), truncated (min(w, cap)) or masked (0 above cap); detached (a
+    correction of the sampling distribution). Returns (weights, the mask of the tokens capped)."""
+    log_w = (logps.detach() - engine_logps) * mask  # (S, T)
+    if level == "sequence":
+        log_w = log_w.sum(-1, keepdim=True).expand_as(log_w)
+    w = log_w.exp()
+    capped = w.clamp(max=cap) if mode == "truncate" else torch.where(w <= cap, w, 0.0)
+    return capped * mask, (w > cap) * mask
+
+
 def logprob_gap(logps: torch.Tensor, mask: torch.Tensor, completions) -> tuple[float, float]:
     """(sum, max) over tokens of |trainer logprob - vLLM's logprob| of each sampled token, for a
     (B, T) micro-batch. ~0 right after a sync: the proof that the sync worked; between syncs it
@@ -52,8 +64,29 @@ def logprob_gap(logps: torch.Tensor, mask: torch.Tensor, completions) -> tuple[f
     return gap.sum().item(), gap.max().item() if gap.numel() else 0.0
 
 
+def update_stats(logps: torch.Tensor, mask: torch.Tensor, entropy: torch.Tensor,
+                 prompts: list[list[int]], completions, gap: bool = True) -> dict[str, float]:
+    """What every regime keeps from one micro-batch of its update for the metrics (besides its
+    loss): its completion tokens and their entropy, the tokens it ran on (prompts too) and, with
+    `gap`, the logprob gap to the engine that sampled the completions."""
+    stats = {"tokens": mask.sum().item(), "entropy_sum": entropy.sum().item(),
+             "train_tokens": sum(len(p) + len(c.token_ids) for p, c in zip(prompts, completions, strict=True))}
+    if gap:  # ~0 right after a sync, then growing with the policy lag
+        stats["gap_sum"], stats["gap_max"] = logprob_gap(logps, mask, completions)
+    return stats
+
+
+def add_up(kept: list[dict[str, float]], *keys: str) -> dict[str, float]:
+    """This rank's sums over the micro-batches its update kept (in their order), of the keys
+    every regime keeps (`update_stats`) and of `keys`: each key present even with nothing kept,
+    because the reduction over ranks is by key."""
+    return {key: sum((k[key] for k in kept), 0.0)
+            for key in ("loss", "tokens", "entropy_sum", "train_tokens", *keys)}
+
+
 def rollout_sums(batch: list[dict], outs, rewards: torch.Tensor, nonfinite: torch.Tensor) -> dict[str, float]:
-    """This rank's sums behind the `rollout/*` metrics of a step's (P, n) rollouts."""
+    """This rank's sums behind the `rollout/*` metrics of a step's (P, n) rollouts (and the
+    `perf/rollout_tokens` they took to generate)."""
     lengths = torch.tensor([[len(c.token_ids) for c in o] for o in outs], dtype=torch.float)  # (P, n)
     sums = {
         "reward_sum": rewards.sum().item(), "reward_sq": (rewards**2).sum().item(), "samples": rewards.numel(),
@@ -65,12 +98,18 @@ def rollout_sums(batch: list[dict], outs, rewards: torch.Tensor, nonfinite: torc
         rows_t = torch.tensor([r["task"] == task for r in batch], dtype=torch.bool)
         sums |= {f"{task}_reward": rewards[rows_t].sum().item(), f"{task}_samples": rewards[rows_t].numel(),
                  f"{task}_tokens": lengths[rows_t].sum().item()}
+    sums["rollout_tokens"] = sums["completion_tokens"]
     return sums
 
 
-def reduce_step(sums: dict[str, float], maxes: dict[str, float], device: torch.device):
-    """All-reduce a step's sums and maxima over ranks (peak memory joins the maxima)."""
-    return all_reduce(sums), all_reduce({**maxes, "memory": peak_memory_gb(device)}, op="max")
+def reduce_step(sums: dict[str, float], kept: list[dict[str, float]], device: torch.device,
+                gap: bool = True):
+    """All-reduce a step's sums and maxima over ranks: the largest logprob gap the update kept
+    (`gap`) and the peak memory."""
+    maxes = {"memory": peak_memory_gb(device)}
+    if gap:
+        maxes["gap_max"] = max([k["gap_max"] for k in kept], default=0.0)
+    return all_reduce(sums), all_reduce(maxes, op="max")
 
 
 def rollout_metrics(s: dict[str, float]) -> dict[str, float]:
@@ -117,6 +156,13 @@ class Progress:
 
     def __init__(self, num_steps: int, samples_every: int):
         self.num_steps, self.samples_every, self.t0, self.done = num_steps, samples_every, time.time(), 0
+
+    def step_zero(self, logger, eval_metrics: dict) -> None:
+        """The evaluation before training: logged (rank 0) and printed as step 0."""
+        if logger is not None:
+            logger.log({"step": 0, **eval_metrics})
+            print("step 0 | " + eval_line(eval_metrics), flush=True)
+        self.t0 = time.time()  # the ETA counts the training steps' rate, not this evaluation
 
     def step(self, m: dict, batch: list[dict], outs, rewards: torch.Tensor) -> None:
         self.done += 1

@@ -3,6 +3,7 @@ stream that feeds the generator, and trainer-side per-token logprobs."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -139,6 +140,13 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype | None = None
     return model
 
 
+def autocast(device: torch.device):
+    """The trainer's forward passes in bf16 on a GPU (fp32 master weights); fp32 on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def fsdp_wrap(model: torch.nn.Module) -> torch.nn.Module:
     """FSDP2: shard every decoder layer, then the root (embeddings, final norm, lm_head).
     On GPUs, parameters are all-gathered in bf16 and gradients reduced in fp32.
@@ -150,7 +158,14 @@ def fsdp_wrap(model: torch.nn.Module) -> torch.nn.Module:
     mp = MixedPrecisionPolicy()
     if next(model.parameters()).is_cuda:
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for layer in model.model.layers:
+    # the decoder layer classes the model declares unsplittable (`_no_split_modules`, what
+    # transformers' own device_map and FSDP auto-wrap use), so any architecture shards per layer
+    layer_classes = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+    if not layers:
+        raise UserError(f"{type(model).__name__} declares no decoder layer class (_no_split_modules): "
+                        "FSDP cannot shard it layer by layer")
+    for layer in layers:
         fully_shard(layer, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
     return model

@@ -330,22 +330,21 @@ def _read_tensors(name: str, keys: list[str]) -> dict[str, torch.Tensor]:
     return out
 
 
-def score(reward_model: RewardModel | None, batch: list[dict], outs) -> tuple[torch.Tensor, torch.Tensor]:
-    """(P, n) rewards of each prompt's n completions, each row by its own task's reward:
-    Math-Verify (0 / 1) for math, the reward model's scalar for chat; each task in one call (one
-    batched reward-model pass, one move with --rm-offload). Also returns the (P,) mask of groups
-    that held a NaN / inf reward. CRUCIAL: such a group is never trained on: it is set to 0
-    (all-equal: no pair, no advantage) and counted in `rollout/nonfinite_groups`."""
+def score(rewards_by_task: dict, batch: list[dict], outs, reward_model) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P, n) rewards of each prompt's n completions, each row by its own task's function in
+    `rewards_by_task` (a script's `REWARDS`: task -> f(rows, outs, reward_model) -> (rows, n)),
+    called once per task on all of its rows (one batched reward-model pass, one move with
+    --rm-offload). Also returns the (P,) mask of groups that held a NaN / inf reward.
+    CRUCIAL: such a group is never trained on: it is set to 0 (all-equal: no pair, no advantage)
+    and counted in `rollout/nonfinite_groups`."""
     n = len(outs[0]) if outs else 0
     rewards = torch.zeros(len(batch), n)  # (P, n)
-    math_idx = [j for j, row in enumerate(batch) if row["task"] == "math"]
-    chat_idx = [j for j, row in enumerate(batch) if row["task"] == "chat"]
-    if math_idx:
-        texts = [c.text for j in math_idx for c in outs[j]]
-        rewards[math_idx] = torch.tensor(math_rewards(texts, [batch[j]["answer"] for j in math_idx for _ in range(n)])).view(-1, n)
-    if chat_idx:
-        texts = [c.text for j in chat_idx for c in outs[j]]
-        rewards[chat_idx] = torch.tensor(reward_model.score([batch[j]["prompt"] for j in chat_idx for _ in range(n)], texts)).view(-1, n)
+    for task in sorted({row["task"] for row in batch}):
+        if task not in rewards_by_task:
+            raise UserError(f"rows of task '{task}' but no reward for it (the script's REWARDS: "
+                            f"{', '.join(rewards_by_task)})")
+        idx = [j for j, row in enumerate(batch) if row["task"] == task]
+        rewards[idx] = rewards_by_task[task]([batch[j] for j in idx], [outs[j] for j in idx], reward_model)
     nonfinite = ~torch.isfinite(rewards).all(dim=1)  # (P,)
     rewards[nonfinite] = 0.0
     return rewards, nonfinite

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import random
 import resource
@@ -67,14 +68,39 @@ def seed_everything(seed: int) -> None:
 
 def all_reduce(values: dict[str, float], op: str = "sum") -> dict[str, float]:
     """Reduce a dict of floats over ranks in one collective: op is "sum" or "max".
-    Without a process group it returns the values unchanged."""
-    if not (dist.is_available() and dist.is_initialized()) or not values:
+    Without a process group it returns the values unchanged. Every rank must pass the same keys:
+    a key logged on one rank only (a fork's new metric behind an `if`) would pair other keys'
+    values up wrongly, or hang, so they are compared first and a mismatch is an error on every rank."""
+    if not (dist.is_available() and dist.is_initialized()):
         return dict(values)
     keys = sorted(values)
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, keys)
+    if any(k != keys for k in every):
+        diff = {r: sorted(set(k) ^ set(keys)) for r, k in enumerate(every) if k != keys}
+        raise RuntimeError(f"all_reduce: ranks hold different keys (rank {dist.get_rank()} vs the keys "
+                           f"differing per rank: {diff}); every rank must reduce every key, 0 if it has none")
+    if not keys:
+        return {}
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return dict(zip(keys, t.tolist(), strict=True))
+
+
+def micro_batches(n: int, size: int) -> list[slice]:
+    """Slices of a rank's `n` sequences, `size` at a time, as many as the rank with the most has:
+    the extra ones are empty and the caller runs a padding pass of weight 0 for each.
+    CRUCIAL (FSDP): every forward and backward pass all-gathers the parameters and reduce-scatters
+    the gradients with every other rank, so all ranks must run the same number of passes, or the
+    ones with more wait forever (DPO's prompts without a pair, or a fork that filters samples)."""
+    count = int(all_reduce({"micro_batches": math.ceil(n / size)}, op="max")["micro_batches"])
+    return [slice(k * size, (k + 1) * size) for k in range(count)]
+
+
+def chunks(items: list, size: int) -> list[list]:
+    """`items` cut into consecutive lists of `size`."""
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def peak_memory_gb(device: torch.device) -> float:

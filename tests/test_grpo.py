@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from grpo import group_advantages, grpo_loss, tis_weights
+from common import tis_weights
+from grpo import group_advantages, grpo_loss
 from tests.conftest import DETERMINISTIC, GAP, KEYS, KL_TOL, ROOT, SMALL, metrics, run_script
 
 

@@ -1,24 +1,29 @@
-"""The four scripts stay siblings: what they share is byte-identical, and a diff between two of
-them shows the regime, within budgets on changed lines (docstrings included)."""
+"""The four scripts stay siblings and stay readable: what they share is byte-identical, a diff
+between two of them shows the regime within a budget of changed lines (docstrings included), and
+each fits the style's sizes (../docs: STYLE budgets in the README's "The code" section)."""
 
 import ast
 import difflib
 import os
+import subprocess
+import sys
 
 import pytest
 
 from tests.conftest import ROOT
 
 SCRIPTS = ["grpo.py", "online_dpo.py", "semi_online_dpo.py", "offline_dpo.py"]
-# grpo <-> online: 320 since the paper's ablation flags (each regime's own loss lines and Args) landed;
-# the reshape of the scripts (Args plumbing into common/, metrics after the update) is to bring it
-# back to the style's 160.
-BUDGETS = [("online_dpo.py", "semi_online_dpo.py", 60), ("grpo.py", "online_dpo.py", 320),
-           ("online_dpo.py", "offline_dpo.py", 220)]
+# grpo <-> online: the style's 160 is not reachable with both objectives' ablation flags in place:
+# the two regimes' own pure functions (select_pairs, dpo_loss, group_terms vs group_advantages,
+# grpo_loss) and Args blocks alone differ by ~130 lines; the rest is each loop's pairs vs
+# advantages and the DPO references. Held at what the reshape measured.
+BUDGETS = [("online_dpo.py", "semi_online_dpo.py", 60), ("grpo.py", "online_dpo.py", 265),
+           ("online_dpo.py", "offline_dpo.py", 200)]
+MAX_LINES, MAX_MAIN, MAX_WIDTH = 400, 180, 100
 
 
 def source(script):
-    return open(os.path.join(ROOT, script)).read()
+    return open(os.path.join(ROOT, script), encoding="utf-8").read()
 
 
 def changed_lines(a, b):
@@ -36,21 +41,53 @@ def functions(script):
     return {n.name: ast.get_source_segment(source(script), n) for n in tree.body if isinstance(n, ast.FunctionDef)}
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_sizes(script):
+    """At most 400 lines, main() at most 180, no line over 100 characters."""
+    lines = source(script).splitlines()
+    assert len(lines) <= MAX_LINES
+    main = next(n for n in ast.parse(source(script)).body if isinstance(n, ast.FunctionDef) and n.name == "main")
+    assert main.end_lineno - main.lineno + 1 <= MAX_MAIN
+    assert [i + 1 for i, line in enumerate(lines) if len(line) > MAX_WIDTH] == []
+
+
+def test_ruff_passes_with_line_length():
+    """ruff (E501 on for the scripts and common/args.py: lines <= 100) is clean on the scripts and
+    common/."""
+    r = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", *SCRIPTS, "common", "evaluate.py"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+
+
 def test_shared_functions_are_byte_identical():
-    dpo = [functions(s) for s in ("online_dpo.py", "semi_online_dpo.py", "offline_dpo.py")]
+    every = [functions(s) for s in SCRIPTS]
+    for name in ("math_reward", "chat_reward"):  # the rewards: one fork point, the same everywhere
+        assert len({f[name] for f in every}) == 1, name
+    dpo = every[1:]
     for name in ("select_pairs", "dpo_loss", "group_terms"):
         assert dpo[0][name] == dpo[1][name] == dpo[2][name], name
+    assert dpo[0]["train_metrics"] == dpo[1]["train_metrics"]  # online and semi-online
 
 
 def test_shared_args_are_identical():
-    """The shared block of Args (every field up to the algorithm's own) reads the same in all four,
-    but for the lines the regime changes."""
+    """The shared block of Args (every field up to the algorithm's own) reads the same in all four."""
     def shared(script):
         s = source(script)
-        return s[s.index("class Args:"):s.index("    # Algorithm specific arguments")].splitlines()
+        return s[s.index("class Args:"):s.index("    # Algorithm specific arguments")]
 
-    base = shared("online_dpo.py")
-    for script in SCRIPTS:
-        differing = [line for line in difflib.ndiff(base, shared(script)) if line[:2] in ("- ", "+ ")]
-        allowed = ("temperature", "top_p", "vllm_sleep", "GPU: free vLLM", "rollouts (the paper")  # offline: the seed's rollouts, no engine sleep
-        assert all(any(k in line for k in allowed) for line in differing), (script, differing)
+    assert len({shared(s) for s in SCRIPTS}) == 1
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_lists_the_plumbing_flags_unprefixed(script):
+    """`--help` shows the regime's flags and, in their own group, the plumbing flags of
+    common.RunArgs under their plain names; derived values are not flags."""
+    r = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, COLUMNS="200"))
+    assert r.returncode == 0, r.stderr
+    for flag in ("--learning-rate", "--output-dir", "--vllm-sleep", "--micro-batch-size", "--eval-every",
+                 "--max-model-len", "--rm-offload"):
+        assert flag in r.stdout, flag
+    assert "--run." not in r.stdout
+    for derived in ("--world-size", "--prompts-per-rank", "--synced-tasks"):
+        assert derived not in r.stdout

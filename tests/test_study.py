@@ -46,5 +46,6 @@ def test_every_arm_parses_with_its_script():
         parsed = tyro.cli(module.Args, args=cmd[1:])
         assert parsed.learning_rate == 3e-5 and parsed.dataset == run_study.TASKS[arm.task][0]
         for flag, value in arm.flags:
-            got = getattr(parsed, flag.removeprefix("--").replace("-", "_"))
+            name = flag.removeprefix("--").replace("-", "_")
+            got = getattr(parsed.run if hasattr(parsed.run, name) else parsed, name)
             assert got is True if value == "" else str(got) == value or float(got) == float(value), (arm, flag)
