@@ -240,14 +240,14 @@ def main(args: Args) -> None:
             rewards, nonfinite = common.score(REWARDS, batch, outs, reward_model)  # (P, n), (P,)
 
         # ---- advantages: ALGO LOGIC: group-relative advantages, one per completion
-        advantages = group_advantages(rewards, args.std_normalize, args.adv_eps).flatten()  # (P*n,)
+        advantages = group_advantages(rewards, args.std_normalize, args.adv_eps)  # (P, n)
         # Speed: sequences sorted by length, so a micro-batch pads little; the loss is a sum over
         # sequences, so their order is free
-        by_length = sorted(range(len(prompts) * n),
-                           key=lambda i: len(prompts[i // n]) + len(outs[i // n][i % n].token_ids))
-        flat_prompts = [prompts[i // n] for i in by_length]
-        flat_completions = [outs[i // n][i % n] for i in by_length]
-        advantages = advantages[by_length]
+        samples = sorted(((j, i) for j in range(len(prompts)) for i in range(n)),
+                         key=lambda s: len(prompts[s[0]]) + len(outs[s[0]][s[1]].token_ids))
+        flat_prompts = [prompts[j] for j, _ in samples]
+        flat_completions = [outs[j][i] for j, i in samples]
+        advantages = advantages[[j for j, _ in samples], [i for _, i in samples]]  # (P*n,)
         num_tokens = 0.0  # --length-norm token: / the step's completion tokens (this rank's share:
         if args.length_norm == "token":  # FSDP averages over ranks), one collective for the count
             tokens = common.all_reduce({"t": sum(len(c.token_ids) for c in flat_completions)})

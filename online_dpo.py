@@ -278,8 +278,9 @@ def main(args: Args) -> None:
         pairs.sort(key=lambda p: len(prompts[p[0]]) + max(len(outs[p[0]][i].token_ids)
                                                           for i in p[1:]))
         pair_weights, flat_advantages = group_terms(pairs, rewards)  # (K,), (2K,) --grpo-coef
-        flat_prompts = [prompts[j] for j, _, _ in pairs for _ in (0, 1)]  # chosen, rejected, ...
-        flat_completions = [outs[j][i] for j, c, r in pairs for i in (c, r)]
+        samples = [(j, i) for j, c, r in pairs for i in (c, r)]  # chosen, rejected, chosen, ...
+        flat_prompts = [prompts[j] for j, _ in samples]
+        flat_completions = [outs[j][i] for j, i in samples]
         flat_refs = ["synced" if tasks[j] in args.synced_tasks else "fixed"
                      for j, _, _ in pairs for _ in (0, 1)]
         chosen_tokens = sum(len(c.token_ids) for c in flat_completions[0::2])

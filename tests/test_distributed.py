@@ -32,3 +32,18 @@ def test_resume_repair_takes_one_barrier_on_every_rank(tmp_path):
                timeout=120)
     assert [json.load(open(tmp_path / f"rank{r}.json"))["found"] for r in (0, 1)] == [True, True]
     assert (tmp_path / "checkpoint" / "step.json").exists() and not old.exists()
+
+
+def test_lockstep_rules_two_ranks(tmp_path):
+    """What keeps FSDP ranks in step, with two real processes: `common.micro_batches` pads the rank
+    with fewer sequences to the other's count of passes; `common.all_reduce` refuses a key one rank
+    lacks (an error on both ranks, not a hang); `common.fsdp_wrap` shards Llama's and GPT-2's
+    decoder layers (found by `_no_split_modules`, not `model.model.layers`) and trains a step."""
+    run_script(os.path.join(HERE, "dist", "lockstep.py"), [str(tmp_path)], nproc=2, timeout=300)
+    res = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
+    assert res[0]["micro_batches"] == [[0, 2], [2, 4], [4, 6]]
+    assert res[1]["micro_batches"] == [[0, 2], [2, 4], [4, 6]]  # slices past its 1 sequence: padding
+    for r in res:
+        assert "ranks hold different keys" in r["mismatch"] and "extra" in r["mismatch"], r["mismatch"]
+        assert r["matched"] == 3.0  # the collectives after the refusal still pair up
+        assert r["llama_sharded_layers"] == 2 and r["gpt2_sharded_layers"] == 3, r
