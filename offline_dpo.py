@@ -223,7 +223,8 @@ def sample_pairs(args: Args, generator, reward_model, rows, prompt_ids, order, p
                       for k, (j, c, r) in enumerate(pairs)]
             step_sums[step] = common.rollout_sums(batch, outs, rewards, nonfinite)
         if order.first == 0:  # rank 0
-            print(f"sampled step {window[-1]}/{args.num_steps}, {timer.total():.0f} s", flush=True)
+            print(f"sampling from the seed: step {window[-1]}/{args.num_steps}, "
+                  f"{timer.total():.0f} s", flush=True)
     generator.sleep()  # until the evaluations
     return common.save_pairs(built, step_sums, path, timer)
 

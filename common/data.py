@@ -332,7 +332,7 @@ def load_prompts(spec: str, split: str = "train", math_template: str = PAPER_MAT
 def load_data(args, tokenizer, verbose: bool, train: bool = True, read_row=None):
     """A script's training prompts (`--dataset`, unless not `train`) and held-out prompts
     (`--eval-dataset`, when evaluating), each prompt short enough to answer in full:
-    (rows, prompt_ids, eval_rows). Prints how many of each were too long."""
+    (rows, prompt_ids, eval_rows). Says how many of each were too long, if any."""
     max_prompt = args.run.max_model_len - args.max_new_tokens  # room to answer in full
     rows, prompt_ids, eval_rows = [], [], []
     if train:
@@ -341,8 +341,9 @@ def load_data(args, tokenizer, verbose: bool, train: bool = True, read_row=None)
                             seed=args.seed, read_row=read_row)
         rows, prompt_ids, dropped = fit_prompts(tokenizer, rows, max_prompt, args.prompts_per_step,
                                                 "--dataset")
-        if verbose:
-            print(f"data: {len(rows)} training prompts ({dropped} too long, dropped)", flush=True)
+        if verbose and dropped:
+            print(f"data: {dropped} of {len(rows) + dropped} training prompts too long to answer "
+                  f"in full (max_model_len - max_new_tokens), dropped", flush=True)
         if getattr(args, "group_dpo", False) and any(r["task"] == "chat" for r in rows):
             raise UserError("--group-dpo pairs correct with incorrect completions: math data only "
                             "(this has chat rows)")
@@ -350,8 +351,9 @@ def load_data(args, tokenizer, verbose: bool, train: bool = True, read_row=None)
         eval_rows = load_prompts(args.eval_dataset, args.run.eval_split, args.run.math_template,
                                  verbose=verbose, read_row=read_row)
         eval_rows, _, dropped = fit_prompts(tokenizer, eval_rows, max_prompt, 1, "--eval-dataset")
-        if verbose:
-            print(f"data: {len(eval_rows)} held-out prompts ({dropped} too long, dropped)", flush=True)
+        if verbose and dropped:
+            print(f"data: {dropped} of {len(eval_rows) + dropped} held-out prompts too long, "
+                  "dropped", flush=True)
     return rows, prompt_ids, eval_rows
 
 

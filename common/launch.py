@@ -209,7 +209,10 @@ def run(main, args) -> None:
         elif output_dir:
             message += f" before the first checkpoint: nothing to resume; the same command starts over in {output_dir}"
     sys.stdout.flush()
-    print(message, file=sys.stderr, flush=True)
+    # the whole line in one write: two ranks failing at once share the pipe (atomic below 4 KiB),
+    # where print's two writes (text, then newline) interleave
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
     os._exit(code)
 
 

@@ -183,7 +183,7 @@ def test_reward_model_nan_is_counted_never_trained_on(tmp_path):
     out = tmp_path / "run"
     r = run_script("online_dpo.py", ["--dataset", str(data), "--reward-model", str(tmp_path / "nan_rm"), "--num-steps", "2",
                                      "--eval-every", "0", "--output-dir", str(out)])
-    assert "8 prompts (1 too long, dropped)" in r.stdout
+    assert "data: 1 of 9 training prompts too long" in r.stdout and "online_dpo: 8 prompts" in r.stdout
     for x in metrics(out):
         assert x["rollout/nonfinite_groups"] == 8 and x["train/pairs"] == 0 and x["train/loss"] == 0.0
         assert x["rollout/chat/reward_mean"] == 0.0

@@ -1,6 +1,6 @@
 """The four scripts stay siblings and stay readable: what they share is byte-identical, a diff
 between two of them shows the regime within a budget of changed lines (docstrings included), and
-each fits the style's sizes (../docs: STYLE budgets in the README's "The code" section)."""
+each fits the style's sizes: at most 400 lines, main() at most 180, lines at most 100 characters."""
 
 import ast
 import difflib
@@ -16,8 +16,8 @@ SCRIPTS = ["grpo.py", "online_dpo.py", "semi_online_dpo.py", "offline_dpo.py"]
 # grpo <-> online: the style's 160 is not reachable with both objectives' ablation flags in place:
 # the two regimes' own pure functions (select_pairs, dpo_loss, group_terms vs group_advantages,
 # grpo_loss) and Args blocks alone differ by ~130 lines; the rest is each loop's pairs vs
-# advantages and the DPO references. Held at what the reshape measured.
-BUDGETS = [("online_dpo.py", "semi_online_dpo.py", 60), ("grpo.py", "online_dpo.py", 265),
+# advantages and the DPO references. Held at what the reshape measured (250) plus a little.
+BUDGETS = [("online_dpo.py", "semi_online_dpo.py", 60), ("grpo.py", "online_dpo.py", 255),
            ("online_dpo.py", "offline_dpo.py", 200)]
 MAX_LINES, MAX_MAIN, MAX_WIDTH = 400, 180, 100
 
