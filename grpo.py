@@ -6,8 +6,8 @@ Every step:
 3. score: each row by its task's function in `REWARDS` (Math-Verify; the reward model for chat);
 4. advantages: A_i = (r_i - mean(group)) / (std(group) + eps) within each prompt's group (the
    authors' code; the paper's formula is mean-only: `--no-std-normalize`);
-5. update: one optimizer step on  -(1/B) Σ_prompts (1/n) Σ_i Σ_t [ρ_t A_i - β KL_t], token *sums*,
-   ρ_t ≡ 1 (on-policy: PPO's clipping would never trigger), KL_t the k3 estimator to the seed;
+5. update: one optimizer step on -(1/B) Σ_prompts (1/n) Σ_i Σ_t [ρ_t A_i - β KL_t] (token sums;
+   ρ_t = 1 on-policy: PPO's clipping would never trigger; KL_t the k3 estimator to the seed);
 6. log one metrics dict, evaluate every `eval_every` steps, checkpoint every `save_every`.
 
 Where the paper is silent: constant learning rate after a linear warm-up; a mixed math + chat
@@ -139,9 +139,9 @@ def group_advantages(rewards: torch.Tensor, std_normalize: bool, eps: float) -> 
 def grpo_loss(logps, ref_logps, mask, advantages, kl_coef: float, num_prompts: int, group_size: int,
               length_norm: str = "none", num_tokens: float = 0.0, weights=None, entropy=None,
               entropy_coef: float = 0.0):
-    """-(1/B) Σ_prompts (1/n) Σ_i Σ_t [w_t ρ_t A_i - β KL_t] - C Σ_i mean_t H_t / B, from (S, T)
-    tensors (ref_logps None: β = 0; weights: TIS) and (S,) advantages; B, n the whole batch's
-    (`length_norm` "token": / `num_tokens` instead). Returns (loss, kl_sum, the entropy bonus)."""
+    """-(1/B) Σ_prompts (1/n) Σ_i Σ_t [w_t ρ_t A_i - β KL_t] - C Σ_i mean_t H_t / B, from
+    (S, T) tensors (ref_logps None: β = 0; weights: TIS) and (S,) advantages; B, n the whole
+    batch's (`length_norm` "token": / `num_tokens`). Returns (loss, kl_sum, the entropy bonus)."""
     ratio = torch.exp(logps - logps.detach())  # ≡ 1; its gradient is ∇logp (on-policy)
     per_token = ratio * advantages[:, None]  # (S, T)
     if weights is not None:  # ALGO LOGIC (--tis-cap): the engine sampled these tokens, not π_θ

@@ -8,8 +8,8 @@ Every step:
 3. score: each row by its task's function in `REWARDS` (Math-Verify; the reward model for chat);
 4. pairs, one per prompt at most: math -> a random correct vs a random incorrect completion;
    chat -> highest vs lowest reward-model score (prompts with all-equal rewards are skipped);
-5. update: one optimizer step on  Σ_pairs -log σ(β [Δ(y_c) - Δ(y_r)]) / B,  Δ = log π - log π_ref
-   *summed* over tokens, B the global number of prompts, + `nll_scale` x the chosen NLL;
+5. update: one optimizer step on Σ_pairs -log σ(β [Δ(y_c) - Δ(y_r)]) / B, with Δ = log π -
+   log π_ref *summed* over tokens, B the global number of prompts, + `nll_scale` x the chosen NLL;
 6. log one metrics dict, evaluate every `eval_every` steps, checkpoint every `save_every`.
 
 Where the paper is silent: constant learning rate after a linear warm-up; a mixed math + chat
@@ -160,10 +160,10 @@ def select_pairs(rewards: torch.Tensor, tasks: list[str], seeds: list[int],
 
 def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float,
              nll_scale: float, nll: torch.Tensor, num_prompts: int, weights: torch.Tensor):
-    """(Σ_pairs w · -log σ(β (Δ_chosen - Δ_rejected)) + nll_scale · NLL) / num_prompts, from (K,)
+    """(Σ_pairs w · -log σ(β (Δ_c - Δ_r)) + nll_scale · NLL) / num_prompts, from (K,)
     per-pair log-probs *summed* over tokens (Δ = log π - log π_ref) and (K,) pair weights w
     (GroupDPO: 1 / the prompt's pairs). / the batch's prompts, not its pairs: a step with few
-    pairs is not up-weighted. `nll` is pooled by the caller. Returns (loss, Δ_chosen, Δ_rej.)."""
+    pairs is not up-weighted. `nll` is pooled by the caller. Returns (loss, Δ_c, Δ_r)."""
     chosen_logratio = chosen_logps - ref_chosen_logps
     rejected_logratio = rejected_logps - ref_rejected_logps
     losses = -F.logsigmoid(beta * (chosen_logratio - rejected_logratio)) * weights
@@ -323,7 +323,7 @@ def main(args: Args) -> None:
                 if args.entropy_coef:  # ALGO LOGIC: the authors' entropy bonus on the chosen
                     chosen_entropy = (entropy * mask).sum(-1)[0::2]  # (K,) summed over tokens
                     bonus = args.entropy_coef * (mb_weights * chosen_entropy / tokens[0::2]).sum()
-                if args.grpo_coef:  # ALGO LOGIC: + A x GRPO's objective (ρ ≡ 1: A ∇Σ_t log π)
+                if args.grpo_coef:  # ALGO LOGIC: + A x GRPO's objective on the groups (ρ = 1)
                     advantages = torch.tensor(mb_advantages, device=device)
                     grpo = args.grpo_coef * (advantages * seq_sum).sum() / n
                 loss = loss - (bonus + grpo) / args.prompts_per_rank

@@ -51,7 +51,6 @@ from common.generation import Completion, Generator, request_seed
 from common.launch import (
     check_args,
     claim_output_dir,
-    eval_settings,
     finish,
     generator_for,
     logger_for,
@@ -97,7 +96,7 @@ from common.utils import (
 )
 
 __all__ = [
-    "RunArgs", "load_data", "eval_settings", "generator_for", "logger_for", "reward_model_for",
+    "RunArgs", "load_data", "generator_for", "logger_for", "reward_model_for",
     "autocast", "micro_batches", "add_up", "update_stats", "chunks",
     "evaluate_policy", "tis_weights", "pair_record", "pair_rewards", "pair_terms", "pairs_by_step",
     "find_checkpoint", "load_checkpoint", "save_checkpoint",

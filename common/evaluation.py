@@ -76,10 +76,11 @@ def evaluate_policy(generator, policy, tokenizer, reward_model, rows: list[dict]
     """A training script's `eval/*` (`evaluate`, with its flags' settings) of the weights being
     trained: synced into the generator first (never a stale one), the engine asleep again after
     (CRUCIAL with --vllm-sleep: the update needs that memory)."""
-    from common.launch import eval_settings
-
+    run = args.run
     generator.sync_weights(policy)
-    metrics = evaluate(generator, tokenizer, reward_model, rows, **eval_settings(args))
+    metrics = evaluate(generator, tokenizer, reward_model, rows, k=run.eval_samples,
+                       temperature=run.eval_temperature, top_p=run.eval_top_p,
+                       max_tokens=args.max_new_tokens, seed=args.seed, limit=run.eval_limit)
     generator.sleep()
     return metrics
 

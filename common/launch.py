@@ -267,10 +267,3 @@ def logger_for(args, rank: int, start_step: int, data: str):
     return MetricsLogger(args.run.output_dir, dataclasses.asdict(args), args.run.track,
                          args.run.wandb_project_name, f"{args.exp_name}__{args.seed}",
                          resume_step=start_step)
-
-
-def eval_settings(args) -> dict:
-    """`common.evaluate`'s sampling settings, from the flags."""
-    run = args.run
-    return {"k": run.eval_samples, "temperature": run.eval_temperature, "top_p": run.eval_top_p,
-            "max_tokens": args.max_new_tokens, "seed": args.seed, "limit": run.eval_limit}

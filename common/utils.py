@@ -9,6 +9,7 @@ import os
 import random
 import resource
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -70,19 +71,23 @@ def all_reduce(values: dict[str, float], op: str = "sum") -> dict[str, float]:
     """Reduce a dict of floats over ranks in one collective: op is "sum" or "max".
     Without a process group it returns the values unchanged. Every rank must pass the same keys:
     a key logged on one rank only (a fork's new metric behind an `if`) would pair other keys'
-    values up wrongly, or hang, so they are compared first and a mismatch is an error on every rank."""
+    values up wrongly, or hang, so they are compared first (a checksum of the key names, two
+    numbers) and a mismatch is an error on every rank, naming the keys."""
     if not (dist.is_available() and dist.is_initialized()):
         return dict(values)
     keys = sorted(values)
-    every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, keys)
-    if any(k != keys for k in every):
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    code = float(zlib.crc32("\0".join(keys).encode()))
+    check = torch.tensor([code, -code], dtype=torch.float64, device=device)
+    dist.all_reduce(check, op=dist.ReduceOp.MAX)  # max == own and min == own on every rank iff equal
+    if check.tolist() != [code, -code]:
+        every = [None] * dist.get_world_size()  # the error path only: which keys differ
+        dist.all_gather_object(every, keys)
         diff = {r: sorted(set(k) ^ set(keys)) for r, k in enumerate(every) if k != keys}
         raise RuntimeError(f"all_reduce: ranks hold different keys (rank {dist.get_rank()} vs the keys "
                            f"differing per rank: {diff}); every rank must reduce every key, 0 if it has none")
     if not keys:
         return {}
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return dict(zip(keys, t.tolist(), strict=True))
