@@ -71,8 +71,14 @@ class Args:
     another judge: the study scores the embedded task's true quality)"""
     gpu_memory_utilization: float = 0.0
     """GPU memory fraction vLLM takes (0: 0.5); on CPU, 0 sizes its KV cache to 256 sequences at once"""
+    compute_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """the reward model's precision, and the engine's under --generator-dtype auto (auto: bf16 on a
+    GPU, fp32 on the CPU)"""
     generator_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
-    """the engine's precision (auto: bf16 on a GPU, fp32 on the CPU)"""
+    """the engine's precision (auto: --compute-dtype's)"""
+    chat_template: str = "auto"
+    """what renders the prompts: auto (the tokenizer's own; a checkpoint keeps the one it trained
+    with), llama3-no-system (the authors' format), or a Jinja file"""
     trust_remote_code: bool = False
     """allow model repos to run their own code"""
 
@@ -82,7 +88,10 @@ def main(args: Args) -> None:
     common.check_args(args, world_size)  # every flag and local path, before any model loads
     args.gpu_memory_utilization = args.gpu_memory_utilization or (0.5 if device.type == "cuda" else 0.0)
     args.output = args.output or (os.path.join(args.model, "eval.json") if os.path.isdir(args.model) else "eval.json")
-    tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
+    dtype = common.compute_dtype(args.compute_dtype, device)
+    tokenizer = common.load_tokenizer(args.model, args.trust_remote_code, args.chat_template)
+    if rank == 0:
+        print(common.describe_template(tokenizer, args.chat_template), flush=True)
     limit = args.limit or None
     math_sets = {}
     max_prompt = args.max_model_len - args.max_new_tokens
@@ -97,13 +106,13 @@ def main(args: Args) -> None:
         chat_rows, _, dropped = common.fit_prompts(tokenizer, chat_rows, max_prompt, need=1, what=args.chat_dataset)
         if rank == 0 and dropped:
             print(f"{args.chat_dataset}: {dropped} prompts too long for max_model_len - max_new_tokens, dropped")
-    reward_model = common.RewardModel(args.reward_model, device, trust_remote_code=args.trust_remote_code,
+    reward_model = common.RewardModel(args.reward_model, device, dtype, trust_remote_code=args.trust_remote_code,
                                       verbose=rank == 0) \
         if chat_rows else None
     generator = common.Generator(args.model, max_model_len=args.max_model_len,
                                  max_num_seqs=256,
                                  gpu_memory_utilization=args.gpu_memory_utilization,
-                                 dtype=common.engine_dtype(args.generator_dtype, device), seed=args.seed,
+                                 dtype=common.engine_dtype(args.generator_dtype, dtype), seed=args.seed,
                                  trust_remote_code=args.trust_remote_code)
     result = {"args": asdict(args), "math": {}, "chat": {}}
     t0 = time.time()
@@ -164,7 +173,7 @@ def main(args: Args) -> None:
                   f"({int(s['n'])} prompts, {time.time() - t0:.0f} s)", flush=True)
         save()
         if args.baseline:
-            base = common.load_model(args.baseline, torch.device("cpu"), dtype=common.default_dtype(device),
+            base = common.load_model(args.baseline, torch.device("cpu"), dtype,
                                      trainable=False, trust_remote_code=args.trust_remote_code)
             generator.sync_weights(base)  # same architecture: the baseline's weights, same engine
             del base

@@ -239,10 +239,11 @@ def main(args: Args) -> None:
     common.claim_output_dir(args, world_size, rank)  # this run's alone, while it runs
     ckpt_dir = os.path.join(run.output_dir, "checkpoint")
     common.seed_everything(args.seed)  # CRUCIAL: the same seed on every rank (identical init)
-    autocast = common.autocast(device)  # bf16 on a GPU
+    dtype = common.compute_dtype(run.compute_dtype, device)  # bf16 on a GPU
+    autocast = common.autocast(device, dtype)  # over fp32 master weights
 
     # ---- data -----------------------------------------------------------------------------------
-    tokenizer = common.load_tokenizer(args.model, run.trust_remote_code)
+    tokenizer = common.load_tokenizer(args.model, run.trust_remote_code, run.chat_template)
     pairs_path = args.pairs or os.path.join(run.output_dir, "pairs.jsonl")
     build = not args.pairs and not run.resume  # ALGO LOGIC: sampled once, before training
     rows, prompt_ids, eval_rows = common.load_data(args, tokenizer, rank == 0, train=build)
@@ -251,11 +252,11 @@ def main(args: Args) -> None:
     order = common.StepOrder(len(rows), args.seed, args.prompts_per_step, rank, world_size)
 
     # ---- models & optimizer ---------------------------------------------------------------------
-    load = functools.partial(common.load_model, args.model, device,
+    load = functools.partial(common.load_model, args.model, device, dtype,
                              trust_remote_code=run.trust_remote_code)
-    policy = common.fsdp_wrap(load(activation_checkpointing=run.activation_checkpointing))
+    policy = common.fsdp_wrap(load(activation_checkpointing=run.activation_checkpointing), dtype)
     kinds = ["fixed"]  # ALGO LOGIC: the fixed seed is the reference of offline DPO
-    references = {kind: common.fsdp_wrap(load(trainable=False)) for kind in kinds}
+    references = {kind: common.fsdp_wrap(load(trainable=False), dtype) for kind in kinds}
     reward_model = common.reward_model_for(args, device, rows + eval_rows, verbose=rank == 0)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, betas=args.adam_betas,
                                   eps=args.adam_eps, weight_decay=args.weight_decay)
@@ -389,7 +390,7 @@ def main(args: Args) -> None:
 
         # ---- checkpoint
         if step % run.save_every == 0 or step == args.num_steps:
-            common.save_checkpoint(ckpt_dir, step, policy, optimizer, tokenizer)
+            common.save_checkpoint(ckpt_dir, step, policy, optimizer, tokenizer, dtype)
 
     # ---- final save -----------------------------------------------------------------------------
     common.finish(logger, generator, run.output_dir, t_start)

@@ -18,7 +18,6 @@ every matmul; the tied embedding's lookup is free) + 6 x LM head x the positions
 989 for the H100 SXM and the H200).
 """
 
-import contextlib
 import os
 import sys
 import time
@@ -65,8 +64,9 @@ def main(args: Args) -> None:
     with torch.device(device):
         model = Qwen2ForCausalLM(config)  # fp32 master weights, as common.load_model keeps them
     n_params = sum(p.numel() for p in model.parameters())
-    model = common.fsdp_wrap(model)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    dtype = common.compute_dtype("auto", device)  # bf16 on a GPU, as the scripts
+    model = common.fsdp_wrap(model, dtype)
+    autocast = common.autocast(device, dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
     g = torch.Generator().manual_seed(rank)
     prompts = torch.randint(0, config.vocab_size, (args.batch_size, args.prompt_len), generator=g).tolist()

@@ -72,9 +72,16 @@ class RunArgs:
     cache to one step's sequences"""
     vllm_sleep: bool = False
     """GPU: free vLLM's memory while the trainer updates (sleep mode)"""
+    compute_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """what the trainer computes in (over fp32 master weights) and the references and reward model
+    are held in (auto: bf16 on a GPU, the paper's; fp32 on the CPU); bfloat16 on the CPU takes the
+    GPU's numeric path in everything but the kernels"""
     generator_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
-    """the engine's precision (auto: bf16 on a GPU, fp32 on the CPU); bfloat16 on the CPU
-    reproduces a GPU's trainer-engine logprob gap on a laptop (what grpo.py's --tis-cap corrects)"""
+    """the engine's precision (auto: --compute-dtype's); bfloat16 with an fp32 trainer reproduces a
+    GPU's trainer-engine logprob gap on a laptop (what grpo.py's --tis-cap corrects)"""
+    chat_template: str = "auto"
+    """what renders the prompts: auto (the tokenizer's own), llama3-no-system (the authors' format:
+    Llama-3's turns with no system turn; Llama-3.1-Instruct's own adds a dated one), or a Jinja file"""
 
 
 def flat(args) -> SimpleNamespace:

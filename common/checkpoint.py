@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from common.models import check_safetensors, default_dtype, full_state_dict
+from common.models import check_safetensors, full_state_dict
 from common.utils import UserError
 
 
@@ -67,8 +67,9 @@ def check_checkpoint(ckpt_dir: str, world_size: int) -> None:
 
 
 def save_checkpoint(ckpt_dir: str, step: int, policy: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    tokenizer) -> None:
-    """Write the checkpoint of `step` (collective: call it on every rank)."""
+                    tokenizer, dtype: torch.dtype = torch.float32) -> None:
+    """Write the checkpoint of `step` (collective: call it on every rank): the model in the compute
+    `dtype` (what it runs in; bf16 is half the bytes), the trainer state (fp32 masters, AdamW) apart."""
     rank, world = _rank_world()
     tmp = ckpt_dir + ".tmp"
     if rank == 0:
@@ -78,8 +79,7 @@ def save_checkpoint(ckpt_dir: str, step: int, policy: torch.nn.Module, optimizer
     if hasattr(policy, "reshard"):  # CRUCIAL: FSDP2 leaves a root unsharded after a no-grad forward
         policy.reshard()
     # collective on every rank; only rank 0 keeps the gathered copy (it alone writes the HF folder),
-    # in the dtype models run in (bf16 on GPUs: half the bytes; the trainer state keeps fp32)
-    dtype = default_dtype(next(policy.parameters()).device)
+    # in the compute dtype (the trainer state keeps fp32)
     full = {name: t.cpu() for name, t in full_state_dict(policy, dtype) if rank == 0}
     shard = {}
     for name, p in policy.named_parameters():

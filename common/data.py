@@ -333,6 +333,10 @@ def load_data(args, tokenizer, verbose: bool, train: bool = True, read_row=None)
     """A script's training prompts (`--dataset`, unless not `train`) and held-out prompts
     (`--eval-dataset`, when evaluating), each prompt short enough to answer in full:
     (rows, prompt_ids, eval_rows). Says how many of each were too long, if any."""
+    from common.models import describe_template
+
+    if verbose:  # what the model sees around every prompt, before anything is read
+        print(describe_template(tokenizer, args.run.chat_template), flush=True)
     max_prompt = args.run.max_model_len - args.max_new_tokens  # room to answer in full
     rows, prompt_ids, eval_rows = [], [], []
     if train:

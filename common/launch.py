@@ -87,6 +87,17 @@ def check_args(args, world_size: int) -> None:
                         "offline_dpo.py samples itself: not with --pairs")
     if getattr(args, "group_dpo", False) and args.nll_scale:
         raise UserError("--group-dpo with --nll-scale: the authors' GroupDPO has no NLL term; use one of them")
+    # vLLM's logprob of a token sampled with top-p < 1 is renormalised over the nucleus, the trainer's
+    # is not: the logprob gap (each sync's proof, in every regime whose generator follows the policy)
+    # and TIS weights (~0.9 on on-policy tokens at top-p 0.9) would compare two distributions
+    follows = hasattr(args, "samples_per_prompt") and not hasattr(args, "pairs")  # not offline_dpo.py
+    if getattr(args, "top_p", 1.0) < 1 and (follows or getattr(args, "tis_cap", 0)):
+        raise UserError(f"--top-p {args.top_p}: vLLM's logprobs of a nucleus sample are renormalised over the "
+                        "nucleus and the trainer's are not, so the logprob gap (each sync's proof) and --tis-cap "
+                        "would compare two distributions; train with --top-p 1 (the paper's rollouts)")
+    template = getattr(args, "chat_template", "auto")
+    if template not in ("auto", "llama3-no-system") and not os.path.isfile(os.path.expanduser(template)):
+        raise UserError(f"--chat-template {template}: neither auto, llama3-no-system nor a Jinja file")
     if 0 < getattr(args, "tis_cap", 0) < 1:
         raise UserError(f"--tis-cap {args.tis_cap}: a cap below 1 would shrink on-policy tokens (weight 1); use >= 1")
     if hasattr(args, "prompts_per_step") and args.prompts_per_step % world_size:
@@ -235,9 +246,11 @@ def reward_model_for(args, device, rows: list[dict], verbose: bool):
     """The reward model (`--reward-model`), or None when no row is a chat row (math is verified)."""
     if not any(r["task"] == "chat" for r in rows):
         return None
+    from common.models import compute_dtype
     from common.rewards import RewardModel
 
-    return RewardModel(args.reward_model, device, max_length=args.run.rm_max_length,
+    return RewardModel(args.reward_model, device, compute_dtype(args.run.compute_dtype, device),
+                       max_length=args.run.rm_max_length,
                        batch_size=args.run.rm_batch_size, offload=args.run.rm_offload,
                        trust_remote_code=args.run.trust_remote_code, verbose=verbose)
 
@@ -245,12 +258,13 @@ def reward_model_for(args, device, rows: list[dict], verbose: bool):
 def generator_for(args, device, max_num_seqs: int):
     """The in-process vLLM engine of `--model`, with room for `max_num_seqs` sequences at once."""
     from common.generation import Generator
-    from common.models import engine_dtype
+    from common.models import compute_dtype, engine_dtype
 
     run = args.run
     return Generator(args.model, max_model_len=run.max_model_len, max_num_seqs=max_num_seqs,
                      gpu_memory_utilization=run.gpu_memory_utilization,
-                     dtype=engine_dtype(run.generator_dtype, device), seed=args.seed,
+                     dtype=engine_dtype(run.generator_dtype, compute_dtype(run.compute_dtype, device)),
+                     seed=args.seed,
                      enable_sleep_mode=run.vllm_sleep, trust_remote_code=run.trust_remote_code)
 
 

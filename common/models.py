@@ -53,32 +53,68 @@ def check_safetensors(path: str, what: str) -> None:
         raise UserError(f"{what} {path} is unreadable ({e}); copy it again") from None
 
 
-def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on GPU (the paper's setting), fp32 on CPU (exact logprob checks, no bf16 kernels)."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype the trainer computes in (`--compute-dtype`): "auto" is bf16 on a GPU (the paper's
+    setting) and fp32 on the CPU (exact logprob checks; the tiny default gains nothing from bf16).
+    bfloat16 on the CPU takes the GPU's numeric path in everything but the kernels."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
 
 
-def engine_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The generator's precision for `--generator-dtype`: "auto" is `default_dtype`, else the named one
-    (bfloat16 on the CPU reproduces the GPU's trainer-engine logprob mismatch on a laptop)."""
-    return default_dtype(device) if name == "auto" else getattr(torch, name)
+def engine_dtype(name: str, compute: torch.dtype) -> torch.dtype:
+    """The generator's precision for `--generator-dtype`: "auto" follows the trainer's compute dtype
+    (bfloat16 with an fp32 trainer reproduces the GPU's trainer-engine logprob mismatch)."""
+    return compute if name == "auto" else getattr(torch, name)
 
 
-def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """Tokenizer of a hub id or local folder. It must carry a chat template: every prompt in this
-    project is a chat turn, and guessing a template silently changes what the model sees."""
+# `--chat-template llama3-no-system`: the authors' prompt format (fairseq2's Llama-3 format, the
+# paper's "Llama-3 chat template, with no system prompt"): one <|begin_of_text|>, then the turns.
+# Llama-3.1-Instruct's own template inserts a dated system turn ("Cutting Knowledge Date: ...")
+# into every prompt, even with no system message.
+LLAMA3_NO_SYSTEM = (
+    "<|begin_of_text|>{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+LLAMA3_SPECIALS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False,
+                   chat_template: str = "auto") -> PreTrainedTokenizerBase:
+    """Tokenizer of a hub id or local folder, rendering prompts with `chat_template`: "auto" the
+    tokenizer's own, "llama3-no-system" the authors' format (`LLAMA3_NO_SYSTEM`), else a Jinja
+    file. Every prompt in this project is a chat turn, and guessing a template silently changes
+    what the model sees: a tokenizer without one is refused."""
     check_model_path(name)
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except OSError as e:
         raise UserError(f"cannot load tokenizer '{name}': not a local folder and not a reachable "
                         f"hub id ({str(e).splitlines()[0]})") from None
+    if chat_template == "llama3-no-system":
+        missing = [t for t in LLAMA3_SPECIALS if t not in tok.get_vocab()]
+        if missing:
+            raise UserError(f"--chat-template llama3-no-system: the tokenizer of '{name}' lacks Llama-3's "
+                            f"special tokens ({', '.join(missing)}); it is the format of Llama-3 models only")
+        tok.chat_template = LLAMA3_NO_SYSTEM
+    elif chat_template != "auto":
+        tok.chat_template = Path(chat_template).expanduser().read_text()
     if not tok.chat_template:
-        raise UserError(f"tokenizer of '{name}' has no chat template; use an instruct/chat model "
-                        "or add `chat_template` to its tokenizer_config.json")
+        raise UserError(f"tokenizer of '{name}' has no chat template; use an instruct/chat model, "
+                        "pass --chat-template, or add `chat_template` to its tokenizer_config.json")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token  # only used for padding; never masks EOS out of a loss
     return tok
+
+
+def describe_template(tokenizer: PreTrainedTokenizerBase, chat_template: str) -> str:
+    """One line for a run's start: which template renders the prompts, and the frame it puts
+    around a user turn (a system turn the template adds shows here)."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "{prompt}"}], tokenize=False,
+                                         add_generation_prompt=True)
+    what = {"auto": "the tokenizer's own chat template",
+            "llama3-no-system": "llama3-no-system (the authors' format)"}.get(chat_template, chat_template)
+    return f"prompts: {what}: {text[:300]!r}"
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str | list[dict]]) -> list[list[int]]:
@@ -93,34 +129,39 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str | list[
 AUTO_CHECKPOINTING_PARAMS = 100_000_000  # `--activation-checkpointing auto` on the CPU: this many parameters or more
 
 
-def load_model(name: str, device: torch.device, dtype: torch.dtype | None = None,
+def load_model(name: str, device: torch.device, dtype: torch.dtype = torch.float32,
                trust_remote_code: bool = False, trainable: bool = True,
                activation_checkpointing: str = "off") -> torch.nn.Module:
-    """A causal LM from a hub id or local folder, on `device`.
+    """A causal LM from a hub id or local folder, on `device`; `dtype` is the compute dtype.
 
     `trainable=True` (the policy) keeps fp32 master weights: at the paper's lr of 1e-6, Adam
-    updates vanish in bf16 weights. The GPU computes in bf16 all the same (FSDP2's mixed
-    precision, or autocast on one GPU). `trainable=False` gives a frozen eval-mode copy (the
-    reference model) in `default_dtype`.
+    updates vanish in bf16 weights. It computes in `dtype` all the same (autocast, or FSDP2's
+    mixed precision). `trainable=False` gives a frozen eval-mode copy (a reference model) held in
+    `dtype`.
 
-    Memory: on a GPU the checkpoint's bf16 weights go straight to the device and the fp32 master
-    is made there (loading fp32 on the CPU first would take 32 GB of host memory per rank for an
-    8B model, ~256 GB on an 8-GPU node). `activation_checkpointing` ("on", "off", or "auto": on a
-    GPU or for 100M+ parameters) recomputes each decoder layer's activations in the backward pass instead of keeping them
+    CRUCIAL: only the parameters take `dtype`; buffers keep the precision transformers gives them
+    (fp32 for the rotary `inv_freq`). A `model.to(bfloat16)` would round RoPE's frequencies, whose
+    phase error grows with position (Llama-3.1's: ~0.9 rad at position 500): the reference would be
+    another function than the policy it copies, and KL / log-ratios not 0 at the start.
+
+    Memory: on a GPU the checkpoint's own (bf16) weights go straight to the device and the fp32
+    master is made there (loading fp32 on the CPU first would take 32 GB of host memory per rank for
+    an 8B model, ~256 GB on an 8-GPU node). `activation_checkpointing` ("on", "off", or "auto": on a
+    GPU or for 100M+ parameters) recomputes each decoder layer's activations in the backward pass
     (non-reentrant, per layer, before FSDP2 shards the layers): the same arithmetic, a fraction of
     the memory (Llama-3.1-8B at 4 x 2,300 tokens: ~57 GiB of activations -> ~4 GiB per GPU)."""
     check_model_path(name)
-    if dtype is None:
-        dtype = torch.float32 if trainable else default_dtype(device)
-    load_dtype = default_dtype(device) if device.type == "cuda" else dtype
-    try:
+    hold = torch.float32 if trainable else dtype
+    try:  # from_pretrained makes the rotary buffers in fp32 whatever `dtype` it is given
         model = AutoModelForCausalLM.from_pretrained(
-            name, dtype=load_dtype, trust_remote_code=trust_remote_code,
+            name, dtype="auto" if device.type == "cuda" else hold, trust_remote_code=trust_remote_code,
             device_map={"": device} if device.type == "cuda" else None)
     except OSError as e:
         raise UserError(f"cannot load model '{name}': not a local folder and not a reachable hub "
                         f"id ({str(e).splitlines()[0]})") from None
-    model.to(device=device, dtype=dtype)
+    model.to(device)
+    for p in model.parameters():  # parameters only: buffers stay exact (see CRUCIAL above)
+        p.data = p.data.to(hold)
     if not trainable:
         model.config.use_cache = False  # frozen, never decodes: a KV cache per forward would only cost memory
         model.eval().requires_grad_(False)
@@ -140,24 +181,26 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype | None = None
     return model
 
 
-def autocast(device: torch.device):
-    """The trainer's forward passes in bf16 on a GPU (fp32 master weights); fp32 on the CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def autocast(device: torch.device, dtype: torch.dtype):
+    """The trainer's forward passes in `dtype` over fp32 master weights (bf16: matmuls in bf16,
+    reductions and norms in fp32, as on a GPU); nothing to do in fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
-def fsdp_wrap(model: torch.nn.Module) -> torch.nn.Module:
+def fsdp_wrap(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """FSDP2: shard every decoder layer, then the root (embeddings, final norm, lm_head).
-    On GPUs, parameters are all-gathered in bf16 and gradients reduced in fp32.
-    A no-op without a multi-rank process group."""
+    Parameters are all-gathered in the compute `dtype` and gradients reduced in fp32 (FSDP2's
+    mixed precision; on the CPU too with --compute-dtype bfloat16). A no-op without a multi-rank
+    process group."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy()
-    if next(model.parameters()).is_cuda:
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if dtype != torch.float32:
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     # the decoder layer classes the model declares unsplittable (`_no_split_modules`, what
     # transformers' own device_map and FSDP auto-wrap use), so any architecture shards per layer
     layer_classes = set(getattr(model, "_no_split_modules", None) or [])
@@ -174,12 +217,18 @@ def fsdp_wrap(model: torch.nn.Module) -> torch.nn.Module:
 @torch.no_grad()
 def copy_weights(src: torch.nn.Module, dst: torch.nn.Module) -> None:
     """dst <- src, parameter by parameter (same architecture; under FSDP2 the same sharding, so
-    each rank copies its own shard; a bf16 reference takes the fp32 policy's values rounded)."""
+    each rank copies its own shard; a bf16 reference takes the fp32 policy's values rounded).
+    Buffers are never copied: they must already be equal (RoPE's fp32 frequencies, which
+    `load_model` keeps exact in both), or dst would compute another function: checked here."""
     for m in (src, dst):
         if hasattr(m, "reshard"):  # CRUCIAL: FSDP2 leaves a root unsharded after a no-grad forward
             m.reshard()
     for p_dst, p_src in zip(dst.parameters(), src.parameters(), strict=True):
         p_dst.copy_(p_src)
+    for (name, b_dst), b_src in zip(dst.named_buffers(), src.buffers(), strict=True):
+        if not torch.equal(b_dst, b_src):
+            raise RuntimeError(f"copy_weights: buffer {name} differs ({b_dst.dtype} vs {b_src.dtype}): "
+                               "a model cast with .to(dtype) rounds what load_model keeps exact")
 
 
 # Prefixes that wrappers add to parameter names; vLLM knows the bare Hugging Face names.

@@ -60,15 +60,12 @@ def test_checkpoint_round_trip_without_pickle(tmp_path, monkeypatch):
     AutoModelForCausalLM.from_pretrained(ckpt)  # and the folder is a plain HF model
 
 
-def test_a_bf16_checkpoint_says_bfloat16(tmp_path, monkeypatch):
+def test_a_bf16_checkpoint_says_bfloat16(tmp_path):
     """A GPU run saves the model folder in bf16 from fp32 masters; config.json must say so, or
-    transformers and vLLM (dtype auto) load it in fp32 at twice the memory. The GPU's dtype forced."""
-    import common.checkpoint
-
+    transformers and vLLM (dtype auto) load it in fp32 at twice the memory."""
     model, opt = _trained(tmp_path / "m")
-    monkeypatch.setattr(common.checkpoint, "default_dtype", lambda device: torch.bfloat16)
     ckpt = str(tmp_path / "checkpoint")
-    common.save_checkpoint(ckpt, 1, model, opt, build_tokenizer())
+    common.save_checkpoint(ckpt, 1, model, opt, build_tokenizer(), torch.bfloat16)
     assert json.load(open(os.path.join(ckpt, "config.json")))["dtype"] == "bfloat16"
     assert AutoModelForCausalLM.from_pretrained(ckpt, dtype="auto").dtype == torch.bfloat16
     from vllm.config import ModelConfig
