@@ -17,8 +17,9 @@ Run:
     python grpo.py                                          # embedded default, CPU, a few minutes
     torchrun --standalone --nproc_per_node=2 grpo.py        # 2 processes (CPU: gloo; GPU: NCCL)
     torchrun --nproc_per_node 8 grpo.py \\                  # the paper's math run (Llama-3.1-8B)
-        --model meta-llama/Llama-3.1-8B-Instruct --dataset AI-MO/NuminaMath-CoT \\
-        --paper-math-filter --eval-dataset HuggingFaceH4/MATH-500 --eval-split test \\
+        --model meta-llama/Llama-3.1-8B-Instruct --chat-template llama3-no-system \\
+        --dataset AI-MO/NuminaMath-CoT --paper-math-filter \\
+        --eval-dataset HuggingFaceH4/MATH-500 --eval-split test \\
         --num-steps 1000 --prompts-per-step 64 --samples-per-prompt 8 --max-new-tokens 2048 \\
         --max-model-len 4096 --learning-rate 1e-6 --adam-eps 1e-8 --max-grad-norm 0.1 \\
         --kl-coef 0.001 --micro-batch-size 4 --vllm-sleep     # the chat run: docs/gpu.md

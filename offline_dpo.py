@@ -20,8 +20,9 @@ Run:
     python offline_dpo.py                                    # embedded default, CPU, a few minutes
     torchrun --standalone --nproc_per_node=2 offline_dpo.py  # 2 processes (CPU: gloo; GPU: NCCL)
     torchrun --nproc_per_node 8 offline_dpo.py \\            # the paper's math run (Llama-3.1-8B)
-        --model meta-llama/Llama-3.1-8B-Instruct --dataset AI-MO/NuminaMath-CoT \\
-        --paper-math-filter --eval-dataset HuggingFaceH4/MATH-500 --eval-split test \\
+        --model meta-llama/Llama-3.1-8B-Instruct --chat-template llama3-no-system \\
+        --dataset AI-MO/NuminaMath-CoT --paper-math-filter \\
+        --eval-dataset HuggingFaceH4/MATH-500 --eval-split test \\
         --num-steps 1000 --prompts-per-step 64 --samples-per-prompt 8 --max-new-tokens 2048 \\
         --max-model-len 4096 --learning-rate 1e-6 --adam-eps 1e-4 --max-grad-norm 0.1 \\
         --beta 0.1 --micro-batch-size 4

@@ -19,8 +19,9 @@ Run:
     python semi_online_dpo.py                                    # embedded default, s = 10
     torchrun --standalone --nproc_per_node=2 semi_online_dpo.py  # 2 processes (gloo / NCCL)
     torchrun --nproc_per_node 8 semi_online_dpo.py --sync-interval 100 \\  # the paper's math run
-        --model meta-llama/Llama-3.1-8B-Instruct --dataset AI-MO/NuminaMath-CoT \\
-        --paper-math-filter --eval-dataset HuggingFaceH4/MATH-500 --eval-split test \\
+        --model meta-llama/Llama-3.1-8B-Instruct --chat-template llama3-no-system \\
+        --dataset AI-MO/NuminaMath-CoT --paper-math-filter \\
+        --eval-dataset HuggingFaceH4/MATH-500 --eval-split test \\
         --num-steps 1000 --prompts-per-step 64 --samples-per-prompt 8 --max-new-tokens 2048 \\
         --max-model-len 4096 --learning-rate 1e-6 --adam-eps 1e-4 --max-grad-norm 0.1 \\
         --beta 0.1 --micro-batch-size 4 --vllm-sleep          # the chat run: docs/gpu.md

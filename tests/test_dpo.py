@@ -177,3 +177,18 @@ def test_ablation_flags_end_to_end(tmp_path):
     saved = [json.loads(line) for line in open(tmp_path / "off" / "pairs.jsonl")]
     positions = [(p["step"], p["position"]) for p in saved]
     assert len(set(positions)) < len(positions) and all("chosen_advantage" in p for p in saved)
+    # --grpo-coef computes the paper's description: A x Σ_i A_i Σ_t log π(y_i,t) / (n B), each
+    # completion once, no KL; the authors' side branch would weigh each completion by its length
+    import common
+
+    tok, seed = common.load_tokenizer("embedded/policy"), common.load_model("embedded/policy", torch.device("cpu"))
+    first = [p for p in saved if p["step"] == 1]
+    ids = [p[f"{side}_ids"] for p in first for side in ("chosen", "rejected")]
+    with torch.no_grad():
+        logps, mask, _ = common.completion_logprobs(seed, common.encode_prompts(tok, [p["prompt"] for p in first
+                                                                                      for _ in (0, 1)]), ids)
+    adv = torch.tensor([p[f"{side}_advantage"] for p in first for side in ("chosen", "rejected")])
+    paper = 0.01 * (adv * logps.sum(-1)).sum().item() / (8 * 8)  # --grpo-coef, n = 8, B = 8 prompts
+    authors = 0.01 * (adv * logps.sum(-1) * mask.sum(-1)).sum().item() / (8 * 8)
+    assert off["train/grpo_term"] == pytest.approx(paper, rel=1e-4)
+    assert off["train/grpo_term"] != pytest.approx(authors, rel=0.1)

@@ -35,6 +35,10 @@ FLAGS = [  # (flags, what the one line says): all refused before any model loads
     (["--num-steps", "0"], "--num-steps must be > 0"),
     (["--eval-temperature", "0"], "--eval-temperature 0 is greedy: one sample per prompt; set --eval-samples 1"),
     (["--top-p", "1.5"], "--top-p must be at most 1"),
+    (["--top-p", "0.9"], "--top-p 0.9: vLLM's logprobs of a nucleus sample are renormalised over the nucleus"),
+    (["--chat-template", "no/such.jinja"], "--chat-template no/such.jinja: neither auto, llama3-no-system nor a Jinja"),
+    (["--chat-template", "llama3-no-system"], "--chat-template llama3-no-system: the tokenizer of 'embedded/policy' "
+                                              "lacks Llama-3's special tokens"),
     (["--samples-per-prompt", "1"], "--samples-per-prompt must be >= 2"),
     (["--micro-batch-size", "0"], "--micro-batch-size must be > 0"),
     (["--rm-batch-size", "0"], "--rm-batch-size must be > 0"),  # every numeric flag is checked, by default
