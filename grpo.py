@@ -19,10 +19,10 @@ Run:
     torchrun --nproc_per_node 8 grpo.py \\                  # the paper's math run (Llama-3.1-8B)
         --model meta-llama/Llama-3.1-8B-Instruct --chat-template llama3-no-system \\
         --dataset AI-MO/NuminaMath-CoT --paper-math-filter \\
-        --eval-dataset HuggingFaceH4/MATH-500 --eval-split test \\
-        --num-steps 1000 --prompts-per-step 64 --samples-per-prompt 8 --max-new-tokens 2048 \\
-        --max-model-len 4096 --learning-rate 1e-6 --adam-eps 1e-8 --max-grad-norm 0.1 \\
-        --kl-coef 0.001 --micro-batch-size 4 --vllm-sleep     # the chat run: docs/gpu.md
+        --eval-dataset HuggingFaceH4/MATH-500 --eval-split test --num-steps 1000 \\
+        --prompts-per-step 64 --samples-per-prompt 8 --max-new-tokens 2048 --max-model-len 4096 \\
+        --learning-rate 1e-6 --adam-eps 1e-8 --max-grad-norm 0.1 --kl-coef 0.001 \\
+        --micro-batch-size 4 --vllm-sleep  # the chat run: docs/gpu.md
 
 Differs from `online_dpo.py` in: the objective (group advantages and a policy-gradient loss on
 every sample instead of one chosen/rejected pair per prompt) and the fixed reference.
@@ -186,8 +186,7 @@ def main(args: Args) -> None:
     common.claim_output_dir(args, world_size, rank)  # this run's alone, while it runs
     ckpt_dir = os.path.join(run.output_dir, "checkpoint")
     common.seed_everything(args.seed)  # CRUCIAL: the same seed on every rank (identical init)
-    dtype = common.compute_dtype(run.compute_dtype, device)  # bf16 on a GPU
-    autocast = common.autocast(device, dtype)  # over fp32 master weights
+    dtype = common.compute_dtype(run.compute_dtype, device)  # bf16 on a GPU, over fp32 masters
 
     # ---- data -----------------------------------------------------------------------------------
     tokenizer = common.load_tokenizer(args.model, run.trust_remote_code, run.chat_template)
@@ -269,12 +268,12 @@ def main(args: Args) -> None:
                     mb_advantages = torch.zeros(2)
                 mb_tokens = [c.token_ids for c in mb_completions]
                 # CRUCIAL: the reference runs on every rank (FSDP)
-                with torch.no_grad(), autocast:
+                with torch.no_grad(), common.autocast(device, dtype):
                     ref_logps_by_kind = {kind: common.completion_logprobs(
                         ref, mb_prompts, mb_tokens, args.temperature, tokenizer.pad_token_id)[0]
                         for kind, ref in references.items()}
                 ref_logps = ref_logps_by_kind.get("fixed")  # (S, T), None without a KL term
-                with autocast:
+                with common.autocast(device, dtype):
                     logps, mask, entropy = common.completion_logprobs(
                         policy, mb_prompts, mb_tokens, args.temperature, tokenizer.pad_token_id,
                         with_entropy=True)

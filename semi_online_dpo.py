@@ -21,10 +21,10 @@ Run:
     torchrun --nproc_per_node 8 semi_online_dpo.py --sync-interval 100 \\  # the paper's math run
         --model meta-llama/Llama-3.1-8B-Instruct --chat-template llama3-no-system \\
         --dataset AI-MO/NuminaMath-CoT --paper-math-filter \\
-        --eval-dataset HuggingFaceH4/MATH-500 --eval-split test \\
-        --num-steps 1000 --prompts-per-step 64 --samples-per-prompt 8 --max-new-tokens 2048 \\
-        --max-model-len 4096 --learning-rate 1e-6 --adam-eps 1e-4 --max-grad-norm 0.1 \\
-        --beta 0.1 --micro-batch-size 4 --vllm-sleep          # the chat run: docs/gpu.md
+        --eval-dataset HuggingFaceH4/MATH-500 --eval-split test --num-steps 1000 \\
+        --prompts-per-step 64 --samples-per-prompt 8 --max-new-tokens 2048 --max-model-len 4096 \\
+        --learning-rate 1e-6 --adam-eps 1e-4 --max-grad-norm 0.1 --beta 0.1 \\
+        --micro-batch-size 4 --vllm-sleep  # the chat run: docs/gpu.md
 
 Differs from `online_dpo.py` in: the sync interval (s here, 1 there) and so the rollouts of a
 whole window generated at its sync. `--sync-interval 1` reproduces online_dpo.py exactly, and a
@@ -212,8 +212,7 @@ def main(args: Args) -> None:
     common.claim_output_dir(args, world_size, rank)  # this run's alone, while it runs
     ckpt_dir = os.path.join(run.output_dir, "checkpoint")
     common.seed_everything(args.seed)  # CRUCIAL: the same seed on every rank (identical init)
-    dtype = common.compute_dtype(run.compute_dtype, device)  # bf16 on a GPU
-    autocast = common.autocast(device, dtype)  # over fp32 master weights
+    dtype = common.compute_dtype(run.compute_dtype, device)  # bf16 on a GPU, over fp32 masters
 
     # ---- data -----------------------------------------------------------------------------------
     tokenizer = common.load_tokenizer(args.model, run.trust_remote_code, run.chat_template)
@@ -314,13 +313,13 @@ def main(args: Args) -> None:
                     mb_refs, mb_weights, mb_advantages = [kinds[0]] * 2, [1.0], [0.0, 0.0]
                 mb_tokens = [c.token_ids for c in mb_completions]
                 # CRUCIAL: every reference runs on every rank (FSDP); each row keeps its task's
-                with torch.no_grad(), autocast:
+                with torch.no_grad(), common.autocast(device, dtype):
                     ref_logps_by_kind = {kind: common.completion_logprobs(
                         ref, mb_prompts, mb_tokens, args.temperature, tokenizer.pad_token_id)[0]
                         for kind, ref in references.items()}
                 ref_logps = torch.stack([ref_logps_by_kind[kind][i]
                                          for i, kind in enumerate(mb_refs)])  # (2K, T)
-                with autocast:
+                with common.autocast(device, dtype):
                     logps, mask, entropy = common.completion_logprobs(
                         policy, mb_prompts, mb_tokens, args.temperature, tokenizer.pad_token_id,
                         with_entropy=True)

@@ -81,7 +81,7 @@ class RunArgs:
     GPU's trainer-engine logprob gap on a laptop (what grpo.py's --tis-cap corrects)"""
     chat_template: str = "auto"
     """what renders the prompts: auto (the tokenizer's own), llama3-no-system (the authors' format:
-    Llama-3's turns with no system turn; Llama-3.1-Instruct's own adds a dated one), or a Jinja file"""
+    Llama-3's turns, no system turn; Llama-3.1-Instruct's own adds a dated one), or a Jinja file"""
 
 
 def flat(args) -> SimpleNamespace:
