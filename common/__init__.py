@@ -73,8 +73,8 @@ from common.metrics import (
 from common.models import (
     autocast,
     completion_logprobs,
-    copy_weights,
     compute_dtype,
+    copy_weights,
     describe_template,
     encode_prompts,
     engine_dtype,

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 import common
 from common.utils import UserError
 from embedded.tiny import build_tokenizer
-from tests.conftest import EMBEDDED, ROOT, metrics, run_script
+from tests.conftest import EMBEDDED, metrics, run_script
 
 CPU = torch.device("cpu")
 BF16 = torch.bfloat16
