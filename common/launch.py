@@ -92,7 +92,7 @@ def check_args(args, world_size: int) -> None:
     # and TIS weights (~0.9 on on-policy tokens at top-p 0.9) would compare two distributions
     follows = hasattr(args, "samples_per_prompt") and not hasattr(args, "pairs")  # not offline_dpo.py
     if getattr(args, "top_p", 1.0) < 1 and (follows or getattr(args, "tis_cap", 0)):
-        raise UserError(f"--top-p {args.top_p}: vLLM's logprobs of a nucleus sample are renormalised over the "
+        raise UserError(f"--top-p {args.top_p}: the engine's logprobs of a nucleus sample are renormalised over the "
                         "nucleus and the trainer's are not, so the logprob gap (each sync's proof) and --tis-cap "
                         "would compare two distributions; train with --top-p 1 (the paper's rollouts)")
     template = getattr(args, "chat_template", "auto")
@@ -270,14 +270,21 @@ def generator_for(args, device, max_num_seqs: int):
 
 def logger_for(args, rank: int, start_step: int, data: str):
     """Rank 0's `MetricsLogger` (metrics.jsonl, and wandb with --track; the config after
-    derivation), after a line saying what the run is (`data`: what it trains on); None on the
-    other ranks."""
+    derivation), after a line saying what the run is (`data`: what it trains on) and in which
+    precision; None on the other ranks."""
+    import torch
+
+    from common.models import compute_dtype, engine_dtype
     from common.utils import MetricsLogger
 
     if rank != 0:
         return None
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # setup_distributed's
+    dtype = compute_dtype(args.run.compute_dtype, device)
+    engine = engine_dtype(args.run.generator_dtype, dtype)
     print(f"{args.exp_name}: {data}, {args.world_size} rank(s), {args.num_steps} steps of "
-          f"{args.prompts_per_step}x{args.samples_per_prompt} -> {args.run.output_dir}", flush=True)
+          f"{args.prompts_per_step}x{args.samples_per_prompt}, {str(dtype)[6:]} compute over fp32 masters, "
+          f"{str(engine)[6:]} engine -> {args.run.output_dir}", flush=True)
     return MetricsLogger(args.run.output_dir, dataclasses.asdict(args), args.run.track,
                          args.run.wandb_project_name, f"{args.exp_name}__{args.seed}",
                          resume_step=start_step)

@@ -35,7 +35,7 @@ FLAGS = [  # (flags, what the one line says): all refused before any model loads
     (["--num-steps", "0"], "--num-steps must be > 0"),
     (["--eval-temperature", "0"], "--eval-temperature 0 is greedy: one sample per prompt; set --eval-samples 1"),
     (["--top-p", "1.5"], "--top-p must be at most 1"),
-    (["--top-p", "0.9"], "--top-p 0.9: vLLM's logprobs of a nucleus sample are renormalised over the nucleus"),
+    (["--top-p", "0.9"], "--top-p 0.9: the engine's logprobs of a nucleus sample are renormalised over the nucleus"),
     (["--chat-template", "no/such.jinja"], "--chat-template no/such.jinja: neither auto, llama3-no-system nor a Jinja"),
     (["--chat-template", "llama3-no-system"], "--chat-template llama3-no-system: the tokenizer of 'embedded/policy' "
                                               "lacks Llama-3's special tokens"),
@@ -165,8 +165,8 @@ def test_ctrl_c_after_a_checkpoint_says_how_to_resume(tmp_path):
 
 @pytest.mark.slow
 def test_quiet_console_honest_eta_and_normal_file_modes(tmp_path):
-    """No vLLM start-up or per-sync lines, no weight-loading bars: the console shows the data lines,
-    the start-up line and one line per step. Checkpoint files get the umask's modes."""
+    """No vLLM start-up or per-sync lines, no weight-loading bars: the console shows the frame every
+    prompt gets, the data lines, the start-up line and one line per step. Checkpoint files get the umask's modes."""
     out = tmp_path / "run"
     old = os.umask(0o022)
     try:
@@ -175,7 +175,7 @@ def test_quiet_console_honest_eta_and_normal_file_modes(tmp_path):
     finally:
         os.umask(old)
     lines = [x for x in (r.stdout + r.stderr).splitlines() if x.strip()]
-    assert len(lines) <= 8, lines  # 2 data lines, the start-up line, step 0 and 3 steps, done
+    assert len(lines) <= 9, lines  # the prompts' frame, 2 data lines, the start-up line, step 0 and 3 steps, done
     assert not [x for x in lines if "INFO" in x or "WARNING" in x or "RotaryEmbedding" in x or "%|" in x], lines
     modes = {f: stat.S_IMODE(os.stat(os.path.join(d, f)).st_mode) for d, _, fs in os.walk(out / "checkpoint") for f in fs}
     assert set(modes.values()) == {0o644}, modes

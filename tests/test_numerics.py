@@ -172,24 +172,37 @@ def test_bf16_runs_keep_the_gpu_invariants(tmp_path, script):
     m = [x for x in metrics(out) if x["step"] > 0]  # offline DPO's step 0: its sampling phase
     assert [x["step"] for x in m] == list(range(1, last + 1))
     assert all(x["train/loss"] == x["train/loss"] for x in m)  # finite after the resume too
+    check_step_invariants(script, m, last)
+
+
+def check_step_invariants(script, m, steps):
+    """Step 1: the policy is the seed, so GRPO's KL to it and DPO's log-ratios are bf16 noise; so
+    are math DPO's at every step its reference is re-synced (with the generator: policy lag 0);
+    the logprob gap after every sync."""
+    synced = [x for x in m if x["rollout/policy_lag"] == 0]
     if script == "grpo.py":
         assert 0 <= m[0]["train/kl"] < KL_BF16, m[0]["train/kl"]
-    else:
+    for x in [m[0]] if script in ("grpo.py", "offline_dpo.py") else synced:
         for key in ("train/chosen_logratio", "train/rejected_logratio"):
-            assert abs(m[0][key]) < LOGRATIO_BF16, (key, m[0][key])
+            assert abs(x.get(key, 0.0)) < LOGRATIO_BF16, (x["step"], key, x[key])
     if script != "offline_dpo.py":  # the proof of every sync: the engine holds the trainer's weights
-        synced = [x for x in m if x["rollout/policy_lag"] == 0]
-        assert len(synced) == (last if script != "semi_online_dpo.py" else 2)
+        assert len(synced) == (steps if script != "semi_online_dpo.py" else steps // 2)
         assert all(x["rollout/logprob_gap_max"] < GAP_BF16 for x in synced), [x["rollout/logprob_gap_max"] for x in synced]
 
 
 @pytest.mark.slow
-def test_bf16_two_ranks_compute_one_function(tmp_path):
+@pytest.mark.parametrize("script", ["grpo.py", "online_dpo.py"])
+def test_bf16_two_ranks_compute_one_function(tmp_path, script):
     """Two ranks: FSDP2's mixed precision (bf16 all-gathers over fp32 masters, fp32 gradient
-    reduction) on gloo; policy and reference then run the same bf16 arithmetic: KL 0 at step 1."""
+    reduction) on gloo, the re-synced reference copied shard by shard. Policy and reference then
+    run the same bf16 arithmetic: GRPO's KL at step 1 and online DPO's log-ratios at every step
+    (its reference re-synced each step) are 0."""
     out = str(tmp_path / "run")
-    run_script("grpo.py", ["--compute-dtype", "bfloat16", "--eval-every", "0", "--num-steps", "2",
-                           "--output-dir", out], nproc=2)
+    run_script(script, ["--compute-dtype", "bfloat16", "--eval-every", "0", "--num-steps", "2",
+                        "--output-dir", out], nproc=2)
     m = metrics(out)
-    assert m[0]["train/kl"] < KL_BF16 and all(x["rollout/logprob_gap_max"] < GAP_BF16 for x in m), m
+    check_step_invariants(script, m, 2)
+    exact = [m[0]["train/kl"]] if script == "grpo.py" else [x[k] for x in m for k in ("train/chosen_logratio",
+                                                                                    "train/rejected_logratio")]
+    assert exact == [0.0] * len(exact), exact
     assert json.load(open(os.path.join(out, "checkpoint", "config.json")))["dtype"] == "bfloat16"
