@@ -19,7 +19,6 @@ here asserts.
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import time
@@ -99,9 +98,32 @@ def build(path: str, rows: int) -> None:
     os.replace(path + ".tmp", path)
 
 
-def rss_gb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+def memory_gb() -> tuple[float, float]:
+    """(resident, anonymous) memory of this process in GiB: resident counts the file pages a memory-
+    mapped dataset touched (shared by a node's ranks and reclaimable), anonymous what is its own."""
+    fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return int(fields["VmRSS"].split()[0]) / 2**20, int(fields["RssAnon"].split()[0]) / 2**20
+
+
+class PeakMemory:
+    """The peak of `memory_gb` while a block runs, sampled every 20 ms."""
+
+    def __enter__(self):
+        import threading
+
+        self.peak, self.done = memory_gb(), threading.Event()
+
+        def sample():
+            while not self.done.wait(0.02):
+                self.peak = tuple(max(a, b) for a, b in zip(self.peak, memory_gb(), strict=True))
+
+        self.thread = threading.Thread(target=sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
 
 
 def child(path: str) -> None:
@@ -113,16 +135,18 @@ def child(path: str) -> None:
     args = grpo.Args(dataset=path, eval_dataset="", paper_math_filter=True, prompts_per_step=64,
                      max_new_tokens=2048, run=common.RunArgs(max_model_len=4096))
     tokenizer = common.load_tokenizer(os.path.join(ROOT, "embedded", "policy"))
-    before = rss_gb()
+    before = memory_gb()
     t0 = time.time()
-    rows, prompt_ids, _ = common.load_data(args, tokenizer, verbose=rank == 0)
+    with PeakMemory() as peak:
+        rows, prompt_ids, _ = common.load_data(args, tokenizer, verbose=rank == 0)
     seconds = time.time() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    after = memory_gb()
     order = common.StepOrder(len(rows), 1, 64, 0, 1)
     t1 = time.time()
     ids = [prompt_ids[i] for i in order.indices(1)]
     step_ms = (time.time() - t1) * 1e3
-    print(json.dumps({"rank": rank, "seconds": seconds, "added_peak_gb": peak - before, "added_now_gb": rss_gb() - before,
+    print(json.dumps({"rank": rank, "seconds": seconds, "rss_peak": peak.peak[0] - before[0],
+                      "anon_peak": peak.peak[1] - before[1], "anon_after": after[1] - before[1],
                       "rows": len(rows), "step_ids_ms": step_ms, "step_tokens": sum(map(len, ids))}), flush=True)
 
 
@@ -135,37 +159,44 @@ def main(args: Args) -> None:
         t0 = time.time()
         build(path, args.rows)
         print(f"built {path} ({os.path.getsize(path) / 2**20:.0f} MiB) in {time.time() - t0:.0f} s", flush=True)
-    results = {}
+    hub = os.path.join(args.workdir, f"hub_layout_{args.rows}")  # a clone of a hub dataset: data/train-*.parquet
+    os.makedirs(os.path.join(hub, "data"), exist_ok=True)
+    if not os.path.exists(os.path.join(hub, "data", "train-00000-of-00001.parquet")):
+        os.symlink(path, os.path.join(hub, "data", "train-00000-of-00001.parquet"))
+    import datasets
+
+    datasets.load_dataset(hub, split="train")  # its Arrow cache built once, as a second start finds it
+    results = []
     env = dict(os.environ, PYTHONPATH=ROOT, TOKENIZERS_PARALLELISM="false")
-    for ranks in args.ranks:
-        cmd = [sys.executable, __file__, "--child", "--path", path]
-        if ranks > 1:
-            env["OMP_NUM_THREADS"] = "1"
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", __file__,
-                   "--child", "--path", path]
-        t0 = time.time()
-        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        if r.returncode:
-            sys.exit(r.stdout[-2000:] + r.stderr[-3000:])
-        lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
-        print("\n".join(x for x in r.stdout.splitlines() if x.startswith("data:")))
-        results[ranks] = (lines, time.time() - t0)
-        for x in lines:
-            print(f"{ranks} rank(s), rank {x['rank']}: load_data {x['seconds']:.1f} s, +{x['added_peak_gb']:.2f} GiB at "
-                  f"peak (+{x['added_now_gb']:.2f} after), {x['rows']:,} prompts; a step's ids {x['step_ids_ms']:.0f} ms",
-                  flush=True)
+    for layout, where in (("parquet file", path), ("hub layout folder (datasets' cache)", hub)):
+        for ranks in args.ranks:
+            cmd = [sys.executable, __file__, "--child", "--path", where]
+            if ranks > 1:
+                env["OMP_NUM_THREADS"] = "1"
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+                       __file__, "--child", "--path", where]
+            r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+            if r.returncode:
+                sys.exit(r.stdout[-2000:] + r.stderr[-3000:])
+            print("\n".join(x for x in r.stdout.splitlines() if x.startswith("data:")))
+            for x in sorted((json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")), key=lambda x: x["rank"]):
+                results.append((layout, ranks, x))
+                print(f"{layout}, {ranks} rank(s), rank {x['rank']}: load_data {x['seconds']:.1f} s, at peak "
+                      f"+{x['rss_peak']:.2f} GiB resident / +{x['anon_peak']:.2f} anonymous (+{x['anon_after']:.2f} "
+                      f"after), {x['rows']:,} prompts; a step's ids {x['step_ids_ms']:.0f} ms", flush=True)
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     model = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if ln.startswith("Model name")), "?")
     table = [f"# `load_data` at NuminaMath-CoT's scale ({date.today()}, {os.cpu_count()} cores, {model})", "",
-             f"A synthetic {args.rows:,}-row parquet file in NuminaMath-CoT's layout (`bench/data_startup.py`), the "
-             "paper's math flags, the embedded tokenizer. Per rank: wall time of `load_data` and the resident memory it "
-             "added at its peak and after.", "",
-             "| ranks | rank | load_data (s) | added at peak (GiB) | added after (GiB) | prompts kept | a step's 64 prompts' ids (ms) |",
-             "|---|---|---|---|---|---|---|"]
-    for ranks, (lines, _) in results.items():
-        for x in sorted(lines, key=lambda x: x["rank"]):
-            table.append(f"| {ranks} | {x['rank']} | {x['seconds']:.1f} | {x['added_peak_gb']:.2f} | "
-                         f"{x['added_now_gb']:.2f} | {x['rows']:,} | {x['step_ids_ms']:.0f} |")
+             f"A synthetic {args.rows:,}-row parquet file in NuminaMath-CoT's layout (`bench/data_startup.py`), read as "
+             "a file and as a hub-layout folder (`datasets.load_dataset`, its Arrow cache already built); the paper's "
+             "math flags, the embedded tokenizer. Per rank: wall time of `load_data`, the memory it added at its peak "
+             "(resident: with the file pages a memory-mapped cache touched, which a node's ranks share and the kernel "
+             "can reclaim; anonymous: the process's own) and after, and the time to read one step's 64 prompts' ids.",
+             "", "| data | ranks | rank | load_data (s) | added at peak, resident (GiB) | added at peak, anonymous (GiB) | "
+             "added after, anonymous (GiB) | prompts kept | a step's ids (ms) |", "|---|---|---|---|---|---|---|---|---|"]
+    for layout, ranks, x in results:
+        table.append(f"| {layout} | {ranks} | {x['rank']} | {x['seconds']:.1f} | {x['rss_peak']:.2f} | {x['anon_peak']:.2f} "
+                     f"| {x['anon_after']:.2f} | {x['rows']:,} | {x['step_ids_ms']:.0f} |")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         f.write("\n".join(table) + "\n")

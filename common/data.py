@@ -243,25 +243,44 @@ def _read_raw(name: str, config: str | None, split: str) -> Iterator[tuple[str, 
                 except json.JSONDecodeError as e:
                     raise UserError(f"{name}: line {n} is not valid JSON ({e.msg})") from None
         return
-    import datasets
+    if path.suffix == ".parquet":  # read with pyarrow, a batch at a time: no copy into a datasets cache
+        import pyarrow.parquet as pq
 
-    try:
-        if path.suffix == ".parquet":
-            ds = datasets.Dataset.from_parquet(str(path))
-        else:
+        try:
+            parquet = pq.ParquetFile(str(path))
+        except Exception as e:  # noqa: BLE001 -- pyarrow's errors for a bad file come in several types
+            raise UserError(f"cannot load dataset '{name}' ({str(e).splitlines()[0]})") from None
+        used = _used_columns(parquet.schema_arrow.names)
+        batches = (b.to_pydict() for b in parquet.iter_batches(batch_size=1024, columns=used)) if used else ()
+    else:
+        import datasets
+
+        try:
             ds = datasets.load_dataset(name, config, split=split)
-    except Exception as e:  # noqa: BLE001 -- hub errors come in many types; all mean "not loadable"
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"cannot load dataset '{name}'" + (f" config '{config}'" if config else "")
-                        + f" (split '{split}'): {msg}") from None
-    used = [c for c in ds.column_names if c.lower() in _READ_COLUMNS | set(_PAIR_COLUMNS)]
+        except Exception as e:  # noqa: BLE001 -- hub errors come in many types; all mean "not loadable"
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UserError(f"cannot load dataset '{name}'" + (f" config '{config}'" if config else "")
+                            + f" (split '{split}'): {msg}") from None
+        used = _used_columns(ds.column_names)
+        batches = ds.select_columns(used).iter(batch_size=1024) if used else ()  # Arrow, memory-mapped
+    i, batch = 0, None
+    for batch in batches:
+        for values in zip(*(batch[c] for c in used), strict=True):
+            yield f"row {i}", dict(zip(used, values, strict=True))
+            i += 1
+    if path.suffix == ".parquet":  # pyarrow's allocator keeps the pages it read (~0.4 GB) until told
+        import pyarrow
+
+        del batch, batches, parquet
+        pyarrow.default_memory_pool().release_unused()
+
+
+def _used_columns(names: list[str]) -> list[str]:
+    """The columns a row is read from (never a worked solution's neighbours nobody reads)."""
+    used = [c for c in names if c.lower() in _READ_COLUMNS | set(_PAIR_COLUMNS)]
     if any(c.lower() in ("prompt", "problem", "question") for c in used):  # messages would only repeat them
         used = [c for c in used if c.lower() not in ("messages", "conversation")]
-    i = 0
-    for batch in ds.select_columns(used).iter(batch_size=1024):  # Arrow, memory-mapped: a batch at a time
-        for j in range(len(batch[used[0]]) if used else 0):
-            yield f"row {i}", {c: batch[c][j] for c in used}
-            i += 1
+    return used
 
 
 class _Drops:
@@ -362,20 +381,36 @@ def load_data(args, tokenizer, verbose: bool, train: bool = True, read_row=None)
 
 
 def fit_prompts(tokenizer, rows: list[dict], max_prompt_tokens: int, need: int, what: str):
-    """Encode each row's prompt with the chat template and keep those with at most
-    `max_prompt_tokens` tokens (max_model_len - max_new_tokens: room to answer in full). Returns
-    (rows, prompt_ids, dropped). Refuses, naming the cause, when fewer than `need` remain."""
-    from common.models import encode_prompts
+    """Keep the rows whose prompt, chat template applied, has at most `max_prompt_tokens` tokens
+    (max_model_len - max_new_tokens: room to answer in full). Returns (rows, prompt_ids, dropped),
+    `prompt_ids` encoding a row's prompt when read (`models.PromptIds`). Refuses, naming the cause,
+    when fewer than `need` remain.
 
-    ids = encode_prompts(tokenizer, [r["prompt"] for r in rows])
-    keep = [i for i, p in enumerate(ids) if len(p) <= max_prompt_tokens]
+    Speed at the paper's scale (~860k rows): a prompt is tokenized only when its upper bound
+    (`models.prompt_token_bounds`: its bytes) exceeds the limit, so a typical dataset tokenizes
+    almost nothing here. The bound is first checked against real counts on a sample (the longest
+    prompts and an even spread); if any count exceeds it, every prompt is tokenized instead."""
+    from common.models import PromptIds, encode_prompts, prompt_token_bounds
+
     if len(rows) < need:
         raise UserError(f"{what} has {len(rows)} usable prompts, fewer than one step needs ({need})")
+    prompts = [r["prompt"] for r in rows]
+    bounds = prompt_token_bounds(tokenizer, prompts)
+    by_length = sorted(range(len(prompts)), key=bounds.__getitem__)
+    sample = sorted(set(by_length[-32:] + by_length[:: max(1, len(by_length) // 32)]))
+    counts = encode_prompts(tokenizer, [prompts[i] for i in sample])
+    if any(len(ids) > bounds[i] for i, ids in zip(sample, counts, strict=True)):
+        bounds = [len(ids) for ids in encode_prompts(tokenizer, prompts)]  # the bound fails: count all
+    over = [i for i, b in enumerate(bounds) if b > max_prompt_tokens]  # only these need their count
+    for i, ids in zip(over, encode_prompts(tokenizer, [prompts[i] for i in over]), strict=True):
+        bounds[i] = len(ids)
+    keep = [i for i, n in enumerate(bounds) if n <= max_prompt_tokens]
     if len(keep) < need:
+        shortest = min(map(len, encode_prompts(tokenizer, prompts)))
         raise UserError(f"{what}: only {len(keep)} of {len(rows)} prompts fit in max_model_len - max_new_tokens "
-                        f"= {max_prompt_tokens} tokens (the shortest has {min(map(len, ids))} with the chat "
+                        f"= {max_prompt_tokens} tokens (the shortest has {shortest} with the chat "
                         f"template; {need} needed): raise --max-model-len or lower --max-new-tokens")
-    return [rows[i] for i in keep], [ids[i] for i in keep], len(rows) - len(keep)
+    return [rows[i] for i in keep], PromptIds(tokenizer, [prompts[i] for i in keep]), len(rows) - len(keep)
 
 
 def _hh_split(text: str) -> tuple[list[dict], str] | None:

@@ -4,6 +4,7 @@ stream that feeds the generator, and trainer-side per-token logprobs."""
 from __future__ import annotations
 
 import contextlib
+import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -121,9 +122,90 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str | list[
     """Token ids of each prompt, chat template applied, ready for the assistant's reply. A prompt
     is a single user turn (str) or a list of messages. The template already holds any BOS token,
     so none is added again."""
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}] if isinstance(p, str) else p,
-                                           tokenize=False, add_generation_prompt=True) for p in prompts]
-    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    texts = render_prompts(tokenizer, prompts)
+    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+
+def render_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str | list[dict]]) -> list[str]:
+    """Each prompt's text with the chat template applied (a generation prompt added). Speed: a
+    single user turn is framed by concatenation when the template frames every user turn the same
+    way (`_user_frame`), not by a Jinja render (~0.2 ms each: minutes for a 860k-row dataset)."""
+    frame = _user_frame(tokenizer)
+    texts = []
+    for p in prompts:
+        if frame is not None and isinstance(p, str):
+            before, after, trim = frame
+            texts.append(before + (p.strip() if trim else p) + after)
+        else:
+            texts.append(tokenizer.apply_chat_template([{"role": "user", "content": p}] if isinstance(p, str) else p,
+                                                       tokenize=False, add_generation_prompt=True))
+    return texts
+
+
+_FRAMES: dict = {}
+
+
+def _user_frame(tokenizer) -> tuple[str, str, bool] | None:
+    """(before, after, trim): the template renders one user turn `c` as before + c + after (c.strip()
+    with `trim`, as Jinja's `trim` filter strips), or None when it does anything else with a turn's
+    text. Found by rendering sentinel turns (with whitespace, braces and non-ASCII text) and proven
+    on each: a template that looks at the content, beyond trimming it, takes the Jinja path."""
+    key = (id(tokenizer), tokenizer.chat_template)
+    if key not in _FRAMES:
+        def render(content):
+            return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                 add_generation_prompt=True)
+
+        frame, probe = None, "\x01probe\x02"
+        parts = render(probe).split(probe)
+        if len(parts) == 2:
+            before, after = parts
+            sentinels = ["\x01B{{ x }}{% if %}\x02", " \n\x01é 漢 $\\boxed{1}$\x02\t ", "\x01\x02"]
+            for trim in (False, True):
+                if all(render(c) == before + (c.strip() if trim else c) + after for c in sentinels):
+                    frame = (before, after, trim)
+                    break
+        _FRAMES[key] = frame
+    return _FRAMES[key]
+
+
+def prompt_token_bounds(tokenizer: PreTrainedTokenizerBase, prompts: list[str | list[dict]]) -> list[int]:
+    """An upper bound on the number of tokens of each prompt with the chat template applied, without
+    tokenizing it: the UTF-8 bytes of its text as the tokenizer normalises it, plus one (a prefix
+    space or "▁" that a pre-tokenizer may add). Every token of a BPE, Unigram or WordPiece
+    vocabulary spans at least one byte of that text (a byte-fallback token exactly one; a special
+    token its whole text). `data.fit_prompts` checks the bound against real counts before relying
+    on it. A framed prompt (`_user_frame`) is measured without being rendered."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    normalizer = backend.normalizer if backend is not None else None
+    form = type(normalizer).__name__
+
+    def size(text: str) -> int:
+        if form in ("NFC", "NFD", "NFKC", "NFKD"):  # Python's own; ASCII is left as it is: ~50x faster
+            text = text if text.isascii() else unicodedata.normalize(form, text)
+        elif normalizer is not None:
+            text = normalizer.normalize_str(text)
+        return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+    frame = _user_frame(tokenizer)
+    framed = size(frame[0]) + size(frame[1]) + 1 if frame is not None else 0
+    return [framed + size(p.strip() if frame[2] else p) if frame is not None and isinstance(p, str)
+            else size(render_prompts(tokenizer, [p])[0]) + 1 for p in prompts]
+
+
+class PromptIds:
+    """Token ids of `prompts`, encoded when read (`ids[i]`: the same list `encode_prompts` gives):
+    a step encodes its own prompts, and a 860k-row dataset holds no ids it never uses (a Python list
+    of ids costs ~8 bytes a token, ~5 GB per rank for the paper's math set at a 128k vocabulary)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompts: list[str | list[dict]]):
+        self.tokenizer, self.prompts = tokenizer, prompts
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, i: int) -> list[int]:
+        return encode_prompts(self.tokenizer, [self.prompts[i]])[0]
 
 
 AUTO_CHECKPOINTING_PARAMS = 100_000_000  # `--activation-checkpointing auto` on the CPU: this many parameters or more
