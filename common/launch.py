@@ -26,6 +26,14 @@ _NON_NEGATIVE = ("seed", "warmup_steps", "eval_every", "log_samples_every", "eva
                  "epochs", "gpu_memory_utilization", "limit", "weight_decay", "entropy_coef", "grpo_coef", "tis_cap",
                  "ref_sync_interval")
 _DERIVED = ("world_size", "prompts_per_rank")  # filled in after parsing, not flags
+# Flags a resumed run may change: how long it runs, where and how often it logs, evaluates, saves
+# and prints, and memory settings (micro-batch sizes change float rounding only). Every other flag
+# (data, seed, step shape, sync interval, objective, precision, prompts) is what the run trains on:
+# changed, the resumed run would not replay the one it continues, and `--resume` refuses it.
+_RESUME_FREE = {"exp_name", "num_steps", "output_dir", "resume", "track", "wandb_project_name", "eval_dataset",
+                "eval_split", "eval_every", "eval_samples", "eval_temperature", "eval_top_p", "eval_limit",
+                "save_every", "log_samples_every", "micro_batch_size", "activation_checkpointing", "rm_batch_size",
+                "rm_offload", "gpu_memory_utilization", "vllm_sleep"}
 
 
 def _flag(name: str) -> str:
@@ -141,7 +149,7 @@ def claim_output_dir(args, world_size: int, rank: int) -> None:
     crash left half-renamed). A folder whose run stopped before its first checkpoint is simply
     started over. Semi-online DPO resumes only at a sync-window boundary (`resume_window`).
     Collective under torchrun."""
-    args = flat(args)
+    full, args = args, flat(args)
     output_dir, resume = args.output_dir, args.resume
     step_json = os.path.join(output_dir, "checkpoint", "step.json")
     if rank == 0:
@@ -189,6 +197,39 @@ def claim_output_dir(args, world_size: int, rank: int) -> None:
                             f"{min((step // s + 1) * s, args.num_steps)} from newer weights than one uninterrupted run "
                             f"(cut at step {step // s * s} instead); resume with --num-steps {step}, or start a new "
                             f"run with --model {output_dir}/checkpoint")
+        check_resumed_flags(full, output_dir, rank)
+
+
+def flags_record(args) -> dict:
+    """A script's flags (its own and its plumbing, not the values derived after parsing), as the JSON
+    the run folder keeps in `args.json`."""
+    import typing
+
+    import tyro
+
+    derived = {name for cls in (type(args), type(getattr(args, "run", None)))
+               for name, hint in typing.get_type_hints(cls, include_extras=True).items()
+               if tyro.conf.Suppress in getattr(hint, "__metadata__", ())} if dataclasses.is_dataclass(args) else set()
+    return json.loads(json.dumps({k: v for k, v in vars(flat(args)).items() if k not in derived}))
+
+
+def check_resumed_flags(args, output_dir: str, rank: int) -> None:
+    """`--resume` with the flags the run started with (`args.json`): one line naming each changed flag
+    the replay depends on; the others (`_RESUME_FREE`) said in one line and accepted."""
+    path = os.path.join(output_dir, "args.json")
+    if not os.path.exists(path):  # a folder written before the record was kept
+        if rank == 0:
+            print(f"resume: {path} is missing: the flags cannot be compared with the run's", flush=True)
+        return
+    old, new = json.load(open(path)), flags_record(args)
+    changed = {k: (old[k], new[k]) for k in sorted(old.keys() & new.keys()) if old[k] != new[k] and k != "resume"}
+    say = lambda names: ", ".join(f"{_flag(k)} {changed[k][0]} -> {changed[k][1]}" for k in names)  # noqa: E731
+    breaking = [k for k in changed if k not in _RESUME_FREE]
+    if breaking:
+        raise UserError(f"--resume: {say(breaking)} changed since the run started: the resumed run would not replay "
+                        f"it; resume with the flags in {path}, or start a new run with --model {output_dir}/checkpoint")
+    if changed and rank == 0:
+        print(f"resume: changed since the run started (the replay does not depend on them): {say(changed)}", flush=True)
 
 
 def run(main, args) -> None:
@@ -285,6 +326,8 @@ def logger_for(args, rank: int, start_step: int, data: str):
     print(f"{args.exp_name}: {data}, {args.world_size} rank(s), {args.num_steps} steps of "
           f"{args.prompts_per_step}x{args.samples_per_prompt}, {str(dtype)[6:]} compute over fp32 masters, "
           f"{str(engine)[6:]} engine -> {args.run.output_dir}", flush=True)
+    with open(os.path.join(args.run.output_dir, "args.json"), "w") as f:  # the run's record; --resume reads it
+        json.dump(flags_record(args), f, indent=1)
     return MetricsLogger(args.run.output_dir, dataclasses.asdict(args), args.run.track,
                          args.run.wandb_project_name, f"{args.exp_name}__{args.seed}",
                          resume_step=start_step)

@@ -130,10 +130,14 @@ class MetricsLogger:
             lines = self.path.read_text().splitlines(keepends=True) if resume_step else []
             self.path.write_text("".join(line for line in lines if line.strip() and json.loads(line)["step"] <= resume_step))
         self.wandb = None
-        if track:
+        if track:  # a resumed run continues its W&B run (its id kept in the run folder), not a second one
             import wandb
 
-            self.wandb = wandb.init(project=project, name=run_name, config=config)
+            id_file = Path(output_dir) / "wandb_id"
+            run_id = id_file.read_text().strip() if resume_step and id_file.exists() else None
+            self.wandb = wandb.init(project=project, name=run_name, config=config, id=run_id,
+                                    resume="allow" if run_id else None)
+            id_file.write_text(self.wandb.id)
 
     def log(self, metrics: dict) -> None:
         with self.path.open("a") as f:

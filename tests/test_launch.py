@@ -240,3 +240,32 @@ def test_data_errors_are_one_line(tmp_path):
     r = subprocess.run([sys.executable, "grpo.py", "--dataset", proofs, "--output-dir", str(tmp_path / "o")], cwd=ROOT,
                        env=ENV, capture_output=True, text=True, timeout=300)
     one_line(r, "no usable row in 3 (3 math row without a gold answer (line 1, line 2, line 3))")
+
+
+def test_the_run_folder_records_its_flags_and_resume_compares_them(tmp_path):
+    """`args.json` holds the flags a run started with (derived values aside); `--resume` refuses, in
+    one line before any model loads, the flags the replay depends on, names the others it accepts,
+    and a tracked run continues its W&B run (offline W&B here: no network)."""
+    out = tmp_path / "run"
+    env = dict(ENV, WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_SILENT="true")
+    base = [sys.executable, "grpo.py", "--eval-every", "0", "--save-every", "2", "--output-dir", str(out), "--track"]
+    r = subprocess.run([*base, "--num-steps", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    record = json.load(open(out / "args.json"))
+    assert record["learning_rate"] == 5e-5 and record["samples_per_prompt"] == 8 and record["num_steps"] == 2
+    assert "world_size" not in record and "prompts_per_rank" not in record  # derived, not flags
+    run_id = (out / "wandb_id").read_text()
+    r = subprocess.run([*base, "--num-steps", "3", "--resume", "--learning-rate", "1e-3", "--samples-per-prompt", "4"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    last = one_line(r, "--resume: --learning-rate 5e-05 -> 0.001, --samples-per-prompt 8 -> 4 changed since the run "
+                       "started: the resumed run would not replay it")
+    assert f"{out}/args.json" in last and "vllm" not in r.stdout.lower()  # refused before any model loaded
+    r = subprocess.run([*base, "--num-steps", "3", "--resume", "--log-samples-every", "5"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert ("resume: changed since the run started (the replay does not depend on them): --log-samples-every 25 -> 5, "
+            "--num-steps 2 -> 3") in r.stdout
+    assert [x["step"] for x in metrics(out)] == [1, 2, 3]
+    assert (out / "wandb_id").read_text() == run_id and json.load(open(out / "args.json"))["num_steps"] == 3
+    runs = [d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-")]
+    assert len(runs) == 2 and all(run_id in d for d in runs), runs  # the resumed run logs to the same W&B run
