@@ -130,16 +130,23 @@ def main(args: Args) -> None:
         if rank == 0:
             print(f"math {spec}: {len(rows)} problems x {args.samples} samples, then greedy", flush=True)
         mine, seeds = rows[rank::world_size], common.eval_seeds(args.seed, 0, range(rank, len(rows), world_size))
-        accs = common.eval_math(generator, tokenizer, mine, k=args.samples, temperature=args.temperature,
-                                top_p=args.top_p, max_tokens=args.max_new_tokens, seed=seeds, progress=rank == 0)
+        scores, answers = common.math_samples(generator, tokenizer, mine, k=args.samples, temperature=args.temperature,
+                                              top_p=args.top_p, max_tokens=args.max_new_tokens, seed=seeds,
+                                              progress=rank == 0)
+        accs = [sum(x) / len(x) for x in scores]  # mean@k = pass@1
         greedy = common.eval_math(generator, tokenizer, mine, k=1, temperature=0.0, top_p=1.0,
                                   max_tokens=args.max_new_tokens, seed=seeds, progress=rank == 0)
-        s = common.all_reduce({"n": len(accs), "sum": sum(accs), "sq": sum(a * a for a in accs), "greedy": sum(greedy)})
+        k = args.samples
+        s = common.all_reduce({"n": len(accs), "sum": sum(accs), "sq": sum(a * a for a in accs), "greedy": sum(greedy),
+                               "pass": sum(common.pass_at_k(k, int(sum(x)), k) for x in scores),
+                               "maj": sum(common.majority_correct(x, a) for x, a in zip(scores, answers, strict=True))})
         acc, se = common.mean_se_from_sums(s["n"], s["sum"], s["sq"])
         result["math"][spec] = {"accuracy": acc, "accuracy_se": se, "greedy_accuracy": s["greedy"] / s["n"],
-                                "problems": int(s["n"]), "samples": args.samples}
+                                f"pass@{k}": s["pass"] / s["n"], f"maj@{k}": s["maj"] / s["n"],
+                                "problems": int(s["n"]), "samples": k}
         if rank == 0:
-            print(f"math {spec}: accuracy {acc:.3f} ± {se:.3f}, greedy {s['greedy'] / s['n']:.3f} "
+            print(f"math {spec}: accuracy (mean@{k}) {acc:.3f} ± {se:.3f}, pass@{k} {s['pass'] / s['n']:.3f}, "
+                  f"maj@{k} {s['maj'] / s['n']:.3f}, greedy {s['greedy'] / s['n']:.3f} "
                   f"({int(s['n'])} problems, {time.time() - t0:.0f} s)", flush=True)
         save()
 
@@ -188,10 +195,12 @@ def main(args: Args) -> None:
     if rank == 0:
         print(f"\n{args.model}\n")
         if result["math"]:
-            print(f"| math dataset | accuracy ({args.samples} samples, T={args.temperature}) | greedy | problems |")
-            print("|---|---|---|---|")
+            k = args.samples
+            print(f"| math dataset | accuracy (mean@{k}, T={args.temperature}) | pass@{k} | maj@{k} | greedy | problems |")
+            print("|---|---|---|---|---|---|")
             for spec, m in result["math"].items():
-                print(f"| {spec} | {m['accuracy']:.3f} ± {m['accuracy_se']:.3f} | {m['greedy_accuracy']:.3f} | {m['problems']} |")
+                print(f"| {spec} | {m['accuracy']:.3f} ± {m['accuracy_se']:.3f} | {m[f'pass@{k}']:.3f} | "
+                      f"{m[f'maj@{k}']:.3f} | {m['greedy_accuracy']:.3f} | {m['problems']} |")
         if result["chat"]:
             c = result["chat"]
             win = f"{c['win_rate']:.3f}" if "win_rate" in c else "-"

@@ -44,8 +44,11 @@ from common.evaluation import (
     eval_subset,
     evaluate,
     evaluate_policy,
+    majority_correct,
+    math_samples,
     mean_and_se,
     mean_se_from_sums,
+    pass_at_k,
 )
 from common.generation import Completion, Generator, request_seed
 from common.launch import (
@@ -101,7 +104,7 @@ __all__ = [
     "autocast", "micro_batches", "add_up", "update_stats", "chunks",
     "evaluate_policy", "tis_weights", "pair_record", "pair_rewards", "pair_terms", "pairs_by_step",
     "find_checkpoint", "load_checkpoint", "save_checkpoint",
-    "eval_chat", "eval_line", "eval_math", "eval_seeds", "eval_subset", "evaluate", "mean_and_se", "mean_se_from_sums", "PAPER_MATH_TEMPLATE", "encode_pairs", "fit_prompts", "last_boxed", "load_pairs", "load_prompts", "load_rollout_log", "save_pairs", "shuffled_indices",
+    "eval_chat", "eval_line", "eval_math", "majority_correct", "math_samples", "pass_at_k", "eval_seeds", "eval_subset", "evaluate", "mean_and_se", "mean_se_from_sums", "PAPER_MATH_TEMPLATE", "encode_pairs", "fit_prompts", "last_boxed", "load_pairs", "load_prompts", "load_rollout_log", "save_pairs", "shuffled_indices",
     "Completion", "Generator", "request_seed", "completion_logprobs", "copy_weights", "compute_dtype", "describe_template", "engine_dtype", "encode_prompts", "fsdp_wrap", "full_state_dict", "load_model",
     "load_tokenizer", "RewardModel", "math_reward", "math_rewards", "MetricsLogger", "UserError",
     "all_reduce", "peak_memory_gb", "seed_everything", "setup_distributed", "score", "PhaseTimer", "engine_logprobs", "logprob_gap",

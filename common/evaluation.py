@@ -49,14 +49,39 @@ def eval_math(generator, tokenizer, rows: list[dict], *, k: int, temperature: fl
     """Per-problem accuracy, each the mean over `k` samples (the paper: T=0.6, top-p 0.9, 50
     samples). `mean_and_se` of the result is the figure to report; under torchrun each rank
     evaluates a shard and the scripts reduce (sum, sum of squares, count)."""
+    scores, _ = math_samples(generator, tokenizer, rows, k=k, temperature=temperature, top_p=top_p,
+                             max_tokens=max_tokens, seed=seed, progress=progress)
+    return [sum(s) / len(s) for s in scores]
+
+
+def math_samples(generator, tokenizer, rows: list[dict], *, k: int, temperature: float, top_p: float,
+                 max_tokens: int, seed: int | list[int], progress: bool = False):
+    """`k` samples per problem: (each problem's k scores, each problem's k final answers: the
+    text of the completion's last `\\boxed{}`, whitespace removed, or None)."""
+    from common.data import last_boxed
+
     outs = generator.generate(encode_prompts(tokenizer, [r["prompt"] for r in rows]), n=k,
                               temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
                               progress=progress)
-    per_problem = []
-    for row, completions in zip(rows, outs, strict=True):
-        scores = math_rewards([c.text for c in completions], [row["answer"]] * len(completions))
-        per_problem.append(sum(scores) / len(scores))
-    return per_problem
+    scores = math_rewards([c.text for o in outs for c in o], [r["answer"] for r in rows for _ in range(k)])
+    answers = [[None if (b := last_boxed(c.text)) is None else "".join(b.split()) for c in o] for o in outs]
+    return [scores[i * k : (i + 1) * k] for i in range(len(rows))], answers
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased pass@k of a problem with `c` correct of `n` samples: the chance that k samples
+    drawn without replacement hold a correct one, 1 - C(n - c, k) / C(n, k) (Chen et al. 2021)."""
+    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def majority_correct(scores: list[float], answers: list[str | None]) -> float:
+    """maj@k of one problem: the score of the most frequent final answer among its samples (ties:
+    the one seen first; samples without a final answer do not vote; none: 0)."""
+    votes = [a for a in answers if a is not None]
+    if not votes:
+        return 0.0
+    top = max(votes, key=lambda a: (votes.count(a), -votes.index(a)))
+    return scores[answers.index(top)]
 
 
 def eval_chat(generator, tokenizer, reward_model, rows: list[dict], *, k: int, temperature: float,

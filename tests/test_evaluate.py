@@ -17,6 +17,7 @@ def test_evaluate_one_and_two_processes(tmp_path):
     one = json.load(open(tmp_path / "one.json"))
     m = one["math"]["embedded/data/math_test.jsonl"]
     assert m["problems"] == 16 and 0 <= m["accuracy"] <= 1 and 0 <= m["greedy_accuracy"] <= 1 and m["accuracy_se"] > 0
+    assert m["accuracy"] <= m["pass@2"] <= 1 and 0 <= m["maj@2"] <= 1 and "| pass@2 | maj@2 |" in r.stdout
     c = one["chat"]
     assert c["prompts"] == 16 and c["length_mean"] > 0
     assert c["reward_per_token"] == pytest.approx(c["reward_mean"] / c["length_mean"])
@@ -32,3 +33,15 @@ def test_evaluate_one_and_two_processes(tmp_path):
     prompts = [json.loads(line)["prompt"] for line in open(f"{ROOT}/embedded/data/chat_test.jsonl")][:16]
     assert [x["prompt"] for x in saved] == prompts  # the dataset's order
     assert two["chat"]["responses"] == saved  # gathered from two shards in that order, same samples
+
+
+def test_pass_at_k_and_majority_by_hand():
+    """pass@k, unbiased from n samples with c correct: 1 - C(n-c, k) / C(n, k); maj@k: the score of
+    the most frequent final answer (ties: the first seen; no answer: no vote)."""
+    from common import majority_correct, pass_at_k
+
+    assert pass_at_k(4, 0, 4) == 0.0 and pass_at_k(4, 1, 4) == 1.0 and pass_at_k(4, 4, 1) == 1.0
+    assert pass_at_k(4, 1, 1) == pytest.approx(0.25) and pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)
+    assert majority_correct([0.0, 1.0, 1.0, 0.0], ["7", "5", "5", "7"]) == 0.0  # a tie: the first seen, "7"
+    assert majority_correct([0.0, 1.0, 1.0, 0.0], ["7", "5", "5", None]) == 1.0
+    assert majority_correct([0.0, 0.0], [None, None]) == 0.0
