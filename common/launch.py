@@ -49,6 +49,7 @@ def check_args(args, world_size: int) -> None:
     for name, what in (("model", "model"), ("reward_model", "reward model"), ("baseline", "baseline model")):
         if getattr(args, name, ""):
             check_model_path(getattr(args, name), what)
+            check_model_folder(getattr(args, name), what, tokenizer=name != "baseline")
     for name in ("model", "baseline"):
         if getattr(args, name, ""):
             check_generative(getattr(args, name), _flag(name), getattr(args, "trust_remote_code", False))
@@ -117,6 +118,26 @@ def check_args(args, world_size: int) -> None:
         if getattr(args, temperature, 1.0) == 0 and getattr(args, samples, 1) > 1:
             raise UserError(f"{_flag(temperature)} 0 is greedy: one sample per prompt; set {_flag(samples)} 1 "
                             "or a temperature above 0")
+
+
+def check_model_folder(name: str, what: str, tokenizer: bool) -> None:
+    """A local model folder holds what loading it needs: config.json, weights and (for a model whose
+    tokenizer is used) tokenizer files; one line naming what is missing, not a traceback from deep in
+    transformers (an empty folder) or a wrong cause ("no chat template" for a folder without a
+    tokenizer)."""
+    from pathlib import Path
+
+    path = Path(name).expanduser()
+    if not path.is_dir():  # a hub id: check_model_path has fetched its config
+        return
+    weights = [p for p in path.iterdir() if p.name.endswith((".safetensors", ".bin", ".safetensors.index.json"))]
+    tokenizers = [p for p in path.iterdir() if p.name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")]
+    missing = [want for want, found in (("config.json", (path / "config.json").is_file()), ("weights (*.safetensors)",
+               bool(weights)), ("tokenizer files (tokenizer.json, tokenizer_config.json)", bool(tokenizers) or not tokenizer))
+               if not found]
+    if missing:
+        raise UserError(f"{what} folder '{name}' has no {' and no '.join(missing)}: not a whole Hugging Face model "
+                        "folder (what save_pretrained writes for the model and its tokenizer)")
 
 
 def resume_window(args) -> tuple[int, str]:

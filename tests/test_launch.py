@@ -269,3 +269,22 @@ def test_the_run_folder_records_its_flags_and_resume_compares_them(tmp_path):
     assert (out / "wandb_id").read_text() == run_id and json.load(open(out / "args.json"))["num_steps"] == 3
     runs = [d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-")]
     assert len(runs) == 2 and all(run_id in d for d in runs), runs  # the resumed run logs to the same W&B run
+
+
+def test_an_incomplete_model_folder_is_one_line(tmp_path):
+    """An empty folder (transformers: a traceback ending in "Unrecognized model") or one with only its
+    config.json (the tokenizer's loader: "no chat template") is named with what it lacks."""
+    import shutil
+
+    empty, config_only = tmp_path / "empty", tmp_path / "config_only"
+    empty.mkdir()
+    config_only.mkdir()
+    shutil.copy(os.path.join(ROOT, "embedded", "policy", "config.json"), config_only)
+    for folder, lacks in ((empty, "has no config.json and no weights"),
+                          (config_only, "has no weights (*.safetensors) and no tokenizer files")):
+        r = subprocess.run([sys.executable, "grpo.py", "--model", str(folder), "--output-dir", str(tmp_path / "o")],
+                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        one_line(r, f"model folder '{folder}' {lacks}")
+    r = subprocess.run([sys.executable, "evaluate.py", "--baseline", str(config_only), "--output", str(tmp_path / "e.json")],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    one_line(r, f"baseline model folder '{config_only}' has no weights (*.safetensors):")  # a baseline needs no tokenizer
