@@ -8,6 +8,7 @@ import random
 import torch
 import torch.distributed as dist
 
+from common.data import last_boxed
 from common.generation import request_seed
 from common.models import encode_prompts
 from common.rewards import math_rewards
@@ -58,8 +59,6 @@ def math_samples(generator, tokenizer, rows: list[dict], *, k: int, temperature:
                  max_tokens: int, seed: int | list[int], progress: bool = False):
     """`k` samples per problem: (each problem's k scores, each problem's k final answers: the
     text of the completion's last `\\boxed{}`, whitespace removed, or None)."""
-    from common.data import last_boxed
-
     outs = generator.generate(encode_prompts(tokenizer, [r["prompt"] for r in rows]), n=k,
                               temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
                               progress=progress)

@@ -25,7 +25,6 @@ from common.utils import UserError
 _NON_NEGATIVE = ("seed", "warmup_steps", "eval_every", "log_samples_every", "eval_temperature", "nll_scale", "kl_coef",
                  "epochs", "gpu_memory_utilization", "limit", "weight_decay", "entropy_coef", "grpo_coef", "tis_cap",
                  "ref_sync_interval")
-_DERIVED = ("world_size", "prompts_per_rank")  # filled in after parsing, not flags
 # Flags a resumed run may change: how long it runs, where and how often it logs, evaluates, saves
 # and prints, and memory settings (micro-batch sizes change float rounding only). Every other flag
 # (data, seed, step shape, sync interval, objective, precision, prompts) is what the run trains on:
@@ -45,6 +44,7 @@ def check_args(args, world_size: int) -> None:
     line naming the fix."""
     from common.models import check_model_path
 
+    derived = derived_fields(args)  # filled in after parsing, not flags
     args = flat(args)  # the script's own flags and its plumbing (`args.run`) alike
     for name, what in (("model", "model"), ("reward_model", "reward model"), ("baseline", "baseline model")):
         if getattr(args, name, ""):
@@ -64,7 +64,7 @@ def check_args(args, world_size: int) -> None:
             raise UserError("--vllm-sleep frees GPU memory while the trainer updates; this machine has no GPU "
                             "(drop the flag)")
     for name, value in vars(args).items():
-        if name in _DERIVED or isinstance(value, bool) or not isinstance(value, (int, float)):
+        if name in derived or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
         positive = name not in _NON_NEGATIVE
         if not (value > 0 if positive else value >= 0):
@@ -130,11 +130,14 @@ def check_model_folder(name: str, what: str, tokenizer: bool) -> None:
     path = Path(name).expanduser()
     if not path.is_dir():  # a hub id: check_model_path has fetched its config
         return
-    weights = [p for p in path.iterdir() if p.name.endswith((".safetensors", ".bin", ".safetensors.index.json"))]
-    tokenizers = [p for p in path.iterdir() if p.name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")]
-    missing = [want for want, found in (("config.json", (path / "config.json").is_file()), ("weights (*.safetensors)",
-               bool(weights)), ("tokenizer files (tokenizer.json, tokenizer_config.json)", bool(tokenizers) or not tokenizer))
-               if not found]
+    files = [p.name for p in path.iterdir()]
+    missing = []
+    if "config.json" not in files:
+        missing.append("config.json")
+    if not any(f.endswith((".safetensors", ".bin")) for f in files):  # .index.json: a sharded one's shards
+        missing.append("weights (*.safetensors)")
+    if tokenizer and not {"tokenizer.json", "tokenizer_config.json", "tokenizer.model"} & set(files):
+        missing.append("tokenizer files (tokenizer.json, tokenizer_config.json)")
     if missing:
         raise UserError(f"{what} folder '{name}' has no {' and no '.join(missing)}: not a whole Hugging Face model "
                         "folder (what save_pretrained writes for the model and its tokenizer)")
@@ -221,16 +224,22 @@ def claim_output_dir(args, world_size: int, rank: int) -> None:
         check_resumed_flags(full, output_dir, rank)
 
 
-def flags_record(args) -> dict:
-    """A script's flags (its own and its plumbing, not the values derived after parsing), as the JSON
-    the run folder keeps in `args.json`."""
+def derived_fields(args) -> set[str]:
+    """The fields of a script's `Args` (and its `run`) filled in after parsing: those marked
+    `tyro.conf.Suppress` (not flags; a fork's own derived field is found the same way)."""
     import typing
 
     import tyro
 
-    derived = {name for cls in (type(args), type(getattr(args, "run", None)))
-               for name, hint in typing.get_type_hints(cls, include_extras=True).items()
-               if tyro.conf.Suppress in getattr(hint, "__metadata__", ())} if dataclasses.is_dataclass(args) else set()
+    return {name for cls in (type(args), type(getattr(args, "run", None))) if dataclasses.is_dataclass(cls)
+            for name, hint in typing.get_type_hints(cls, include_extras=True).items()
+            if tyro.conf.Suppress in getattr(hint, "__metadata__", ())}
+
+
+def flags_record(args) -> dict:
+    """A script's flags (its own and its plumbing, not the values derived after parsing), as the JSON
+    the run folder keeps in `args.json`."""
+    derived = derived_fields(args)
     return json.loads(json.dumps({k: v for k, v in vars(flat(args)).items() if k not in derived}))
 
 

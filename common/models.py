@@ -150,7 +150,7 @@ def _user_frame(tokenizer) -> tuple[str, str, bool] | None:
     with `trim`, as Jinja's `trim` filter strips), or None when it does anything else with a turn's
     text. Found by rendering sentinel turns (with whitespace, braces and non-ASCII text) and proven
     on each: a template that looks at the content, beyond trimming it, takes the Jinja path."""
-    key = (id(tokenizer), tokenizer.chat_template)
+    key = (tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token)  # what a template reads
     if key not in _FRAMES:
         def render(content):
             return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
