@@ -52,7 +52,11 @@ def check_args(args, world_size: int) -> None:
             check_model_folder(getattr(args, name), what, tokenizer=name != "baseline")
     for name in ("model", "baseline"):
         if getattr(args, name, ""):
-            check_generative(getattr(args, name), _flag(name), getattr(args, "trust_remote_code", False))
+            config = check_generative(getattr(args, name), _flag(name), getattr(args, "trust_remote_code", False))
+            longest = getattr(config, "max_position_embeddings", None)
+            if name == "model" and longest and getattr(args, "max_model_len", 0) > longest:
+                raise UserError(f"--max-model-len {args.max_model_len} is longer than {args.model} was built for "
+                                f"({longest} positions, its config's max_position_embeddings); use at most {longest}")
     if getattr(args, "reward_model", ""):  # a checkpoint without a trained reward head is refused now
         from common.rewards import reward_model_layout
 
@@ -151,9 +155,10 @@ def resume_window(args) -> tuple[int, str]:
     return steps, f"--sync-interval {s}" if steps == s else f"lcm(--sync-interval {s}, --ref-sync-interval {k}) = {steps}"
 
 
-def check_generative(name: str, flag: str, trust_remote_code: bool = False) -> None:
+def check_generative(name: str, flag: str, trust_remote_code: bool = False):
     """`name` must be a generative (causal) language model: vLLM samples from it and the trainer
-    computes its next-token log-probs. A reward or classification model is refused by its config."""
+    computes its next-token log-probs. A reward or classification model is refused by its config,
+    which is returned."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -164,6 +169,7 @@ def check_generative(name: str, flag: str, trust_remote_code: bool = False) -> N
                          for a in archs):
         raise UserError(f"{flag} {name} is a {', '.join(archs)}, not a generative language model "
                         "(a *ForCausalLM); a reward model goes to --reward-model")
+    return config
 
 
 def claim_output_dir(args, world_size: int, rank: int) -> None:

@@ -32,6 +32,7 @@ FLAGS = [  # (flags, what the one line says): all refused before any model loads
     (["--temperature", "0"], "--temperature must be > 0"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be > 0"),
     (["--max-new-tokens", "300"], "--max-new-tokens (300) must be below --max-model-len (256)"),
+    (["--max-model-len", "1024"], "--max-model-len 1024 is longer than embedded/policy was built for (512 positions"),
     (["--num-steps", "0"], "--num-steps must be > 0"),
     (["--eval-temperature", "0"], "--eval-temperature 0 is greedy: one sample per prompt; set --eval-samples 1"),
     (["--top-p", "1.5"], "--top-p must be at most 1"),
