@@ -132,10 +132,10 @@ def main(args: Args) -> None:
         mine, seeds = rows[rank::world_size], common.eval_seeds(args.seed, 0, range(rank, len(rows), world_size))
         scores, answers = common.math_samples(generator, tokenizer, mine, k=args.samples, temperature=args.temperature,
                                               top_p=args.top_p, max_tokens=args.max_new_tokens, seed=seeds,
-                                              progress=rank == 0)
+                                              label=f"math {spec}")
         accs = [sum(x) / len(x) for x in scores]  # mean@k = pass@1
         greedy = common.eval_math(generator, tokenizer, mine, k=1, temperature=0.0, top_p=1.0,
-                                  max_tokens=args.max_new_tokens, seed=seeds, progress=rank == 0)
+                                  max_tokens=args.max_new_tokens, seed=seeds, label=f"math {spec} greedy")
         k = args.samples
         s = common.all_reduce({"n": len(accs), "sum": sum(accs), "sq": sum(a * a for a in accs), "greedy": sum(greedy),
                                "pass": sum(common.pass_at_k(k, int(sum(x)), k) for x in scores),
@@ -154,7 +154,7 @@ def main(args: Args) -> None:
     if chat_rows:
         mine, indices = chat_rows[rank::world_size], range(rank, len(chat_rows), world_size)
         sampling = {"k": args.samples, "temperature": args.temperature, "top_p": args.top_p,
-                    "max_tokens": args.max_new_tokens, "progress": rank == 0}
+                    "max_tokens": args.max_new_tokens, "label": "chat"}
         if rank == 0:
             print(f"chat {args.chat_dataset}: {len(chat_rows)} prompts x {args.samples} samples"
                   + (f", then the baseline's {args.baseline}" if args.baseline else ""), flush=True)
@@ -162,12 +162,12 @@ def main(args: Args) -> None:
                                                   seed=common.eval_seeds(args.seed, 1, indices), **sampling)
         per_prompt = scores.mean(dim=1)
         s = common.all_reduce({"n": len(mine), "sum": per_prompt.sum().item(), "sq": (per_prompt**2).sum().item(),
-                               "tokens": lengths.mean(dim=1).sum().item()})
+                               "tokens": lengths.mean(dim=1).sum().item(), "cut": reward_model.truncated})
         reward, reward_se = common.mean_se_from_sums(s["n"], s["sum"], s["sq"])
         length = s["tokens"] / s["n"]
         result["chat"] = {"dataset": args.chat_dataset, "reward_mean": reward, "reward_se": reward_se,
                           "length_mean": length, "reward_per_token": reward / max(length, 1), "prompts": int(s["n"]),
-                          "samples": args.samples}
+                          "samples": args.samples, "rm_truncated": int(s["cut"])}  # rows cut to --rm-max-length
         if args.save_samples:  # every rank's share, in the dataset's order
             shards = [list(zip([r["prompt"] for r in mine], texts, strict=True))]
             if dist.is_initialized():

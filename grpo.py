@@ -216,9 +216,9 @@ def main(args: Args) -> None:
 
     # ---- training loop --------------------------------------------------------------------------
     n, t_start = args.samples_per_prompt, time.time()
-    progress = common.Progress(args.num_steps, run.log_samples_every)
+    progress = common.Progress(args, logger)  # the record and the console, step by step
     if eval_rows and start_step == 0:
-        progress.step_zero(logger, evaluate())
+        progress.step_zero(evaluate())
     for step in range(start_step + 1, args.num_steps + 1):
         timer = common.PhaseTimer()
         # ---- sync: ALGO LOGIC: s = 1, the generator gets the weights being trained every step.
@@ -248,7 +248,7 @@ def main(args: Args) -> None:
                          key=lambda s: len(prompts[s[0]]) + len(outs[s[0]][s[1]].token_ids))
         flat_prompts = [prompts[j] for j, _ in samples]
         flat_completions = [outs[j][i] for j, i in samples]
-        advantages = advantages[[j for j, _ in samples], [i for _, i in samples]]  # (P*n,)
+        flat_advantages = advantages[[j for j, _ in samples], [i for _, i in samples]]  # (P*n,)
         num_tokens = 0.0  # --length-norm token: / the step's completion tokens (this rank's share:
         if args.length_norm == "token":  # FSDP averages over ranks), one collective for the count
             tokens = common.all_reduce({"t": sum(len(c.token_ids) for c in flat_completions)})
@@ -262,7 +262,7 @@ def main(args: Args) -> None:
             size = run.micro_batch_size
             for mb in common.micro_batches(len(flat_completions), size):  # same count on all ranks
                 mb_prompts, mb_completions, weight = flat_prompts[mb], flat_completions[mb], 1.0
-                mb_advantages = advantages[mb]
+                mb_advantages = flat_advantages[mb]
                 if not mb_completions:  # a padding pass: same collectives, no gradient, no stats
                     mb_prompts, mb_completions, weight = [prompts[0]] * 2, [outs[0][0]] * 2, 0.0
                     mb_advantages = torch.zeros(2)
@@ -308,13 +308,12 @@ def main(args: Args) -> None:
                    **common.rollout_metrics(s), **common.trainer_metrics(s, s_max, timer)}
         if eval_rows and (step % run.eval_every == 0 or step == args.num_steps):
             metrics.update(evaluate())
-        if rank == 0:
-            logger.log(metrics)
-            progress.step(metrics, batch, outs, rewards)
+        progress.step(metrics, batch, outs, rewards, advantages=advantages)  # all ranks (a gather)
 
-        # ---- checkpoint
+        # ---- checkpoints: the trainer state to resume; the best model by validation (to keep)
         if step % run.save_every == 0 or step == args.num_steps:
             common.save_checkpoint(ckpt_dir, step, policy, optimizer, tokenizer, dtype)
+        common.save_best(run.output_dir, metrics, policy, tokenizer, dtype)  # on evaluation steps
 
     # ---- final save -----------------------------------------------------------------------------
     common.finish(logger, generator, run.output_dir, t_start)

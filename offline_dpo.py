@@ -212,6 +212,7 @@ def sample_pairs(args: Args, generator, reward_model, rows, prompt_ids, order, p
                                       n=args.samples_per_prompt, temperature=args.temperature,
                                       top_p=args.top_p, max_tokens=args.max_new_tokens,
                                       seed=order.seeds(*window))
+            generator.sleep()  # the reward model scores in the engine's memory (--vllm-sleep)
         for step, outs in zip(window, common.chunks(flat, P), strict=True):
             batch = [rows[i] for i in order.indices(step)]
             with timer("score"):
@@ -226,7 +227,6 @@ def sample_pairs(args: Args, generator, reward_model, rows, prompt_ids, order, p
         if order.first == 0:  # rank 0
             print(f"sampling from the seed: step {window[-1]}/{args.num_steps}, "
                   f"{timer.total():.0f} s", flush=True)
-    generator.sleep()  # until the evaluations
     return common.save_pairs(built, step_sums, path, timer)
 
 
@@ -279,9 +279,9 @@ def main(args: Args) -> None:
 
     # ---- training loop --------------------------------------------------------------------------
     n, t_start = args.samples_per_prompt, time.time()
-    progress = common.Progress(args.num_steps, run.log_samples_every)
+    progress = common.Progress(args, logger)  # the record and the console, step by step
     if (eval_rows or build_metrics) and start_step == 0:
-        progress.step_zero(logger, {**build_metrics, **(evaluate() if eval_rows else {})})
+        progress.step_zero({**build_metrics, **(evaluate() if eval_rows else {})})
     for step in range(start_step + 1, args.num_steps + 1):
         timer = common.PhaseTimer()
         # ---- rollout: ALGO LOGIC: s = ∞, no sync: the step's pairs were sampled before training
@@ -384,13 +384,12 @@ def main(args: Args) -> None:
             metrics["train/epoch"] = step * args.prompts_per_step / len(data)
         if eval_rows and (step % run.eval_every == 0 or step == args.num_steps):
             metrics.update(evaluate())
-        if rank == 0:
-            logger.log(metrics)
-            progress.step(metrics, batch, outs, rewards)
+        progress.step(metrics, batch, outs, rewards, pairs=pairs)  # all ranks (a gather)
 
-        # ---- checkpoint
+        # ---- checkpoints: the trainer state to resume; the best model by validation (to keep)
         if step % run.save_every == 0 or step == args.num_steps:
             common.save_checkpoint(ckpt_dir, step, policy, optimizer, tokenizer, dtype)
+        common.save_best(run.output_dir, metrics, policy, tokenizer, dtype)  # on evaluation steps
 
     # ---- final save -----------------------------------------------------------------------------
     common.finish(logger, generator, run.output_dir, t_start)

@@ -244,9 +244,9 @@ def main(args: Args) -> None:
 
     # ---- training loop --------------------------------------------------------------------------
     n, t_start = args.samples_per_prompt, time.time()
-    progress = common.Progress(args.num_steps, run.log_samples_every)
+    progress = common.Progress(args, logger)  # the record and the console, step by step
     if eval_rows and start_step == 0:
-        progress.step_zero(logger, evaluate())
+        progress.step_zero(evaluate())
     for step in range(start_step + 1, args.num_steps + 1):
         timer = common.PhaseTimer()
         # ---- sync: ALGO LOGIC: s = 1, the generator gets the weights being trained every step.
@@ -360,13 +360,12 @@ def main(args: Args) -> None:
                    **common.rollout_metrics(s), **common.trainer_metrics(s, s_max, timer)}
         if eval_rows and (step % run.eval_every == 0 or step == args.num_steps):
             metrics.update(evaluate())
-        if rank == 0:
-            logger.log(metrics)
-            progress.step(metrics, batch, outs, rewards)
+        progress.step(metrics, batch, outs, rewards, pairs=pairs)  # all ranks (a gather)
 
-        # ---- checkpoint
+        # ---- checkpoints: the trainer state to resume; the best model by validation (to keep)
         if step % run.save_every == 0 or step == args.num_steps:
             common.save_checkpoint(ckpt_dir, step, policy, optimizer, tokenizer, dtype)
+        common.save_best(run.output_dir, metrics, policy, tokenizer, dtype)  # on evaluation steps
 
     # ---- final save -----------------------------------------------------------------------------
     common.finish(logger, generator, run.output_dir, t_start)

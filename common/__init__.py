@@ -9,7 +9,8 @@
                 the vLLM-vs-trainer logprob gap
 - data:       prompt datasets (local files or hub) normalised to {task, prompt, answer}, and
                 preference datasets (chosen / rejected) for offline DPO
-- checkpoint: save / resume (HF model folder + per-rank safetensors trainer state, atomic)
+- checkpoint: save / resume (HF model folder + per-rank safetensors trainer state, atomic), and
+                the best model by validation (`save_best`)
 - evaluation: held-out math accuracy and chat reward with standard errors, over ranks
 
 - args:       `RunArgs`, the plumbing flags every script's `Args` holds as `args.run`
@@ -18,7 +19,7 @@
 """
 
 from common.args import RunArgs
-from common.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from common.checkpoint import BEST_BY, find_checkpoint, load_checkpoint, save_best, save_checkpoint
 from common.data import (
     PAPER_MATH_TEMPLATE,
     StepOrder,
@@ -64,6 +65,7 @@ from common.metrics import (
     PhaseTimer,
     Progress,
     add_up,
+    completion_records,
     engine_logprobs,
     logprob_gap,
     reduce_step,
@@ -103,10 +105,10 @@ __all__ = [
     "RunArgs", "load_data", "generator_for", "logger_for", "reward_model_for",
     "autocast", "micro_batches", "add_up", "update_stats", "chunks",
     "evaluate_policy", "tis_weights", "pair_record", "pair_rewards", "pair_terms", "pairs_by_step",
-    "find_checkpoint", "load_checkpoint", "save_checkpoint",
+    "BEST_BY", "find_checkpoint", "load_checkpoint", "save_best", "save_checkpoint",
     "eval_chat", "eval_line", "eval_math", "majority_correct", "math_samples", "pass_at_k", "eval_seeds", "eval_subset", "evaluate", "mean_and_se", "mean_se_from_sums", "PAPER_MATH_TEMPLATE", "encode_pairs", "fit_prompts", "last_boxed", "load_pairs", "load_prompts", "load_rollout_log", "save_pairs", "shuffled_indices",
     "Completion", "Generator", "request_seed", "completion_logprobs", "copy_weights", "compute_dtype", "describe_template", "engine_dtype", "encode_prompts", "fsdp_wrap", "full_state_dict", "load_model",
     "load_tokenizer", "RewardModel", "math_reward", "math_rewards", "MetricsLogger", "UserError",
     "all_reduce", "peak_memory_gb", "seed_everything", "setup_distributed", "score", "PhaseTimer", "engine_logprobs", "logprob_gap",
-    "reduce_step", "StepOrder", "Progress", "rollout_metrics", "rollout_sums", "trainer_metrics", "check_args", "claim_output_dir", "finish", "run", "set_lr",
+    "reduce_step", "StepOrder", "Progress", "completion_records", "rollout_metrics", "rollout_sums", "trainer_metrics", "check_args", "claim_output_dir", "finish", "run", "set_lr",
 ]

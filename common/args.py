@@ -58,6 +58,9 @@ class RunArgs:
     """checkpoint every N steps (and at the end)"""
     log_samples_every: int = 25
     """print a few prompt / completion / reward samples every N steps"""
+    completions_every: int = 10
+    """write every N steps' prompts, completions, rewards and pairs / advantages (all ranks') to
+    completions.jsonl, and a W&B table with --track (0: never; docs/metrics.md: how big it grows)"""
     micro_batch_size: int = 64
     """sequences per forward/backward pass (gradients accumulate to one step; sorted by length)"""
     activation_checkpointing: Literal["auto", "on", "off"] = "auto"

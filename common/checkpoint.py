@@ -9,6 +9,9 @@ Layout of `<output_dir>/checkpoint/`:
   optimizer state, which is twice the model);
 - `step.json`: the optimizer steps done and the number of ranks that wrote the shards.
 
+`<output_dir>/best-math/`, `best-chat/` (`save_best`): the model alone, of the step whose validation
+score was the best so far by the paper's rule, with `best.json`; what a user evaluates or uploads.
+
 Crash safety: everything is written into `checkpoint.tmp/`, then the previous checkpoint is
 moved aside and `checkpoint.tmp/` renamed into place; a crash at any point leaves a whole
 checkpoint under `checkpoint/` or, between the two renames, under `checkpoint.old/`, which
@@ -19,6 +22,7 @@ filesystem (every rank writes its shard there).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 
@@ -27,7 +31,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from common.models import check_safetensors, full_state_dict
-from common.utils import UserError
+from common.utils import UserError, all_reduce
 
 
 def _rank_world() -> tuple[int, int]:
@@ -71,16 +75,11 @@ def save_checkpoint(ckpt_dir: str, step: int, policy: torch.nn.Module, optimizer
     """Write the checkpoint of `step` (collective: call it on every rank): the model in the compute
     `dtype` (what it runs in; bf16 is half the bytes), the trainer state (fp32 masters, AdamW) apart."""
     rank, world = _rank_world()
-    tmp = ckpt_dir + ".tmp"
+    tmp = _fresh(ckpt_dir + ".tmp", rank)
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(os.path.join(tmp, "trainer_state"))
     _barrier()
-    if hasattr(policy, "reshard"):  # CRUCIAL: FSDP2 leaves a root unsharded after a no-grad forward
-        policy.reshard()
-    # collective on every rank; only rank 0 keeps the gathered copy (it alone writes the HF folder),
-    # in the compute dtype (the trainer state keeps fp32)
-    full = {name: t.cpu() for name, t in full_state_dict(policy, dtype) if rank == 0}
+    _save_model(tmp, policy, tokenizer, dtype, rank)  # collective (the gather); rank 0 writes
     shard = {}
     for name, p in policy.named_parameters():
         shard[f"model/{name}"] = _local(p.detach()).cpu().contiguous()
@@ -88,30 +87,88 @@ def save_checkpoint(ckpt_dir: str, step: int, policy: torch.nn.Module, optimizer
             shard[f"optim/{name}/{key}"] = _local(value).cpu().contiguous()
     save_file(shard, os.path.join(tmp, "trainer_state", f"rank{rank}.safetensors"))
     if rank == 0:
-        model = getattr(policy, "module", policy)
-        model.save_pretrained(tmp, state_dict=full)
-        # CRUCIAL: config.json must say what the file holds (bf16 on GPUs), or transformers and vLLM
-        # (dtype auto) load the model in fp32, at twice the memory; `save_pretrained` writes the fp32
-        # master's dtype whatever the config said, so the config is written again
-        master_dtype, model.config.dtype = model.config.dtype, dtype
-        model.config.save_pretrained(tmp)
-        model.config.dtype = master_dtype
-        tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, "step.json"), "w") as f:
             json.dump({"step": step, "world_size": world}, f)
     _barrier()  # CRUCIAL: every rank's shard is on disk before the rename makes it the checkpoint
     if rank == 0:
-        umask = os.umask(0)
-        os.umask(umask)
-        for d, _, files in os.walk(tmp):  # normal modes: safetensors writes its files 0600
-            for f in files:
-                os.chmod(os.path.join(d, f), 0o666 & ~umask)
-        shutil.rmtree(ckpt_dir + ".old", ignore_errors=True)
-        if os.path.exists(ckpt_dir):
-            os.rename(ckpt_dir, ckpt_dir + ".old")
-        os.rename(tmp, ckpt_dir)
-        shutil.rmtree(ckpt_dir + ".old", ignore_errors=True)
+        _put_in_place(tmp, ckpt_dir)
     _barrier()
+
+
+# The paper's rule for the checkpoint a task keeps: math by validation accuracy; chat by the
+# length-normalised reward-model score (mean reward / mean length), because the RM rewards length.
+BEST_BY = {"math": "eval/accuracy", "chat": "eval/chat/reward_per_token"}
+
+
+def save_best(output_dir: str, metrics: dict, policy: torch.nn.Module, tokenizer,
+              dtype: torch.dtype = torch.float32) -> None:
+    """After a training step's evaluation (collective: every rank), for each task whose validation
+    score (`BEST_BY`) beats the best of the run so far, the model alone (no trainer state) in
+    `<output_dir>/best-<task>/`: a Hugging Face folder for evaluate.py or a hub upload, with
+    `best.json` (step, score, the evaluation). Strictly better only: a tie keeps the earlier step."""
+    rank, _ = _rank_world()
+    for task, key in BEST_BY.items():
+        if key not in metrics or metrics["step"] < 1:  # no evaluation at this step (or the seed's)
+            continue
+        folder = os.path.join(output_dir, f"best-{task}")
+        record = os.path.join(folder, "best.json")
+        if rank == 0 and not os.path.isdir(folder) and os.path.isdir(folder + ".old"):  # a crash mid-rename
+            os.rename(folder + ".old", folder)
+        best = json.load(open(record))["score"] if rank == 0 and os.path.exists(record) else -math.inf
+        # rank 0 decides for all: every rank must take the same branch (the gather is collective)
+        if not all_reduce({"better": float(rank == 0 and metrics[key] > best)}, op="max")["better"]:
+            continue
+        tmp = _fresh(folder + ".tmp", rank)
+        _barrier()
+        _save_model(tmp, policy, tokenizer, dtype, rank)
+        if rank == 0:
+            with open(os.path.join(tmp, "best.json"), "w") as f:
+                json.dump({"step": metrics["step"], "task": task, "metric": key, "score": metrics[key],
+                           "eval": {k: v for k, v in metrics.items() if k.startswith("eval/")}}, f, indent=1)
+            _put_in_place(tmp, folder)
+        _barrier()
+
+
+def _fresh(folder: str, rank: int) -> str:
+    """`folder` emptied (rank 0) for a save to write into."""
+    if rank == 0:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.makedirs(folder)
+    return folder
+
+
+def _save_model(folder: str, policy: torch.nn.Module, tokenizer, dtype: torch.dtype, rank: int) -> None:
+    """The full policy as a Hugging Face folder, in `dtype` (collective: the weights are gathered on
+    every rank; rank 0 alone keeps them and writes)."""
+    if hasattr(policy, "reshard"):  # CRUCIAL: FSDP2 leaves a root unsharded after a no-grad forward
+        policy.reshard()
+    full = {name: t.cpu() for name, t in full_state_dict(policy, dtype) if rank == 0}
+    if rank != 0:
+        return
+    model = getattr(policy, "module", policy)
+    model.save_pretrained(folder, state_dict=full)
+    # CRUCIAL: config.json must say what the file holds (bf16 on GPUs), or transformers and vLLM
+    # (dtype auto) load the model in fp32, at twice the memory; `save_pretrained` writes the fp32
+    # master's dtype whatever the config said, so the config is written again
+    master_dtype, model.config.dtype = model.config.dtype, dtype
+    model.config.save_pretrained(folder)
+    model.config.dtype = master_dtype
+    tokenizer.save_pretrained(folder)
+
+
+def _put_in_place(tmp: str, folder: str) -> None:
+    """`tmp` becomes `folder` (rank 0): the previous one moved aside first and removed last, so a
+    crash leaves a whole folder under `folder` or `folder.old` (which the next use puts back)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for d, _, files in os.walk(tmp):  # normal modes: safetensors writes its files 0600
+        for f in files:
+            os.chmod(os.path.join(d, f), 0o666 & ~umask)
+    shutil.rmtree(folder + ".old", ignore_errors=True)
+    if os.path.exists(folder):
+        os.rename(folder, folder + ".old")
+    os.rename(tmp, folder)
+    shutil.rmtree(folder + ".old", ignore_errors=True)
 
 
 @torch.no_grad()

@@ -46,22 +46,22 @@ def eval_subset(n: int, limit: int) -> list[int]:
 
 
 def eval_math(generator, tokenizer, rows: list[dict], *, k: int, temperature: float, top_p: float,
-              max_tokens: int, seed: int | list[int], progress: bool = False) -> list[float]:
+              max_tokens: int, seed: int | list[int], label: str = "eval") -> list[float]:
     """Per-problem accuracy, each the mean over `k` samples (the paper: T=0.6, top-p 0.9, 50
     samples). `mean_and_se` of the result is the figure to report; under torchrun each rank
     evaluates a shard and the scripts reduce (sum, sum of squares, count)."""
     scores, _ = math_samples(generator, tokenizer, rows, k=k, temperature=temperature, top_p=top_p,
-                             max_tokens=max_tokens, seed=seed, progress=progress)
+                             max_tokens=max_tokens, seed=seed, label=label)
     return [sum(s) / len(s) for s in scores]
 
 
 def math_samples(generator, tokenizer, rows: list[dict], *, k: int, temperature: float, top_p: float,
-                 max_tokens: int, seed: int | list[int], progress: bool = False):
+                 max_tokens: int, seed: int | list[int], label: str = "eval"):
     """`k` samples per problem: (each problem's k scores, each problem's k final answers: the
     text of the completion's last `\\boxed{}`, whitespace removed, or None)."""
     outs = generator.generate(encode_prompts(tokenizer, [r["prompt"] for r in rows]), n=k,
                               temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
-                              progress=progress)
+                              label=label)
     scores = math_rewards([c.text for o in outs for c in o], [r["answer"] for r in rows for _ in range(k)])
     answers = [[None if (b := last_boxed(c.text)) is None else "".join(b.split()) for c in o] for o in outs]
     return [scores[i * k : (i + 1) * k] for i in range(len(rows))], answers
@@ -84,12 +84,13 @@ def majority_correct(scores: list[float], answers: list[str | None]) -> float:
 
 
 def eval_chat(generator, tokenizer, reward_model, rows: list[dict], *, k: int, temperature: float,
-              top_p: float, max_tokens: int, seed: int | list[int], progress: bool = False):
+              top_p: float, max_tokens: int, seed: int | list[int], label: str = "eval"):
     """(P, k) reward-model scores, (P, k) lengths in tokens and the P lists of k texts of `k`
     samples per chat prompt, scored in one batched reward-model call."""
     outs = generator.generate(encode_prompts(tokenizer, [r["prompt"] for r in rows]), n=k,
                               temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
-                              progress=progress)
+                              label=label)
+    generator.sleep()  # CRUCIAL with --vllm-sleep (and --rm-offload): the reward model needs that memory
     scores = reward_model.score([r["prompt"] for r in rows for _ in range(k)], [c.text for o in outs for c in o])
     lengths = [len(c.token_ids) for o in outs for c in o]
     texts = [[c.text for c in o] for o in outs]

@@ -7,10 +7,12 @@ place (tests/test_generation.py) and not the training scripts.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sys
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -66,6 +68,46 @@ def _start_up_output_shown_only_on_failure():
             sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+# Seconds a phase runs before it reports progress (and between two reports): short calls say nothing.
+PROGRESS_EVERY_S = float(os.environ.get("BRIDGING_PROGRESS_S", "15"))
+
+
+class _ProgressLines:
+    """What vLLM's `generate` feeds its tqdm bar (`use_tqdm=` this), told as a line every
+    PROGRESS_EVERY_S seconds and one at the end, once a call has run that long: a log file reads as
+    lines (tqdm's carriage returns do not), and a short call prints nothing."""
+
+    def __init__(self, iterable=None, *, label: str, sequences: int, **tqdm_kwargs):
+        self.iterable, self.label, self.total, self.n, self.postfix = iterable, label, sequences, 0, ""
+        self.t0 = self.said = time.time()
+
+    def __iter__(self):  # vLLM also wraps its prompt rendering (quick): passed through unreported
+        return iter(self.iterable)
+
+    @property
+    def format_dict(self) -> dict:
+        return {"elapsed": max(time.time() - self.t0, 1e-9)}
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if time.time() - self.said >= PROGRESS_EVERY_S and self.n < self.total:
+            elapsed = time.time() - self.t0
+            left = elapsed / self.n * (self.total - self.n)
+            print(f"{self.label}: {self.n:,}/{self.total:,} sequences, {elapsed:.0f} s, ~{left:.0f} s left", flush=True)
+            self.said = time.time()
+
+    def refresh(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.said > self.t0 or time.time() - self.t0 >= PROGRESS_EVERY_S:
+            print(f"{self.label}: {self.n:,} sequences in {time.time() - self.t0:.0f} s", flush=True)
 
 
 def kv_cache_bytes(model: str, tokens: int, dtype: torch.dtype, trust_remote_code: bool = False) -> int:
@@ -139,6 +181,10 @@ class Generator:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             kwargs["distributed_executor_backend"] = "external_launcher"
         self.enable_sleep_mode, self.sleeping, self.dtype = enable_sleep_mode, False, dtype
+        t0 = time.time()
+        if _rank() == 0:  # minutes at 8B, and vLLM's own start-up lines are held back
+            print(f"generator: starting vLLM on {model} ({str(dtype)[6:]}, up to {max_num_seqs} sequences of "
+                  f"<= {max_model_len} tokens at once) ...", flush=True)
         with _start_up_output_shown_only_on_failure():
             from vllm import LLM
 
@@ -158,35 +204,38 @@ class Generator:
                 **kwargs,
             )
         self.tokenizer = self.llm.get_tokenizer()
+        if _rank() == 0:
+            print(f"generator: ready in {time.time() - t0:.0f} s", flush=True)
         cache = self.llm.llm_engine.vllm_config.cache_config
         # (unknown, 0, if the engine core runs in another process: then the capacity is not checked)
         self.kv_tokens, self.max_num_seqs = (cache.num_gpu_blocks or 0) * cache.block_size, max_num_seqs
-        self.kv_checked = not self.kv_tokens
+        self.kv_warned = False
         self.memory_flag = "--gpu-memory-utilization" + (f" (now {kwargs['gpu_memory_utilization']})"
                                                          if "gpu_memory_utilization" in kwargs else "")
 
     def check_kv_capacity(self, prompts: list[list[int]], n: int, max_tokens: int) -> None:
-        """Say once, in one line, when the KV cache cannot hold the sequences this engine runs at once
-        at full length: vLLM then preempts and recomputes them, silently slower."""
-        if self.kv_checked or not prompts:
+        """Say once, in one line, when the KV cache cannot hold the sequences a call runs at once at
+        full length: vLLM then preempts and recomputes them, silently slower. Every call is checked
+        (the first, a step-0 evaluation, may be smaller than a semi-online window)."""
+        if self.kv_warned or not self.kv_tokens or not prompts:
             return
-        self.kv_checked = True
         seqs = min(len(prompts) * n, self.max_num_seqs)
         need = seqs * (sum(map(len, prompts)) // len(prompts) + max_tokens)
-        if need > self.kv_tokens and not (dist.is_initialized() and dist.get_rank()):
+        self.kv_warned = need > self.kv_tokens
+        if self.kv_warned and _rank() == 0:
             print(f"generator: the KV cache holds {self.kv_tokens:,} tokens per rank; the {seqs} sequences it runs at "
                   f"once need up to {need:,} (prompt + --max-new-tokens): vLLM will preempt and recompute them, "
                   f"slower. Raise {self.memory_flag}, or give each rank fewer sequences", flush=True)
 
     def generate(self, prompts: list[list[int]], *, n: int, temperature: float, top_p: float,
-                 max_tokens: int, seed: int | list[int], progress: bool = False) -> list[list[Completion]]:
+                 max_tokens: int, seed: int | list[int], label: str = "rollout") -> list[list[Completion]]:
         """`n` completions for each prompt (token ids, chat template already applied).
 
         `seed`: one vLLM sampling seed per prompt (from `request_seed`: see SEED_STRIDE), or an
         int s meaning keys s, s + 1, ...; training and evaluation give each (prompt, step, rank)
         and each held-out problem its own key, so no two requests share a random stream and two
         runs differ. A prompt's samples depend only on its seed and the weights, not on what else
-        is in the batch.
+        is in the batch. A call longer than PROGRESS_EVERY_S says how far it is, as `label`.
         """
         if n > SEED_STRIDE:
             raise ValueError(f"{n} samples per request: at most {SEED_STRIDE} keep their streams apart")
@@ -205,8 +254,10 @@ class Generator:
                            logprobs=0, seed=s, detokenize=False, flat_logprobs=True)
             for s in seeds
         ]
+        # a long call (a semi-online window, an evaluation) reports its progress as `label`, on rank 0
+        lines = functools.partial(_ProgressLines, label=label, sequences=len(prompts) * n)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
-                                    use_tqdm=progress)  # a progress bar for long calls (evaluate.py)
+                                    use_tqdm=lines if _rank() == 0 else False)
         token_ids = [list(o.token_ids) for out in outputs for o in out.outputs]
         texts = iter(self.tokenizer.batch_decode(token_ids, skip_special_tokens=True))
         ids = iter(token_ids)

@@ -13,6 +13,7 @@ import fcntl
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -22,21 +23,24 @@ from common.utils import UserError
 
 # Every numeric flag must be > 0, but for these (checked on any script's Args that has the field):
 # a new flag is checked by default, never forgotten.
-_NON_NEGATIVE = ("seed", "warmup_steps", "eval_every", "log_samples_every", "eval_temperature", "nll_scale", "kl_coef",
-                 "epochs", "gpu_memory_utilization", "limit", "weight_decay", "entropy_coef", "grpo_coef", "tis_cap",
-                 "ref_sync_interval")
+_NON_NEGATIVE = ("seed", "warmup_steps", "eval_every", "log_samples_every", "completions_every", "eval_temperature",
+                 "nll_scale", "kl_coef", "epochs", "gpu_memory_utilization", "limit", "weight_decay", "entropy_coef",
+                 "grpo_coef", "tis_cap", "ref_sync_interval")
 # Flags a resumed run may change: how long it runs, where and how often it logs, evaluates, saves
 # and prints, and memory settings (micro-batch sizes change float rounding only). Every other flag
 # (data, seed, step shape, sync interval, objective, precision, prompts) is what the run trains on:
 # changed, the resumed run would not replay the one it continues, and `--resume` refuses it.
 _RESUME_FREE = {"exp_name", "num_steps", "output_dir", "resume", "track", "wandb_project_name", "eval_dataset",
                 "eval_split", "eval_every", "eval_samples", "eval_temperature", "eval_top_p", "eval_limit",
-                "save_every", "log_samples_every", "micro_batch_size", "activation_checkpointing", "rm_batch_size",
-                "rm_offload", "gpu_memory_utilization", "vllm_sleep"}
+                "save_every", "log_samples_every", "completions_every", "micro_batch_size", "activation_checkpointing",
+                "rm_batch_size", "rm_offload", "gpu_memory_utilization", "vllm_sleep"}
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project's folder
 
 
 def check_args(args, world_size: int) -> None:
@@ -44,6 +48,7 @@ def check_args(args, world_size: int) -> None:
     line naming the fix."""
     from common.models import check_model_path
 
+    project_paths(args)
     derived = derived_fields(args)  # filled in after parsing, not flags
     args = flat(args)  # the script's own flags and its plumbing (`args.run`) alike
     for name, what in (("model", "model"), ("reward_model", "reward model"), ("baseline", "baseline model")):
@@ -122,6 +127,25 @@ def check_args(args, world_size: int) -> None:
         if getattr(args, temperature, 1.0) == 0 and getattr(args, samples, 1) > 1:
             raise UserError(f"{_flag(temperature)} 0 is greedy: one sample per prompt; set {_flag(samples)} 1 "
                             "or a temperature above 0")
+
+
+def project_paths(args) -> None:
+    """The embedded defaults (`embedded/...`) are the project's files, wherever it is run from: from
+    a folder without its own `embedded/`, such a path is read from the project (it would otherwise be
+    tried as a hub id: seconds of retries, then an error)."""
+    if os.path.isdir("embedded"):
+        return
+
+    def moved(value):  # a path, a spec (`math:a.jsonl,chat:b.jsonl`) or a tuple of them
+        if isinstance(value, tuple):
+            return tuple(moved(v) for v in value)
+        if isinstance(value, str):
+            return re.sub(r"(?<![\w./~-])embedded/", os.path.join(ROOT, "embedded", ""), value)
+        return value
+
+    for obj in (args, getattr(args, "run", None)):
+        for f in dataclasses.fields(obj) if dataclasses.is_dataclass(obj) else ():
+            setattr(obj, f.name, moved(getattr(obj, f.name)))
 
 
 def check_model_folder(name: str, what: str, tokenizer: bool) -> None:

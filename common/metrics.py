@@ -12,6 +12,7 @@ import time
 from contextlib import contextmanager
 
 import torch
+import torch.distributed as dist
 
 from common.evaluation import eval_line
 from common.utils import all_reduce, peak_memory_gb
@@ -150,23 +151,42 @@ def trainer_metrics(s: dict[str, float], s_max: dict[str, float], timer: PhaseTi
 
 
 class Progress:
-    """The console of a run: one line per step with an honest ETA (the rate of the steps this
-    process has run, their evaluations included, the step-0 evaluation not), and a few prompts,
-    completions and rewards every `samples_every` steps."""
+    """The record and console of a run's steps (`step` on every rank: it gathers the completions):
+    rank 0 logs each step's metrics and prints one line with an honest ETA (the rate of the steps
+    this process has run, their evaluations included, the step-0 evaluation not), a few prompts,
+    completions and rewards every `--log-samples-every` steps, and writes every
+    `--completions-every` steps' prompts, completions, rewards and pairs or advantages (every
+    rank's) to completions.jsonl (and a W&B table when tracked)."""
 
-    def __init__(self, num_steps: int, samples_every: int):
-        self.num_steps, self.samples_every, self.t0, self.done = num_steps, samples_every, time.time(), 0
+    def __init__(self, args, logger):
+        self.num_steps, self.logger, self.t0, self.done = args.num_steps, logger, time.time(), 0
+        self.samples_every, self.completions_every = args.run.log_samples_every, args.run.completions_every
 
-    def step_zero(self, logger, eval_metrics: dict) -> None:
+    def step_zero(self, eval_metrics: dict) -> None:
         """The evaluation before training: logged (rank 0) and printed as step 0."""
-        if logger is not None:
-            logger.log({"step": 0, **eval_metrics})
+        if self.logger is not None:
+            self.logger.log({"step": 0, **eval_metrics})
             print("step 0 | " + eval_line(eval_metrics), flush=True)
         self.t0 = time.time()  # the ETA counts the training steps' rate, not this evaluation
 
-    def step(self, m: dict, batch: list[dict], outs, rewards: torch.Tensor) -> None:
+    def step(self, m: dict, batch: list[dict], outs, rewards: torch.Tensor, *,
+             pairs: list[tuple[int, int, int]] | None = None, advantages: torch.Tensor | None = None) -> None:
+        """Log step `m` (rank 0) with its (P, n) rollouts: each rank's `batch` rows, `outs`,
+        `rewards`, and DPO's `pairs` (prompt j, chosen i, rejected i) or GRPO's (P, n) `advantages`."""
+        step = m["step"]
+        if self.completions_every and step % self.completions_every == 0:
+            records = completion_records(step, batch, outs, rewards, pairs, advantages)
+            if dist.is_initialized() and dist.get_world_size() > 1:  # every rank's rows, rank 0 writes
+                every = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+                dist.gather_object(records, every, dst=0)
+                records = [r for rs in every or [] for r in rs]
+            if self.logger is not None:
+                self.logger.log_completions(step, records)
+        if self.logger is None:
+            return
+        self.logger.log(m)
         self.done += 1
-        step, eta = m["step"], (time.time() - self.t0) / self.done * (self.num_steps - m["step"])
+        eta = (time.time() - self.t0) / self.done * (self.num_steps - step)
         parts = [f"step {step}/{self.num_steps}", f"loss {m['train/loss']:+.4f}"]
         for key, label, fmt in (("rollout/reward_mean", "reward", ".3f"), ("train/pairs", "pairs", ".0f"),
                                 ("train/kl", "kl", ".2e"), ("rollout/length_mean", "len", ".1f"),
@@ -181,3 +201,23 @@ class Progress:
             for j in range(min(2, len(batch))):
                 print(f"    prompt: {str(batch[j]['prompt'])[:200]!r}\n    completion: {outs[j][0].text[:300]!r}"
                       f"\n    reward: {rewards[j, 0].item():.3f}", flush=True)
+
+
+def completion_records(step: int, batch: list[dict], outs, rewards: torch.Tensor, pairs=None,
+                       advantages: torch.Tensor | None = None) -> list[dict]:
+    """One JSON-ready record per prompt of a step: its task, prompt (and math answer), its n
+    completions with their rewards, lengths (tokens) and finish reasons, and what the update made of
+    them: DPO's pairs as [chosen, rejected] completion indices, or GRPO's advantages."""
+    records = []
+    for j, (row, o) in enumerate(zip(batch, outs, strict=True)):
+        record = {"step": step, "task": row["task"], "prompt": row["prompt"]}
+        if row.get("answer") is not None:
+            record["answer"] = row["answer"]
+        record |= {"completions": [c.text for c in o], "rewards": rewards[j].tolist(),
+                   "lengths": [len(c.token_ids) for c in o], "finish_reasons": [c.finish_reason for c in o]}
+        if pairs is not None:
+            record["pairs"] = [[c, r] for k, c, r in pairs if k == j]
+        if advantages is not None:
+            record["advantages"] = advantages[j].tolist()
+        records.append(record)
+    return records

@@ -4,10 +4,14 @@ stream that feeds the generator, and trainer-side per-token logprobs."""
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
+import time
 import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 
+import huggingface_hub
 import torch
 import torch.distributed as dist
 import transformers
@@ -15,12 +19,41 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from common.utils import UserError
 
-# No "Loading weights" / "Writing model shards" bars for the tiny files of every load and save.
+# No "Loading weights" / "Writing model shards" bars at every load and save (a reference, each
+# checkpoint); a hub download keeps its bars, on one rank (minutes for an 8B model, silent otherwise).
 transformers.utils.logging.disable_progress_bar()
+if os.environ.get("RANK", "0") == "0":
+    huggingface_hub.utils.enable_progress_bars()
 
 
 def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).exists()
+
+
+class _HubRetries(logging.Filter):
+    """huggingface_hub logs two lines per retry of an unreachable request (11 over ~26 s): one line
+    instead, at the first, saying what is retried; the rest are dropped."""
+
+    def __init__(self, what: str):
+        super().__init__()
+        self.what, self.said = what, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.said and os.environ.get("RANK", "0") == "0":
+            print(f"{self.what}: the hub does not answer; retrying for up to ~25 s ...", flush=True)
+        self.said = True
+        return False
+
+
+@contextlib.contextmanager
+def _one_line_for_hub_retries(what: str):
+    hub_http = logging.getLogger("huggingface_hub.utils._http")
+    retries = _HubRetries(what)
+    hub_http.addFilter(retries)
+    try:
+        yield
+    finally:
+        hub_http.removeFilter(retries)
 
 
 def check_model_path(name: str, what: str = "model") -> None:
@@ -29,11 +62,13 @@ def check_model_path(name: str, what: str = "model") -> None:
     if not _looks_local(name):  # a hub id: its config (a small file) must be reachable now, not after a long load
         from transformers import AutoConfig
 
+        t0 = time.time()
         try:
-            AutoConfig.from_pretrained(name)
+            with _one_line_for_hub_retries(f"{what} '{name}'"):
+                AutoConfig.from_pretrained(name)
         except (OSError, ValueError) as e:
             raise UserError(f"{what} '{name}' is not a local folder and not a reachable hub id "
-                            f"({str(e).splitlines()[0]})") from None
+                            f"({str(e).splitlines()[0].rstrip('.')}; after {time.time() - t0:.0f} s)") from None
         return
     path = Path(name).expanduser()
     if not path.is_dir():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import select
 import subprocess
 import sys
@@ -131,19 +132,27 @@ def reward_model_layout(name: str, trust_remote_code: bool = False) -> str:
     """Which layout `name` is (a key of LAYOUTS, or "custom": a model with its own code), from its
     own tensors. A checkpoint without a reward head is refused: transformers would load it with a
     randomly initialised head and every run on it would train on noise."""
-    names = checkpoint_tensor_names(name)
-    for layout, (head, _) in LAYOUTS.items():
-        if head[0] in names:
-            return layout
     from transformers import AutoConfig
 
+    names = checkpoint_tensor_names(name)
     config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    if f"{getattr(config, 'value_head_prefix', '')}.weight" in names:  # OpenRLHF names its head in
+        return "openrlhf"  # config.json ("value_head" before 2025, "score" since), a plain name too
+    for layout, (head, _) in LAYOUTS.items():
+        if head[0] in names:
+            if layout == "score" and config.num_labels != 1:
+                raise UserError(f"reward model '{name}' has a {config.num_labels}-label classifier head; a "
+                                "scalar reward model has one output (a preference classifier is not one)")
+            return layout
     if "AutoModelForSequenceClassification" in (getattr(config, "auto_map", None) or {}):
         if not trust_remote_code:
             raise UserError(f"reward model '{name}' ships its own model code (auto_map); pass "
                             "--trust-remote-code to run it")
         return "custom"
     if not names and any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
+        if config.num_labels != 1:
+            raise UserError(f"reward model '{name}' has a {config.num_labels}-label classifier head; a "
+                            "scalar reward model has one output (a preference classifier is not one)")
         return "score"  # weights without safetensors headers to read: the load's missing keys decide
     kind = ", ".join(config.architectures or ["no architectures in config.json"])
     raise UserError(f"reward model '{name}' ({kind}) has no reward head in its checkpoint (none of "
@@ -194,14 +203,24 @@ class RewardModel:
         if not self.tokenizer.chat_template:
             raise UserError(f"reward model '{name}' has no chat template in its tokenizer")
         self.head = None
+        names = checkpoint_tensor_names(name)
         if self.layout in LAYOUTS and self.layout != "score":  # a value head beside the backbone
-            keys = [k for k in LAYOUTS[self.layout][0] if k in checkpoint_tensor_names(name)]
+            prefix = getattr(self.model.config, "value_head_prefix", "value_head")  # OpenRLHF's own name
+            heads = (f"{prefix}.weight",) if self.layout == "openrlhf" else LAYOUTS[self.layout][0]
+            keys = [k for k in heads if k in names]
             tensors = _read_tensors(name, keys)
             w = tensors[keys[0]]
             self.head = torch.nn.Linear(w.shape[1], w.shape[0], bias=len(keys) > 1, dtype=dtype)
             self.head.weight.data.copy_(w)
             if len(keys) > 1:
                 self.head.bias.data.copy_(tensors[keys[1]])
+        if self.layout == "score" and not isinstance(getattr(self.model, "score", None), torch.nn.Linear):
+            heads = [n for n, m in self.model.named_children() if n != self.model.base_model_prefix]
+            raise UserError(f"reward model '{name}' ({type(self.model).__name__}) has no `score` head (it has "
+                            f"{', '.join(heads) or 'none'}): not a layout read here (docs/reward_models.md)")
+        if self.layout == "score" and self.model.score.bias is None and "score.bias" in names:
+            # transformers' decoder classifiers have no bias and would drop a checkpoint's: it is added back
+            self.model.score.bias = torch.nn.Parameter(_read_tensors(name, ["score.bias"])["score.bias"].to(dtype))
         if self.layout == "athene" and self.tokenizer.cls_token_id is None:
             raise UserError(f"reward model '{name}' has a v_head (the Athene layout) but its tokenizer has no "
                             "cls_token to score at")
@@ -287,7 +306,15 @@ class RewardModel:
             for p, r in zip(prompts, responses, strict=True)
         ]
         enc = [self._encode(t) for t in texts]
-        self.truncated += sum(len(e) >= self.max_length for e in enc)
+        cut = sum(len(e) >= self.max_length for e in enc)
+        if cut and not self.truncated:  # said once per process; `truncated` keeps counting
+            rank = os.environ.get("RANK")
+            print(f"{f'[rank {rank}] ' if rank else ''}reward model: {cut} of {len(enc)} (prompt, response) rows "
+                  f"were cut to --rm-max-length {self.max_length} tokens"
+                  + (": Athene's CLS token is cut off with them and such a row scores 0 (as the authors' code "
+                     "scores it); raise --rm-max-length to score them" if self.layout == "athene" else
+                     " (scored on their first tokens)"), flush=True)
+        self.truncated += cut
         order = sorted(range(len(enc)), key=lambda i: len(enc[i]))  # similar lengths, less padding
         scores = [0.0] * len(enc)
         if self._host is not None:  # `offload=True`: on the device only while scoring

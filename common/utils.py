@@ -118,17 +118,18 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 class MetricsLogger:
-    """Appends one JSON object per step to `<output_dir>/metrics.jsonl` and mirrors it to wandb
-    when tracking. Call it on rank 0 only; the line is flushed so a crash loses at most the
-    current step."""
+    """Appends one JSON object per step to `<output_dir>/metrics.jsonl` (and one per logged prompt
+    to `completions.jsonl`) and mirrors them to wandb when tracking. Call it on rank 0 only; each
+    line is flushed, so a crash loses at most the current step."""
 
     def __init__(self, output_dir: str | Path, config: dict, track: bool = False,
                  project: str = "bridging-rl", run_name: str | None = None, resume_step: int = 0):
-        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path, self.completions = Path(output_dir) / "metrics.jsonl", Path(output_dir) / "completions.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():  # a resumed run redoes the lines after its checkpoint; a new run starts empty
-            lines = self.path.read_text().splitlines(keepends=True) if resume_step else []
-            self.path.write_text("".join(line for line in lines if line.strip() and json.loads(line)["step"] <= resume_step))
+        for path in (self.path, self.completions):  # a resumed run redoes the lines after its checkpoint
+            if path.exists():  # (a new run starts them empty)
+                lines = path.read_text().splitlines(keepends=True) if resume_step else []
+                path.write_text("".join(line for line in lines if line.strip() and json.loads(line)["step"] <= resume_step))
         self.wandb = None
         if track:  # a resumed run continues its W&B run (its id kept in the run folder), not a second one
             import wandb
@@ -144,6 +145,23 @@ class MetricsLogger:
             f.write(json.dumps(metrics) + "\n")
         if self.wandb is not None:
             self.wandb.log(metrics, step=int(metrics["step"]))
+
+    def log_completions(self, step: int, records: list[dict]) -> None:
+        """A step's completion records (`common.metrics.completion_records`), one line per prompt;
+        with wandb, a table of one row per completion under the key `completions`."""
+        with self.completions.open("a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        if self.wandb is not None:
+            import wandb
+
+            def role(r: dict, i: int) -> str:  # in DPO's pairs: a completion is only ever one of the two
+                return next(("chosen" if i == c else "rejected" for c, w in r.get("pairs", []) if i in (c, w)), "")
+
+            columns = ["step", "task", "prompt", "completion", "reward", "length", "role", "advantage"]
+            rows = [[step, r["task"], str(r["prompt"]), text, r["rewards"][i], r["lengths"][i], role(r, i),
+                     r["advantages"][i] if "advantages" in r else None]
+                    for r in records for i, text in enumerate(r["completions"])]
+            self.wandb.log({"completions": wandb.Table(columns=columns, data=rows)}, step=step)
 
     def finish(self) -> None:
         if self.wandb is not None:

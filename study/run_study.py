@@ -23,9 +23,10 @@ Like for like, as in the paper (its settings in docs/paper.md):
   uses its regime's pick (the paper changed one thing at a time);
 - test figures are means over `--seeds` with the standard error across seeds. Math: the final
   checkpoint, 300 test problems x `--final-samples` at T = 0.6. Chat: the step with the best
-  length-normalised RM reward on the validation split (the paper's choice), 200 test prompts x
-  `--final-samples`, scored by the reward model and by the task's true quality (edit similarity to
-  the ideal answer: the part the paper's GPT-4 judges play; the RM is length-biased on purpose).
+  length-normalised RM reward on the validation split (the paper's choice, kept by the run in
+  best-chat/), 200 test prompts x `--final-samples`, scored by the reward model and by the task's
+  true quality (edit similarity to the ideal answer: the part the paper's GPT-4 judges play; the
+  RM is length-biased on purpose).
 
 The verdict of every row (`VERDICT_RULE`, also above the table in findings.md): d = mean(A) -
 mean(B), SE(d) = sqrt(SE(A)^2 + SE(B)^2); the runs show A > B when d > 2 SE(d), A < B when
@@ -246,24 +247,25 @@ def metrics_of(run_dir: str) -> list[dict]:
     return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
 
 
-def train(args: Args, arm: Arm, lr: float, seed: int, steps: int = 0, pairs: str = "") -> str:
+def train(args: Args, arm: Arm, lr: float, seed: int) -> str:
     """One training run, unless already finished; returns its folder."""
-    steps = steps or args.steps
-    name = f"{arm.task}_{arm.key}_lr{lr:g}_seed{seed}" + (f"_to{steps}" if steps != args.steps else "")
-    run_dir = os.path.join(args.runs_dir, name)
-    if not finished(run_dir, steps):
+    run_dir = os.path.join(args.runs_dir, f"{arm.task}_{arm.key}_lr{lr:g}_seed{seed}")
+    if not finished(run_dir, args.steps):
         shutil.rmtree(run_dir, ignore_errors=True)  # a half-done run starts over (same seeds, same result)
-        run([*arm.command(lr), "--num-steps", str(steps), "--eval-every", str(args.eval_every), "--seed", str(seed),
-             "--output-dir", run_dir, "--save-every", str(steps), "--log-samples-every", "0",
-             *(["--pairs", pairs] if pairs else [])], name, args.jobs)
+        run([*arm.command(lr), "--num-steps", str(args.steps), "--eval-every", str(args.eval_every),
+             "--seed", str(seed), "--output-dir", run_dir, "--save-every", str(args.steps),
+             "--log-samples-every", "0"], os.path.basename(run_dir), args.jobs)
     return run_dir
 
 
-def chat_checkpoint_step(metrics: list[dict]) -> int:
-    """The paper's chat checkpoint: the evaluated step with the best validation reward / length
-    (a run that never saw chat has no such figure: its final step)."""
-    key = "eval/chat/reward_per_token"
-    return max([(m[key], m["step"]) for m in metrics if key in m and m["step"] > 0] or [(0, metrics[-1]["step"])])[1]
+def tested_checkpoint(run_dir: str, what: str) -> tuple[str, int]:
+    """(folder, step) of the checkpoint a task's test evaluates. Chat: the paper's, the evaluated step
+    with the best validation reward / length, which the run kept in best-chat/ (a run never
+    evaluated on chat: its final step); math: the final checkpoint."""
+    best = os.path.join(run_dir, "best-chat")
+    if what == "chat" and os.path.isdir(best):
+        return best, json.load(open(os.path.join(best, "best.json")))["step"]
+    return os.path.join(run_dir, "checkpoint"), json.load(open(os.path.join(run_dir, "checkpoint", "step.json")))["step"]
 
 
 def test_eval(args: Args, what: str, model: str, out: str, seed: int) -> dict[str, float]:
@@ -371,17 +373,11 @@ def main(args: Args) -> None:
     jobs = sorted({(i, s) for i in needed for s in args.seeds}, key=lambda x: (x[1], x[0]))
     dirs = dict(zip(jobs, each(lambda i, s: train(args, all_arms[i], lr_of[i], s), jobs), strict=True))
 
-    # ---- the test evaluations (chat: retrain to the picked step; the runs replay exactly)
+    # ---- the test evaluations (chat: the best validation checkpoint the run kept)
     def test(i: str, what: str, seed: int) -> dict:
-        arm, run_dir = all_arms[i], dirs[i, seed]
-        ckpt, step = run_dir, args.steps
-        if what == "chat":
-            step = chat_checkpoint_step(metrics_of(run_dir))
-            if step != args.steps:
-                pairs = os.path.join(run_dir, "pairs.jsonl") if arm.key == "offline_dpo" else ""
-                ckpt = train(args, arm, lr_of[i], seed, steps=step, pairs=pairs)
-        out = os.path.join(ckpt, f"test_{what}.json")
-        return test_eval(args, what, os.path.join(ckpt, "checkpoint"), out, seed) | {"step": step}
+        ckpt, step = tested_checkpoint(dirs[i, seed], what)
+        out = os.path.join(dirs[i, seed], f"test_{what}_step{step}.json")
+        return test_eval(args, what, ckpt, out, seed) | {"step": step}
 
     test_jobs = sorted((i, what, s) for i, what in tests for s in args.seeds)
     seed_jobs = [(what, s) for what in ("math", "chat") for s in args.seeds]

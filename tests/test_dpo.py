@@ -1,6 +1,7 @@
 """online_dpo.py and semi_online_dpo.py: pair selection and the DPO loss by hand; end-to-end runs;
 s = 1 reproduces online DPO; s = 3 makes the generator stale between syncs; resume."""
 
+import json
 import math
 import subprocess
 import sys
@@ -99,12 +100,30 @@ def check_dpo_run(out_dir, steps):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script", ["online_dpo.py", "semi_online_dpo.py"])
-def test_end_to_end_one_process(tmp_path, script):
+def test_end_to_end_one_process(tmp_path, script, monkeypatch):
     out = tmp_path / "run"
-    run_script(script, ["--num-steps", "3", "--eval-every", "3", "--output-dir", str(out), *SMALL])
+    monkeypatch.setenv("BRIDGING_PROGRESS_S", "0")  # every generate call reports, as a long one would
+    r = run_script(script, ["--num-steps", "3", "--eval-every", "3", "--completions-every", "1",
+                            "--output-dir", str(out), *SMALL])
     m = check_dpo_run(out, 3)
     if script == "online_dpo.py":
         assert all(x["rollout/logprob_gap_max"] < GAP and x["rollout/policy_lag"] == 0 for x in m[1:])
+    # what a person sees: a line before the engine starts, lines (no bars) while a call runs, no vLLM
+    lines = r.stdout.splitlines()
+    first = [next(i for i, x in enumerate(lines) if x.startswith(p))
+             for p in ("prompts:", "generator: starting vLLM on embedded/policy (float32", "generator: ready",
+                       f"{script[:-3]}: 500 prompts", "step 0 |", "step 1/3")]
+    assert first == sorted(first), lines[:12]
+    window = 8 * 8 * (3 if script == "semi_online_dpo.py" else 1)  # s = 10 > 3 steps: one window
+    assert f"rollout: {window} sequences in" in r.stdout and "eval: 32 sequences in" in r.stdout
+    assert any(x.startswith("rollout: ") and "/" in x and "s left" in x for x in lines)
+    assert "\r" not in r.stdout + r.stderr and "INFO" not in r.stdout + r.stderr
+    # the record: each step's prompts, completions, rewards and the pairs the update used
+    records = [json.loads(line) for line in open(out / "completions.jsonl")]
+    for x in m[1:]:
+        step = [rec for rec in records if rec["step"] == x["step"]]
+        assert len(step) == 8 and sum(len(rec["pairs"]) for rec in step) == x["train/pairs"]
+        assert all(rec["rewards"][c] == 1.0 and rec["rewards"][w] == 0.0 for rec in step for c, w in rec["pairs"])
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(str(out / "checkpoint"))

@@ -87,39 +87,47 @@ def test_no_two_prompts_share_a_sampling_stream(generator, tiny_model_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["online_dpo.py", "semi_online_dpo.py"])  # grpo.py, offline_dpo.py: as online
+@pytest.mark.parametrize("script", ["online_dpo.py", "semi_online_dpo.py", "offline_dpo.py"])  # grpo.py: as online
 def test_engine_asleep_at_every_update_with_vllm_sleep(script, tmp_path):
-    """--vllm-sleep: the engine's weights and KV cache are off the GPU whenever the trainer updates,
-    evaluations included. The real engine and script (tests/dist/counted_sleep.py, in its own
-    process); vLLM's CPU build has no sleep mode, so its sleep / wake_up calls are counted instead
-    of run, and the optimizer's steps and the checkpoint save record whether the engine was asleep."""
+    """--vllm-sleep: the engine's weights and KV cache are off the GPU whenever the trainer updates
+    and whenever the reward model scores (training rollouts, offline DPO's sampling, chat
+    evaluations: with --rm-offload that memory is the reward model's). The real engine and script
+    (tests/dist/counted_sleep.py, in its own process); vLLM's CPU build has no sleep mode, so its
+    sleep / wake_up calls are counted instead of run, and the optimizer's steps, the checkpoint
+    save and every reward-model call record whether the engine was asleep."""
     import json
 
     events = tmp_path / "events.json"
+    chat = ["--dataset", "embedded/data/chat_train.jsonl", "--eval-dataset", "embedded/data/chat_test.jsonl"]
     run_script(os.path.join(os.path.dirname(__file__), "dist", "counted_sleep.py"), [
         str(events), script, "--num-steps", "3", "--eval-every", "1", "--vllm-sleep", "--eval-limit", "4",
         "--eval-samples", "1", "--save-every", "100", "--output-dir", str(tmp_path / "o"),
-        *(["--sync-interval", "2"] if script == "semi_online_dpo.py" else [])])
+        *(["--sync-interval", "2"] if script == "semi_online_dpo.py" else []),
+        *(chat if script != "online_dpo.py" else [])])
     events = json.load(open(events))
     assert events.count("update") == 3 and events.count("save") == 1
+    assert (events.count("score") > 0) == (script != "online_dpo.py")
     asleep = False
     for e in events:
         asleep = {"sleep": True, "wake": False}.get(e, asleep)
-        assert e not in ("update", "save") or asleep, events
+        assert e not in ("update", "save", "score") or asleep, events
 
 
 def test_a_kv_cache_too_small_is_said_once(generator, tiny_model_dir, capsys):
     """The engine's real capacity is read at start-up; a run whose sequences cannot all fit at full
-    length gets one line naming both numbers and the flag (here the capacity is lowered by hand)."""
+    length gets one line naming both numbers and the flag (here the capacity is lowered by hand), at
+    the first call that needs more, not only at the first call (a small step-0 evaluation)."""
     assert generator.kv_tokens >= 16 * 256  # read from the engine: blocks x block size
     tok = common.load_tokenizer(tiny_model_dir)
-    saved = generator.kv_tokens, generator.kv_checked
-    generator.kv_tokens, generator.kv_checked = 100, False
+    saved = generator.kv_tokens, generator.kv_warned
+    generator.kv_tokens, generator.kv_warned = 100, False
     try:
+        generator.generate(_prompts(tok)[:1], n=1, temperature=1.0, top_p=1.0, max_tokens=1, seed=0)
+        assert not capsys.readouterr().out  # it fits: nothing said
         for _ in range(2):
             generator.generate(_prompts(tok), n=4, temperature=1.0, top_p=1.0, max_tokens=8, seed=0)
     finally:
-        generator.kv_tokens, generator.kv_checked = saved
+        generator.kv_tokens, generator.kv_warned = saved
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("generator:")]
     assert len(lines) == 1 and "holds 100 tokens per rank; the 12 sequences it runs at once need up to" in lines[0]
     assert "--gpu-memory-utilization (now 0.15)" in lines[0]

@@ -13,9 +13,11 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, Qwen2ForSequenceClassification
 
 import common
+import grpo
 from embedded.tiny import build_tokenizer, tiny_config
 from tests.conftest import (
     DETERMINISTIC,
@@ -101,7 +103,7 @@ def test_sigkill_then_resume_loses_nothing(tmp_path):
     are functions of (seed, step), and the optimizer state is restored, so a run killed with
     SIGKILL and resumed logs, step for step, what an uninterrupted run logs: each step once, on
     the same prompts (same rewards and lengths) with the same loss."""
-    args = ["--num-steps", "6", "--eval-every", "0", "--save-every", "2", *SMALL]
+    args = ["--num-steps", "6", "--eval-every", "0", "--save-every", "2", "--completions-every", "1", *SMALL]
     run_script("grpo.py", [*args, "--output-dir", str(tmp_path / "straight")])
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "grpo.py", *args, "--output-dir", str(out)], cwd=ROOT,
@@ -122,6 +124,13 @@ def test_sigkill_then_resume_loses_nothing(tmp_path):
         assert x["rollout/reward_mean"] == y["rollout/reward_mean"]  # the same prompts and samples
         assert x["rollout/length_mean"] == y["rollout/length_mean"]
         assert x["train/loss"] == pytest.approx(y["train/loss"], abs=1e-5)
+    # the completions file too: each step's records once, the killed run's redone steps not twice
+    assert (out / "completions.jsonl").read_text() == (tmp_path / "straight" / "completions.jsonl").read_text()
+    records = [json.loads(line) for line in open(out / "completions.jsonl")]
+    assert [r["step"] for r in records] == [s for s in range(1, 7) for _ in range(8)]
+    for r in records:  # GRPO's advantages, as the update used them: the group's rewards, normalised
+        rewards = torch.tensor([r["rewards"]])
+        assert r["advantages"] == pytest.approx(grpo.group_advantages(rewards, True, 1e-6)[0].tolist(), abs=1e-6)
 
 
 @pytest.mark.slow
@@ -149,17 +158,31 @@ def test_resume_replays_exactly(tmp_path, script, extra):
 @pytest.mark.slow
 @pytest.mark.skipif(not DETERMINISTIC, reason="compares two runs number for number: vLLM on a GPU is not deterministic")
 def test_resume_on_two_ranks(tmp_path):
-    """FSDP2 shards and AdamW moments come back on each rank (per-rank safetensors)."""
-    args = ["--eval-every", "0", "--save-every", "2", *SMALL]
+    """FSDP2 shards and AdamW moments come back on each rank (per-rank safetensors). The record
+    holds both ranks' rows, and the best validation model is gathered from both ranks' shards."""
+    args = ["--eval-every", "1", "--save-every", "2", "--completions-every", "2", *SMALL]
     run_script("grpo.py", ["--num-steps", "4", "--output-dir", str(tmp_path / "a"), *args], nproc=2)
     run_script("grpo.py", ["--num-steps", "2", "--output-dir", str(tmp_path / "b"), *args], nproc=2)
     assert sorted(os.listdir(tmp_path / "b" / "checkpoint" / "trainer_state")) == ["rank0.safetensors", "rank1.safetensors"]
     run_script("grpo.py", ["--num-steps", "4", "--output-dir", str(tmp_path / "b"), "--resume", *args], nproc=2)
-    a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    a, b = ([x for x in metrics(tmp_path / d) if x["step"] >= 1] for d in "ab")  # not the step-0 evaluation
     assert [x["step"] for x in b] == [1, 2, 3, 4]
     for x, y in zip(a[2:], b[2:]):
         assert x["rollout/reward_mean"] == y["rollout/reward_mean"]
         assert x["train/loss"] == pytest.approx(y["train/loss"], abs=1e-5)
+    records = [json.loads(line) for line in open(tmp_path / "b" / "completions.jsonl")]
+    assert [r["step"] for r in records] == [2] * 8 + [4] * 8  # 8 prompts a step, 4 from each rank
+    for step in (2, 4):  # the file's rewards are the ones the step logged
+        rewards = [x for r in records if r["step"] == step for x in r["rewards"]]
+        assert sum(rewards) / len(rewards) == pytest.approx(b[step - 1]["rollout/reward_mean"], abs=1e-9)
+    best = json.load(open(tmp_path / "b" / "best-math" / "best.json"))
+    scores = [(x["eval/accuracy"], -x["step"]) for x in b]
+    assert (best["score"], -best["step"]) == max(scores)  # the best step, the first of a tie
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "best-math")  # whole, and loads
+    assert sum(p.numel() for p in model.parameters()) > 0
+    best_w, final_w = (load_file(tmp_path / "b" / d / "model.safetensors") for d in ("best-math", "checkpoint"))
+    assert all(torch.equal(best_w[k], final_w[k]) for k in final_w) == (best["step"] == 4)  # that step's weights
+    assert not (tmp_path / "b" / "best-math" / "trainer_state").exists()
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
 """Run a training script's `main` in this process with vLLM's sleep / wake_up counted instead of run
-(vLLM's CPU build has no sleep mode) and every optimizer step and checkpoint save recorded, so a
+(vLLM's CPU build has no sleep mode) and every optimizer step, checkpoint save and reward-model call recorded, so a
 test can check that the engine was asleep at each. Usage: counted_sleep.py EVENTS.json SCRIPT ARGS..."""
 
 import importlib
@@ -29,6 +29,8 @@ common.Generator = common.generation.Generator = Counting  # the scripts build i
 step, save = torch.optim.AdamW.step, common.save_checkpoint
 torch.optim.AdamW.step = lambda self, *a, **k: (events.append("update"), step(self, *a, **k))[1]
 common.save_checkpoint = lambda *a, **k: (events.append("save"), save(*a, **k))[1]
+score = common.RewardModel.score
+common.RewardModel.score = lambda self, *a, **k: (events.append("score"), score(self, *a, **k))[1]
 common.check_args = lambda *a: None  # --vllm-sleep is refused without a GPU
 module = importlib.import_module(os.path.basename(script).removesuffix(".py"))
 module.main(tyro.cli(module.Args, args=args))
