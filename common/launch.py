@@ -55,13 +55,20 @@ def check_args(args, world_size: int) -> None:
         if getattr(args, name, ""):
             check_model_path(getattr(args, name), what)
             check_model_folder(getattr(args, name), what, tokenizer=name != "baseline")
+    configs = {}
     for name in ("model", "baseline"):
         if getattr(args, name, ""):
-            config = check_generative(getattr(args, name), _flag(name), getattr(args, "trust_remote_code", False))
+            config = configs[name] = check_generative(getattr(args, name), _flag(name),
+                                                      getattr(args, "trust_remote_code", False))
             longest = getattr(config, "max_position_embeddings", None)
             if name == "model" and longest and getattr(args, "max_model_len", 0) > longest:
                 raise UserError(f"--max-model-len {args.max_model_len} is longer than {args.model} was built for "
                                 f"({longest} positions, its config's max_position_embeddings); use at most {longest}")
+    if len(configs) == 2 and getattr(args, "chat_dataset", "") and _shape(configs["model"]) != _shape(configs["baseline"]):
+        raise UserError(f"--baseline {args.baseline} ({', '.join(map(str, _shape(configs['baseline'])[:3]))}) is not "
+                        f"shaped as --model {args.model} ({', '.join(map(str, _shape(configs['model'])[:3]))}): the "
+                        "baseline's weights are loaded into the model's engine; pass a baseline of the same "
+                        "architecture and size, or --baseline '' for no win rate")
     if getattr(args, "reward_model", ""):  # a checkpoint without a trained reward head is refused now
         from common.rewards import reward_model_layout
 
@@ -177,6 +184,14 @@ def resume_window(args) -> tuple[int, str]:
     s, k = getattr(args, "sync_interval", 1), getattr(args, "ref_sync_interval", 0) or 1
     steps = math.lcm(s, k)
     return steps, f"--sync-interval {s}" if steps == s else f"lcm(--sync-interval {s}, --ref-sync-interval {k}) = {steps}"
+
+
+def _shape(config) -> tuple:
+    """What two checkpoints must share for one's weights to load into an engine built for the other."""
+    c = getattr(config, "text_config", config)
+    return ("/".join(config.architectures or ["?"]), f"{c.num_hidden_layers} layers", f"hidden {c.hidden_size}",
+            c.vocab_size, c.num_attention_heads, getattr(c, "num_key_value_heads", None),
+            getattr(c, "intermediate_size", None), getattr(c, "head_dim", None))
 
 
 def check_generative(name: str, flag: str, trust_remote_code: bool = False):

@@ -249,7 +249,8 @@ def test_the_run_folder_records_its_flags_and_resume_compares_them(tmp_path):
     and a tracked run continues its W&B run (offline W&B here: no network)."""
     out = tmp_path / "run"
     env = dict(ENV, WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_SILENT="true")
-    base = [sys.executable, "grpo.py", "--eval-every", "0", "--save-every", "2", "--output-dir", str(out), "--track"]
+    base = [sys.executable, "grpo.py", "--eval-every", "0", "--save-every", "2", "--output-dir", str(out), "--track",
+            "--completions-every", "2"]
     r = subprocess.run([*base, "--num-steps", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     record = json.load(open(out / "args.json"))
@@ -270,6 +271,9 @@ def test_the_run_folder_records_its_flags_and_resume_compares_them(tmp_path):
     assert (out / "wandb_id").read_text() == run_id and json.load(open(out / "args.json"))["num_steps"] == 3
     runs = [d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-")]
     assert len(runs) == 2 and all(run_id in d for d in runs), runs  # the resumed run logs to the same W&B run
+    tables = [json.load(open(f)) for f in (tmp_path / "wandb").glob("offline-run-*/files/media/table/completions_*.json")]
+    assert len(tables) == 1 and len(tables[0]["data"]) == 8 * 8  # step 2's: 8 prompts x 8 completions
+    assert tables[0]["columns"][:5] == ["step", "task", "prompt", "completion", "reward"]
 
 
 def test_an_incomplete_model_folder_is_one_line(tmp_path):
@@ -289,3 +293,40 @@ def test_an_incomplete_model_folder_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "evaluate.py", "--baseline", str(config_only), "--output", str(tmp_path / "e.json")],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     one_line(r, f"baseline model folder '{config_only}' has no weights (*.safetensors):")  # a baseline needs no tokenizer
+
+
+def test_the_embedded_defaults_are_found_from_any_folder(tmp_path):
+    """Run from another folder, `embedded/...` is the project's (it was tried as a hub id: 26 s of
+    retries, then "not a reachable hub id"): here the first error is the flag's own, at once."""
+    t0 = time.time()
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "grpo.py"), "--num-steps", "0"], cwd=tmp_path, env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    one_line(r, "--num-steps must be > 0 (got 0)")
+    assert time.time() - t0 < 20 and "hub" not in r.stdout + r.stderr
+
+
+def test_an_unreachable_hub_is_one_line_without_retry_noise(tmp_path):
+    """The hub's client retries a failed request 5 times (~25 s), logging two lines each time: the
+    user sees one line saying it retries, then the error."""
+    env = dict(ENV, HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_DISABLE_TELEMETRY="1")  # nothing listens there
+    r = subprocess.run([sys.executable, "grpo.py", "--model", "nobody/no-such-model"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    one_line(r, "model 'nobody/no-such-model' is not a local folder and not a reachable hub id")
+    out = (r.stdout + r.stderr).splitlines()
+    assert out[0] == "model 'nobody/no-such-model': the hub does not answer; retrying for up to ~25 s ..."
+    assert len(out) == 2 and "Retrying" not in r.stdout + r.stderr, out
+
+
+def test_evaluate_a_model_unlike_its_baseline_is_one_line(tmp_path):
+    """evaluate.py loads the baseline's weights into the model's engine (the chat win rate): a model of
+    another architecture or size than the default baseline was an 85-line vLLM traceback."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(os.path.join(ROOT, "embedded", "policy"))
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / "llama")
+    tok.save_pretrained(tmp_path / "llama")
+    r = subprocess.run([sys.executable, "evaluate.py", "--model", str(tmp_path / "llama")], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    one_line(r, "--baseline embedded/policy (Qwen2ForCausalLM, 4 layers, hidden 128) is not shaped as --model")
+    assert "vllm" not in (r.stdout + r.stderr).lower()

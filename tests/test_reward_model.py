@@ -267,3 +267,53 @@ def test_frozen_models_build_no_kv_cache(rm_dirs, tiny_model_dir):
     reference.register_forward_hook(lambda m, a, kw, out: seen.append(out.past_key_values), with_kwargs=True)
     common.completion_logprobs(reference, [[1, 2, 3]], [[4, 5]])
     assert seen == [None]
+
+
+def test_openrlhf_head_named_in_its_config(tmp_path):
+    """OpenRLHF names its head in config.json (`value_head_prefix`: "score" since 2025): such a
+    checkpoint is read as OpenRLHF's (its EOS position, its normalisation), not as a generic classifier."""
+    backbone, tok, h = _backbone_plus(tmp_path / "orlhf", {"score.weight": (1, 128)}, seed=6,
+                                      value_head_prefix="score", normalize_reward=True, mean=0.5, std=2.0)
+    rm = RewardModel(str(tmp_path / "orlhf"), torch.device("cpu"))
+    assert rm.layout == "openrlhf"
+    want = [((h["score.weight"] @ _last_hidden(backbone, tok, p, r)).item() - 0.5) / 2.0
+            for p, r in zip(PROMPTS, RESPONSES)]
+    assert rm.score(PROMPTS, RESPONSES) == pytest.approx(want, abs=1e-5)
+
+
+def test_a_score_bias_in_the_checkpoint_is_kept(tmp_path, rm_dirs):
+    """transformers' decoder classifiers have a bias-free `score`; a checkpoint that has one keeps it."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "with_bias"
+    shutil.copytree(rm_dirs[0], path)
+    tensors = load_file(str(path / "model.safetensors"))
+    save_file(tensors | {"score.bias": torch.tensor([0.75])}, str(path / "model.safetensors"), metadata={"format": "pt"})
+    got = RewardModel(str(path), torch.device("cpu")).score(PROMPTS, RESPONSES)
+    assert got == pytest.approx([_direct(rm_dirs[0], p, r)[0] + 0.75 for p, r in zip(PROMPTS, RESPONSES)], abs=1e-5)
+
+
+def test_classifiers_that_are_not_scalar_reward_models_are_one_line(tmp_path):
+    """Two labels (a preference classifier), and a classifier whose head is not `score` saved as
+    .bin (no tensor names to read before the load): one line each, not a traceback at the load or
+    at the first score."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    tok = build_tokenizer()
+    two = tmp_path / "two_labels"
+    Qwen2ForSequenceClassification(tiny_config(tok, layers=1, num_labels=2)).save_pretrained(two)
+    tok.save_pretrained(two)
+    with pytest.raises(UserError, match="has a 2-label classifier head; a scalar reward model has one output"):
+        RewardModel(str(two), torch.device("cpu"))
+    bert = tmp_path / "bert_bin"
+    config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, num_labels=1)
+    model = BertForSequenceClassification(config)
+    model.save_pretrained(bert)
+    (bert / "model.safetensors").unlink()  # as older tools wrote it: a pickled state dict
+    torch.save(model.state_dict(), bert / "pytorch_model.bin")
+    tok.save_pretrained(bert)
+    with pytest.raises(UserError, match=r"\(BertForSequenceClassification\) has no `score` head \(it has .*classifier"):
+        RewardModel(str(bert), torch.device("cpu"))
