@@ -301,7 +301,7 @@ def main(args: Args) -> None:
 
         # ---- log: this rank's sums, summed over ranks, then ratios (ranks hold different rows)
         sums = common.add_up(kept, "gap_sum", "kl_sum", "entropy_bonus", "tis_sum", "tis_capped")
-        sums |= common.rollout_sums(batch, outs, rewards, nonfinite)
+        sums |= common.rollout_sums(batch, outs, rewards, nonfinite, reward_model)
         s, s_max = common.reduce_step(sums, kept, device)
         metrics = {"step": step, **train_metrics(s, args), "train/grad_norm": float(grad_norm),
                    "train/lr": lr, "rollout/policy_lag": step - 1 - last_sync,

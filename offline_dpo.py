@@ -223,7 +223,7 @@ def sample_pairs(args: Args, generator, reward_model, rows, prompt_ids, order, p
             built += [common.pair_record(step, order.first + j, batch[j], outs[j], (c, r),
                                          rewards[j], advantages[2 * k : 2 * k + 2], weights[k])
                       for k, (j, c, r) in enumerate(pairs)]
-            step_sums[step] = common.rollout_sums(batch, outs, rewards, nonfinite)
+            step_sums[step] = common.rollout_sums(batch, outs, rewards, nonfinite, reward_model)
         if order.first == 0:  # rank 0
             print(f"sampling from the seed: step {window[-1]}/{args.num_steps}, "
                   f"{timer.total():.0f} s", flush=True)

@@ -349,7 +349,7 @@ def main(args: Args) -> None:
         sums = common.add_up(kept, "gap_sum", "kl_sum", "chosen_logratio", "rejected_logratio",
                              "nll_sum", "chosen_tokens", "pair_accuracy", "entropy_bonus",
                              "grpo_term")
-        sums |= common.rollout_sums(batch, outs, rewards, nonfinite)
+        sums |= common.rollout_sums(batch, outs, rewards, nonfinite, reward_model)
         sums["pairs"] = len(pairs)
         sums["reward_margin"] = float(sum(rewards[j, c] - rewards[j, r] for j, c, r in pairs))
         sums |= {f"{task}_pairs": sum(tasks[j] == task for j, _, _ in pairs)

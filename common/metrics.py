@@ -85,9 +85,10 @@ def add_up(kept: list[dict[str, float]], *keys: str) -> dict[str, float]:
             for key in ("loss", "tokens", "entropy_sum", "train_tokens", *keys)}
 
 
-def rollout_sums(batch: list[dict], outs, rewards: torch.Tensor, nonfinite: torch.Tensor) -> dict[str, float]:
+def rollout_sums(batch: list[dict], outs, rewards: torch.Tensor, nonfinite: torch.Tensor,
+                 reward_model=None) -> dict[str, float]:
     """This rank's sums behind the `rollout/*` metrics of a step's (P, n) rollouts (and the
-    `perf/rollout_tokens` they took to generate)."""
+    `perf/rollout_tokens` they took to generate), and the rows its reward model has cut so far."""
     lengths = torch.tensor([[len(c.token_ids) for c in o] for o in outs], dtype=torch.float)  # (P, n)
     sums = {
         "reward_sum": rewards.sum().item(), "reward_sq": (rewards**2).sum().item(), "samples": rewards.numel(),
@@ -100,6 +101,7 @@ def rollout_sums(batch: list[dict], outs, rewards: torch.Tensor, nonfinite: torc
         sums |= {f"{task}_reward": rewards[rows_t].sum().item(), f"{task}_samples": rewards[rows_t].numel(),
                  f"{task}_tokens": lengths[rows_t].sum().item()}
     sums["rollout_tokens"] = sums["completion_tokens"]
+    sums["rm_truncated"] = reward_model.truncated if reward_model is not None else 0  # since the start
     return sums
 
 
@@ -131,6 +133,7 @@ def rollout_metrics(s: dict[str, float]) -> dict[str, float]:
             m[f"rollout/{task}/length_mean"] = s[f"{task}_tokens"] / s[f"{task}_samples"]
     if s["chat_samples"]:  # the paper picked chat checkpoints by this: its reward model favours length
         m["rollout/chat/reward_per_token"] = m["rollout/chat/reward_mean"] / max(m["rollout/chat/length_mean"], 1)
+        m["rollout/chat/rm_truncated"] = s.get("rm_truncated", 0)  # rows cut to --rm-max-length so far
     return m
 
 

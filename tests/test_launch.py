@@ -330,3 +330,14 @@ def test_evaluate_a_model_unlike_its_baseline_is_one_line(tmp_path):
                        capture_output=True, text=True, timeout=300)
     one_line(r, "--baseline embedded/policy (Qwen2ForCausalLM, 4 layers, hidden 128) is not shaped as --model")
     assert "vllm" not in (r.stdout + r.stderr).lower()
+
+
+def test_importing_common_keeps_hub_download_bars():
+    """`import common` silences transformers' bars at every load and save, not a hub download's."""
+    import huggingface_hub.utils
+    import transformers
+
+    import common  # noqa: F401
+
+    assert not huggingface_hub.utils.are_progress_bars_disabled()
+    assert not transformers.utils.logging.is_progress_bar_enabled()

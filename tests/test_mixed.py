@@ -33,9 +33,12 @@ def check_task_split(x, n_samples):
 def test_mixed_batches_end_to_end(tmp_path, script):
     out = tmp_path / "run"
     extra = ["--sync-interval", "2"] if script == "semi_online_dpo.py" else []
-    run_script(script, ["--num-steps", "3", "--eval-every", "3", "--rm-offload", "--output-dir", str(out), *MIX, *extra])
+    run_script(script, ["--num-steps", "3", "--eval-every", "3", "--rm-offload", "--rm-max-length", "32",
+                        "--output-dir", str(out), *MIX, *extra])
     m = metrics(out)
     assert set(EVAL_KEYS) <= set(m[0]) and set(EVAL_KEYS) <= set(m[-1])
+    cut = [x["rollout/chat/rm_truncated"] for x in m[1:] if "rollout/chat/rm_truncated" in x]
+    assert cut and cut == sorted(cut) and cut[-1] > 0  # rows cut to 32 tokens, counted since the start
     both = [x for x in m[1:] if "rollout/math/accuracy" in x and "rollout/chat/reward_mean" in x]
     assert both, "mix_train alternates tasks: a step of 8 shuffled prompts holds both"
     for x in both:

@@ -49,3 +49,19 @@ def test_every_arm_parses_with_its_script():
             name = flag.removeprefix("--").replace("-", "_")
             got = getattr(parsed.run if hasattr(parsed.run, name) else parsed, name)
             assert got is True if value == "" else str(got) == value or float(got) == float(value), (arm, flag)
+
+
+def test_chat_is_tested_at_the_best_checkpoint_the_run_kept(tmp_path):
+    """The study tests chat at the run's own `best-chat/` (the paper's pick, kept by the run while
+    it trained) and math, or a run never evaluated on chat, at its final checkpoint."""
+    import json
+
+    run = tmp_path / "run"
+    (run / "checkpoint").mkdir(parents=True)
+    json.dump({"step": 40, "world_size": 1}, open(run / "checkpoint" / "step.json", "w"))
+    assert run_study.tested_checkpoint(str(run), "chat") == (str(run / "checkpoint"), 40)
+    (run / "best-chat").mkdir()
+    json.dump({"step": 20, "score": 0.1}, open(run / "best-chat" / "best.json", "w"))
+    assert run_study.tested_checkpoint(str(run), "chat") == (str(run / "best-chat"), 20)
+    assert run_study.tested_checkpoint(str(run), "math") == (str(run / "checkpoint"), 40)
+
