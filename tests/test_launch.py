@@ -167,7 +167,8 @@ def test_ctrl_c_after_a_checkpoint_says_how_to_resume(tmp_path):
 @pytest.mark.slow
 def test_quiet_console_honest_eta_and_normal_file_modes(tmp_path):
     """No vLLM start-up or per-sync lines, no weight-loading bars: the console shows the frame every
-    prompt gets, the data lines, the start-up line and one line per step. Checkpoint files get the umask's modes."""
+    prompt gets, the data lines, the engine's two lines (starting, ready), the start-up line and one
+    line per step. Checkpoint files get the umask's modes."""
     out = tmp_path / "run"
     old = os.umask(0o022)
     try:
@@ -176,7 +177,8 @@ def test_quiet_console_honest_eta_and_normal_file_modes(tmp_path):
     finally:
         os.umask(old)
     lines = [x for x in (r.stdout + r.stderr).splitlines() if x.strip()]
-    assert len(lines) <= 9, lines  # the prompts' frame, 2 data lines, the start-up line, step 0 and 3 steps, done
+    assert len(lines) <= 11, lines  # the prompts' frame, 2 data lines, the engine's 2, the start-up line,
+    assert [x for x in lines if x.startswith("generator: ")][:2] == lines[3:5], lines  # step 0 and 3 steps, done
     assert not [x for x in lines if "INFO" in x or "WARNING" in x or "RotaryEmbedding" in x or "%|" in x], lines
     modes = {f: stat.S_IMODE(os.stat(os.path.join(d, f)).st_mode) for d, _, fs in os.walk(out / "checkpoint") for f in fs}
     assert set(modes.values()) == {0o644}, modes
