@@ -5,10 +5,14 @@
 # Every step runs whatever an earlier one did; a summary line per step ends the output, so one
 # run tells everything that works and everything that does not.
 #   bash bench/gpu_check.sh                 # ~10 minutes on one GPU
+#   bash bench/gpu_check.sh --trainer-only  # a machine with CUDA torch and transformers alone (no vLLM,
+#                                           # no network): the trainer's half, bench/gpu_trainer_check.py
 cd "$(dirname "$0")/.."
+GIVEN_PY=${PY:-}  # --trainer-only: the machine's own interpreter, PY=... or python3
 PY=.venv/bin/python
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rs)
 summary=()
+SUMMARY=${GPU_CHECK_SUMMARY:-bench/results/gpu_check_summary.txt}  # the summary lines, also written here
 
 step() {  # step NAME COMMAND...: run it, record ok / failed (exit status) / skipped (no environment)
   local name=$1
@@ -25,6 +29,31 @@ step() {  # step NAME COMMAND...: run it, record ok / failed (exit status) / ski
   return 0
 }
 
+if [ "${1:-}" = --trainer-only ]; then
+  # The interpreter that has torch and transformers (the machine's own); the pure-Python rest from
+  # bench/wheels/ (bash bench/fetch_trainer_wheels.sh, where there is network) into build/trainer_deps.
+  PY=${GIVEN_PY:-python3}
+  PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rs)
+  export PYTHONPATH="$PWD/build/trainer_deps${PYTHONPATH:+:$PYTHONPATH}"
+  wheels() {
+    if "$PY" -c "import tyro, math_verify" 2>/dev/null; then echo "the trainer's packages import already"; return 0; fi
+    [ -d bench/wheels ] || { echo "no bench/wheels/: run bash bench/fetch_trainer_wheels.sh where there is network"; return 3; }
+    "$PY" -m pip install --quiet --no-index --no-deps --find-links bench/wheels --target build/trainer_deps \
+      -r bench/trainer_wheels.txt
+  }
+  step setup wheels
+  step device "$PY" -c "import torch, transformers; print('gpu_check:', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA GPU', '| torch', torch.__version__, '| transformers', transformers.__version__)"
+  # the tests that need no engine: the blockwise head, frozen models' exact buffers, long positions
+  step "tests without an engine" "${PYTEST[@]}" tests/test_logprobs.py tests/test_numerics.py \
+    -k "blockwise or exact_buffers or long_positions or renders"
+  step "trainer check" "$PY" bench/gpu_trainer_check.py "${@:2}"
+  summary+=("skipped  engine, sync, sleep mode, end-to-end (vLLM not installed: the full check, without --trainer-only)")
+  echo
+  echo "== gpu_check summary (figures: bench/results/gpu_trainer_check.md)"
+  printf '%s\n' "${summary[@]}" | tee "$SUMMARY"
+  exit 0
+fi
+
 step setup env EXTRA=gpu bash setup.sh
 step device "$PY" -c "import torch, vllm; assert torch.cuda.is_available(), 'no CUDA GPU visible'; print('gpu_check:', torch.cuda.get_device_name(0), 'x', torch.cuda.device_count(), '| torch', torch.__version__, '| vllm', vllm.__version__)"
 step "gpu tests (V2 runner)" "${PYTEST[@]}" -m gpu tests/test_gpu.py
@@ -35,4 +64,4 @@ step "logprob head memory" "$PY" bench/memory.py --shapes
 
 echo
 echo "== gpu_check summary"
-printf '%s\n' "${summary[@]}"
+printf '%s\n' "${summary[@]}" | tee "$SUMMARY"

@@ -309,12 +309,13 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def fsdp_wrap(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def fsdp_wrap(model: torch.nn.Module, dtype: torch.dtype = torch.float32, min_ranks: int = 2) -> torch.nn.Module:
     """FSDP2: shard every decoder layer, then the root (embeddings, final norm, lm_head).
     Parameters are all-gathered in the compute `dtype` and gradients reduced in fp32 (FSDP2's
-    mixed precision; on the CPU too with --compute-dtype bfloat16). A no-op without a multi-rank
-    process group."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    mixed precision; on the CPU too with --compute-dtype bfloat16). A no-op without a process group
+    of `min_ranks` ranks (one rank computes under autocast instead; bench/gpu_trainer_check.py
+    wraps one rank to check FSDP2's mixed precision on one GPU)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < min_ranks:
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
