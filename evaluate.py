@@ -73,7 +73,7 @@ class Args:
     """GPU memory fraction vLLM takes (0: 0.5); on CPU, 0 sizes its KV cache to 256 sequences at once"""
     compute_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     """the reward model's precision, and the engine's under --generator-dtype auto (auto: bf16 on a
-    GPU, fp32 on the CPU)"""
+    GPU; on the CPU bf16 for a 10M+ parameter --model with AMX / AVX512-BF16, fp32 otherwise)"""
     generator_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     """the engine's precision (auto: --compute-dtype's)"""
     chat_template: str = "auto"
@@ -88,7 +88,7 @@ def main(args: Args) -> None:
     common.check_args(args, world_size)  # every flag and local path, before any model loads
     args.gpu_memory_utilization = args.gpu_memory_utilization or (0.5 if device.type == "cuda" else 0.0)
     args.output = args.output or (os.path.join(args.model, "eval.json") if os.path.isdir(args.model) else "eval.json")
-    dtype = common.compute_dtype(args.compute_dtype, device)
+    dtype = common.compute_dtype(args.compute_dtype, device, args.model)
     tokenizer = common.load_tokenizer(args.model, args.trust_remote_code, args.chat_template)
     if rank == 0:
         print(common.describe_template(tokenizer, args.chat_template), flush=True)

@@ -240,7 +240,7 @@ def main(args: Args) -> None:
     common.claim_output_dir(args, world_size, rank)  # this run's alone, while it runs
     ckpt_dir = os.path.join(run.output_dir, "checkpoint")
     common.seed_everything(args.seed)  # CRUCIAL: the same seed on every rank (identical init)
-    dtype = common.compute_dtype(run.compute_dtype, device)  # bf16 on a GPU, over fp32 masters
+    dtype = common.compute_dtype(run.compute_dtype, device, args.model)  # over fp32 masters
 
     # ---- data -----------------------------------------------------------------------------------
     tokenizer = common.load_tokenizer(args.model, run.trust_remote_code, run.chat_template)

@@ -58,6 +58,7 @@ SIZES = {
     "qwen2-0.5b": {"model": "runs/bench/models/qwen2-0.5b", "dataset": "embedded/data/chat_train.jsonl",
                    "max_new_tokens": 32, "max_model_len": 256, "rounds": 1, "steps": 6, "measure_from": 3,
                    "flags": ["--prompts-per-step", "4", "--samples-per-prompt", "4"],
+                   "ours": ["--compute-dtype", "float32"],  # the fp32 rows (auto is bf16 here: bench/cpu_bf16.py)
                    "regimes": ["online DPO (s = 1)", "GRPO (s = 1)"], "nprocs": (1,)},
     # two processes of this shape do not fit in 24 GB (docs/benchmarks.md: where each rank's memory goes)
     # the same shape with a bf16 engine (the GPU's trainer-engine mismatch, on the CPU), GRPO without and
@@ -65,7 +66,7 @@ SIZES = {
     "qwen2-0.5b-bf16": {"model": "runs/bench/models/qwen2-0.5b", "dataset": "embedded/data/chat_train.jsonl",
                         "max_new_tokens": 32, "max_model_len": 256, "rounds": 1, "steps": 5, "measure_from": 3,
                         "flags": ["--prompts-per-step", "4", "--samples-per-prompt", "4"],
-                        "ours": ["--generator-dtype", "bfloat16"],
+                        "ours": ["--compute-dtype", "float32", "--generator-dtype", "bfloat16"],
                         "regimes": ["GRPO (s = 1)", "GRPO (s = 1), --tis-cap 2"], "nprocs": (1, 2)},
 }
 REGIMES = [  # (name, script, extra flags)

@@ -77,7 +77,8 @@ class RunArgs:
     """GPU: free vLLM's memory while the trainer updates (sleep mode)"""
     compute_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     """what the trainer computes in (over fp32 master weights) and the references and reward model
-    are held in (auto: bf16 on a GPU, the paper's; fp32 on the CPU); bfloat16 on the CPU takes the
+    are held in (auto: bf16 on a GPU, the paper's; on the CPU bf16 for 10M+ parameters where it has
+    AMX / AVX512-BF16, fp32 otherwise: docs/benchmarks.md); bfloat16 on the CPU takes the
     GPU's numeric path in everything but the kernels"""
     generator_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     """the engine's precision (auto: --compute-dtype's); bfloat16 with an fp32 trainer reproduces a

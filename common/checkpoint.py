@@ -3,7 +3,7 @@ trainer state that `--resume` needs, all in safetensors and JSON: nothing is unp
 
 Layout of `<output_dir>/checkpoint/`:
 - `model.safetensors`, `config.json`, tokenizer files: the full policy (rank 0 writes it), in
-  bf16 on GPUs (fp32 on the CPU);
+  the compute dtype (bf16 on GPUs; fp32 for the embedded models on the CPU);
 - `trainer_state/rank<r>.safetensors`: rank r's own shards of the weights (fp32 master copy)
   and of the AdamW state, by parameter name (each rank writes its own: no gather of the
   optimizer state, which is twice the model);

@@ -365,7 +365,7 @@ def reward_model_for(args, device, rows: list[dict], verbose: bool):
     from common.models import compute_dtype
     from common.rewards import RewardModel
 
-    return RewardModel(args.reward_model, device, compute_dtype(args.run.compute_dtype, device),
+    return RewardModel(args.reward_model, device, compute_dtype(args.run.compute_dtype, device, args.model),
                        max_length=args.run.rm_max_length,
                        batch_size=args.run.rm_batch_size, offload=args.run.rm_offload,
                        trust_remote_code=args.run.trust_remote_code, verbose=verbose)
@@ -379,7 +379,7 @@ def generator_for(args, device, max_num_seqs: int):
     run = args.run
     return Generator(args.model, max_model_len=run.max_model_len, max_num_seqs=max_num_seqs,
                      gpu_memory_utilization=run.gpu_memory_utilization,
-                     dtype=engine_dtype(run.generator_dtype, compute_dtype(run.compute_dtype, device)),
+                     dtype=engine_dtype(run.generator_dtype, compute_dtype(run.compute_dtype, device, args.model)),
                      seed=args.seed,
                      enable_sleep_mode=run.vllm_sleep, trust_remote_code=run.trust_remote_code)
 
@@ -396,7 +396,7 @@ def logger_for(args, rank: int, start_step: int, data: str):
     if rank != 0:
         return None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # setup_distributed's
-    dtype = compute_dtype(args.run.compute_dtype, device)
+    dtype = compute_dtype(args.run.compute_dtype, device, args.model)
     engine = engine_dtype(args.run.generator_dtype, dtype)
     print(f"{args.exp_name}: {data}, {args.world_size} rank(s), {args.num_steps} steps of "
           f"{args.prompts_per_step}x{args.samples_per_prompt}, {str(dtype)[6:]} compute over fp32 masters, "
