@@ -213,8 +213,8 @@ def test_bf16_two_ranks_compute_one_function(tmp_path, script):
 def test_bf16_compute_trains_as_fp32(tmp_path):
     """`--compute-dtype bfloat16` (auto's choice for a real-size model on a CPU with bf16 units) trains
     the embedded task as fp32 does: with the engine in fp32 both runs sample the same first step, and
-    over 6 steps the loss, the gradient norm and the reward stay within the bounds below (measured:
-    see the assertion messages; bf16 autocast rounds each matmul's inputs to 8 bits)."""
+    the loss and the gradient norm of that step, and the reward over 6 steps, stay within the bounds
+    below (bf16 autocast rounds each matmul's inputs to 8 significant bits)."""
     args = ["--num-steps", "6", "--eval-every", "0", "--generator-dtype", "float32", "--log-samples-every", "0"]
     run_script("grpo.py", [*args, "--compute-dtype", "float32", "--output-dir", str(tmp_path / "fp32")])
     run_script("grpo.py", [*args, "--compute-dtype", "bfloat16", "--output-dir", str(tmp_path / "bf16")])
