@@ -102,13 +102,14 @@ BEST_BY = {"math": "eval/accuracy", "chat": "eval/chat/reward_per_token"}
 
 def save_best(output_dir: str, metrics: dict, policy: torch.nn.Module, tokenizer,
               dtype: torch.dtype = torch.float32) -> None:
-    """After a training step's evaluation (collective: every rank), for each task whose validation
+    """After a training step's evaluation (collective: every rank; the scripts call it for steps
+    >= 1, never with the seed's step-0 evaluation), for each task whose validation
     score (`BEST_BY`) beats the best of the run so far, the model alone (no trainer state) in
     `<output_dir>/best-<task>/`: a Hugging Face folder for evaluate.py or a hub upload, with
     `best.json` (step, score, the evaluation). Strictly better only: a tie keeps the earlier step."""
     rank, _ = _rank_world()
     for task, key in BEST_BY.items():
-        if key not in metrics or metrics["step"] < 1:  # no evaluation at this step (or the seed's)
+        if key not in metrics:  # no evaluation of this task at this step
             continue
         folder = os.path.join(output_dir, f"best-{task}")
         record = os.path.join(folder, "best.json")

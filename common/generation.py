@@ -106,7 +106,7 @@ class _ProgressLines:
         pass
 
     def close(self) -> None:
-        if self.said > self.t0 or time.time() - self.t0 >= PROGRESS_EVERY_S:
+        if time.time() - self.t0 >= PROGRESS_EVERY_S:  # a call long enough to have reported
             print(f"{self.label}: {self.n:,} sequences in {time.time() - self.t0:.0f} s", flush=True)
 
 

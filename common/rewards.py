@@ -138,27 +138,23 @@ def reward_model_layout(name: str, trust_remote_code: bool = False) -> str:
     config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     if f"{getattr(config, 'value_head_prefix', '')}.weight" in names:  # OpenRLHF names its head in
         return "openrlhf"  # config.json ("value_head" before 2025, "score" since), a plain name too
-    for layout, (head, _) in LAYOUTS.items():
-        if head[0] in names:
-            if layout == "score" and config.num_labels != 1:
-                raise UserError(f"reward model '{name}' has a {config.num_labels}-label classifier head; a "
-                                "scalar reward model has one output (a preference classifier is not one)")
-            return layout
-    if "AutoModelForSequenceClassification" in (getattr(config, "auto_map", None) or {}):
+    layout = next((layout for layout, (head, _) in LAYOUTS.items() if head[0] in names), None)
+    if layout is None and "AutoModelForSequenceClassification" in (getattr(config, "auto_map", None) or {}):
         if not trust_remote_code:
             raise UserError(f"reward model '{name}' ships its own model code (auto_map); pass "
                             "--trust-remote-code to run it")
         return "custom"
-    if not names and any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
-        if config.num_labels != 1:
-            raise UserError(f"reward model '{name}' has a {config.num_labels}-label classifier head; a "
-                            "scalar reward model has one output (a preference classifier is not one)")
-        return "score"  # weights without safetensors headers to read: the load's missing keys decide
-    kind = ", ".join(config.architectures or ["no architectures in config.json"])
-    raise UserError(f"reward model '{name}' ({kind}) has no reward head in its checkpoint (none of "
-                    f"{', '.join(h[0] for h, _ in LAYOUTS.values())}): it would score with random "
-                    "weights. Pass a trained reward model (docs/reward_models.md)")
-
+    if layout is None and not names and any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
+        layout = "score"  # weights without safetensors headers to read: the load's missing keys decide
+    if layout is None:
+        kind = ", ".join(config.architectures or ["no architectures in config.json"])
+        raise UserError(f"reward model '{name}' ({kind}) has no reward head in its checkpoint (none of "
+                        f"{', '.join(h[0] for h, _ in LAYOUTS.values())}): it would score with random "
+                        "weights. Pass a trained reward model (docs/reward_models.md)")
+    if layout == "score" and config.num_labels != 1:
+        raise UserError(f"reward model '{name}' has a {config.num_labels}-label classifier head; a scalar "
+                        "reward model has one output (a preference classifier is not one)")
+    return layout
 
 class RewardModel:
     """A scalar reward model scoring (prompt, response) chats, read the way it was trained:

@@ -196,13 +196,18 @@ def test_trl_value_head_layout(tmp_path):
     assert rm.score(PROMPTS, RESPONSES) == pytest.approx(want, abs=1e-5)
 
 
-def test_openrlhf_layout_reads_at_the_eos_it_appends_and_normalises(tmp_path):
-    backbone, tok, h = _backbone_plus(tmp_path / "orlhf", {"value_head.weight": (1, 128)}, seed=5,
-                                      normalize_reward=True, mean=0.5, std=2.0)
+@pytest.mark.parametrize("head,config", [("value_head", {}), ("score", {"value_head_prefix": "score"})],
+                         ids=["value_head", "head_named_in_config"])
+def test_openrlhf_layout_reads_at_the_eos_it_appends_and_normalises(tmp_path, head, config):
+    """OpenRLHF's reward model, its head `value_head` or (since 2025) named in config.json
+    (`value_head_prefix`: "score"): read as OpenRLHF reads it (its EOS position, its normalisation),
+    not as a generic classifier."""
+    backbone, tok, h = _backbone_plus(tmp_path / "orlhf", {f"{head}.weight": (1, 128)}, seed=5,
+                                      normalize_reward=True, mean=0.5, std=2.0, **config)
     rm = RewardModel(str(tmp_path / "orlhf"), torch.device("cpu"))
     assert rm.layout == "openrlhf"
     # the embedded template already ends each turn with EOS (<|end|>), so nothing is appended
-    want = [((h["value_head.weight"] @ _last_hidden(backbone, tok, p, r)).item() - 0.5) / 2.0
+    want = [((h[f"{head}.weight"] @ _last_hidden(backbone, tok, p, r)).item() - 0.5) / 2.0
             for p, r in zip(PROMPTS, RESPONSES)]
     assert rm.score(PROMPTS, RESPONSES) == pytest.approx(want, abs=1e-5)
 
@@ -267,18 +272,6 @@ def test_frozen_models_build_no_kv_cache(rm_dirs, tiny_model_dir):
     reference.register_forward_hook(lambda m, a, kw, out: seen.append(out.past_key_values), with_kwargs=True)
     common.completion_logprobs(reference, [[1, 2, 3]], [[4, 5]])
     assert seen == [None]
-
-
-def test_openrlhf_head_named_in_its_config(tmp_path):
-    """OpenRLHF names its head in config.json (`value_head_prefix`: "score" since 2025): such a
-    checkpoint is read as OpenRLHF's (its EOS position, its normalisation), not as a generic classifier."""
-    backbone, tok, h = _backbone_plus(tmp_path / "orlhf", {"score.weight": (1, 128)}, seed=6,
-                                      value_head_prefix="score", normalize_reward=True, mean=0.5, std=2.0)
-    rm = RewardModel(str(tmp_path / "orlhf"), torch.device("cpu"))
-    assert rm.layout == "openrlhf"
-    want = [((h["score.weight"] @ _last_hidden(backbone, tok, p, r)).item() - 0.5) / 2.0
-            for p, r in zip(PROMPTS, RESPONSES)]
-    assert rm.score(PROMPTS, RESPONSES) == pytest.approx(want, abs=1e-5)
 
 
 def test_a_score_bias_in_the_checkpoint_is_kept(tmp_path, rm_dirs):
