@@ -1,13 +1,17 @@
 """Where bf16 compute pays on this CPU: one update and one reference pass at five model sizes, fp32
 against bf16, the way the training scripts run them. What `--compute-dtype auto` decides from
-(`common.models.AUTO_BF16_PARAMS`, `cpu_has_bf16_units`).
+(`common.models.AUTO_BF16_PARAMS`, `cpu_has_bf16_units`), and the yardsticks of the update's speed.
 
-    python bench/cpu_bf16.py              # ~4 min on 2 cores
+    python bench/cpu_bf16.py              # ~6 min on 2 cores
 
 - update: the policy held in fp32 (the master weights), `completion_logprobs` with its entropy
   under `common.autocast` (nothing in fp32, bf16 matmuls in bf16), the summed log-probs' backward
-  and an AdamW step;
+  and a fused AdamW step (the scripts' optimizer);
 - reference: a frozen copy held in the compute dtype (`load_model(trainable=False)`), no-grad;
+- the AdamW step alone, fused (one pass over each tensor) against the default (`foreach`);
+- the update's achieved FLOP/s (`update_flops`: the model's matmul FLOPs, counted as MFU is)
+  against this machine's GEMM peak in bf16 and fp32 (`gemm_peak`, the best square matmul);
+- a profile of the bf16 update at Qwen2-0.5B's shape: which ops take its time;
 on random Qwen2-family models from 0.2M to 494M parameters (Qwen2-0.5B's exact shape), 8 rows of
 64 prompt + 64 completion tokens, the best of the timed repeats. Writes
 `bench/results/cpu_bf16.md`. A benchmark, not a test: run on an otherwise idle machine.
@@ -53,57 +57,142 @@ def best_of(fn, repeats: int) -> float:
     return min(times)
 
 
+def gemm_peak(dtype: torch.dtype) -> float:
+    """This machine's matmul rate in FLOP/s at `dtype`: the best square product of 1024-4096."""
+    rates = []
+    for n in (1024, 2048, 4096):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        rates.append(2 * n**3 / best_of(lambda: a @ b, 3))  # noqa: B023 (called before the next n)
+    return max(rates)
+
+
+def matmul_weights(config) -> tuple[int, int]:
+    """(the decoder's matmul weights, the LM head's) of a model config, counted on the meta device.
+    A token costs 2 FLOPs per weight forward and 4 more backward; embedding lookups and norms are
+    no matmuls, and attention's own products (4 x layers x context x hidden per token, < 1% at
+    these lengths) are left out."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    head = model.get_output_embeddings()
+    body = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
+    return body, head.weight.numel()
+
+
+def update_flops(weights: tuple[int, int], tokens: float, completion_tokens: float, reference: bool) -> float:
+    """Model FLOPs of one update, as MFU counts them: the policy's forward and backward (6 per
+    weight per token) and the reference's forward (2); the head runs on completion tokens alone;
+    activation checkpointing's second forward is not counted (it is overhead, not work)."""
+    body, head = weights
+    return (6 + 2 * reference) * (body * tokens + head * completion_tokens)
+
+
 def measure(path: str, vocab: int, repeats: int) -> dict:
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, vocab, (8, 64), generator=g).tolist()
     completions = torch.randint(0, vocab, (8, 64), generator=g).tolist()
     out = {}
     for dtype in (torch.float32, torch.bfloat16):
-        policy = common.load_model(path, CPU, dtype)  # fp32 masters, whatever the compute dtype
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6)
-
-        def update():
-            with common.autocast(CPU, dtype):
-                logps, mask, _ = common.completion_logprobs(policy, prompts, completions, with_entropy=True)
-            (-(logps * mask).sum()).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        out[f"update_{str(dtype)[6:]}"] = best_of(update, repeats)
-        del policy, optimizer
-        reference = common.load_model(path, CPU, dtype, trainable=False)
-
-        def reference_pass():
-            with torch.no_grad(), common.autocast(CPU, dtype):
-                common.completion_logprobs(reference, prompts, completions)
-
-        out[f"reference_{str(dtype)[6:]}"] = best_of(reference_pass, repeats)
-        del reference
+        out |= measure_update(path, dtype, prompts, completions, repeats)
+        out |= measure_reference(path, dtype, prompts, completions, repeats)
     return out
 
 
+def measure_update(path: str, dtype: torch.dtype, prompts, completions, repeats: int) -> dict:
+    policy = common.load_model(path, CPU, dtype)  # fp32 masters, whatever the compute dtype
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6, fused=True)
+    name, out = str(dtype)[6:], {}
+
+    def forward_backward():
+        with common.autocast(CPU, dtype):
+            logps, mask, _ = common.completion_logprobs(policy, prompts, completions, with_entropy=True)
+        (-(logps * mask).sum()).backward()
+
+    def update():
+        forward_backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    out[f"update_{name}"] = best_of(update, repeats)
+    if dtype == torch.float32:  # the optimizer alone, on the gradients of one backward
+        forward_backward()
+        out["adamw_fused"] = best_of(optimizer.step, repeats)
+        foreach = torch.optim.AdamW(policy.parameters(), lr=1e-6, foreach=True)
+        out["adamw_foreach"] = best_of(foreach.step, repeats)
+    return out
+
+
+def measure_reference(path: str, dtype: torch.dtype, prompts, completions, repeats: int) -> dict:
+    reference = common.load_model(path, CPU, dtype, trainable=False)
+
+    def reference_pass():
+        with torch.no_grad(), common.autocast(CPU, dtype):
+            common.completion_logprobs(reference, prompts, completions)
+
+    return {f"reference_{str(dtype)[6:]}": best_of(reference_pass, repeats)}
+
+
+def profile_update(path: str, vocab: int) -> list[tuple[str, float]]:
+    """(op, seconds) of one bf16 update after a warm-up, by the ops' own time, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, vocab, (8, 64), generator=g).tolist()
+    completions = torch.randint(0, vocab, (8, 64), generator=g).tolist()
+    policy = common.load_model(path, CPU, torch.bfloat16)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6, fused=True)
+
+    def update():
+        with common.autocast(CPU, torch.bfloat16):
+            logps, mask, _ = common.completion_logprobs(policy, prompts, completions, with_entropy=True)
+        (-(logps * mask).sum()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    update()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        update()
+    ops = [(e.key, e.self_cpu_time_total / 1e6) for e in prof.key_averages()]
+    return sorted(ops, key=lambda x: -x[1])
+
+
 def main() -> None:
-    rows = []
+    rows, peaks = [], {d: gemm_peak(d) for d in (torch.bfloat16, torch.float32)}
+    print({str(d)[6:]: f"{p / 1e9:.0f} GFLOP/s" for d, p in peaks.items()}, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name, shape in SHAPES.items():
             torch.manual_seed(0)
-            model = Qwen2ForCausalLM(Qwen2Config(**shape, tie_word_embeddings=True))
+            config = Qwen2Config(**shape, tie_word_embeddings=True)
+            model = Qwen2ForCausalLM(config)
             params = sum(p.numel() for p in model.parameters())
             path = os.path.join(tmp, name)
             model.save_pretrained(path)
             del model
             r = measure(path, shape["vocab_size"], repeats=2 if params > 2e8 else 3)
+            r["flops"] = update_flops(matmul_weights(config), 8 * 128, 8 * 64, reference=False)
             rows.append((name, params, r))
             print(name, f"{params / 1e6:.1f}M", {k: round(v, 3) for k, v in r.items()}, flush=True)
+        ops = profile_update(os.path.join(tmp, "494M"), SHAPES["494M"]["vocab_size"])
+    total = sum(t for _, t in ops)
     lines = [f"# bf16 against fp32 compute on this CPU ({date.today()}, {torch.get_num_threads()} threads, "
              f"bf16 units (AMX / AVX512-BF16): {'yes' if cpu_has_bf16_units() else 'no'})", "",
-             "`python bench/cpu_bf16.py`: 8 rows x (64 + 64) tokens, best of the timed repeats, seconds.", "",
-             "| model | parameters | update fp32 | update bf16 | speed-up | reference fp32 | reference bf16 | speed-up |",
-             "|---|---|---|---|---|---|---|---|"]
+             "`python bench/cpu_bf16.py`: 8 rows x (64 + 64) tokens, best of the timed repeats, seconds. "
+             f"GEMM peak measured in the same run: bf16 {peaks[torch.bfloat16] / 1e9:.0f} GFLOP/s, "
+             f"fp32 {peaks[torch.float32] / 1e9:.0f} GFLOP/s (the best square matmul of 1024-4096).", "",
+             "| model | parameters | update fp32 | update bf16 | speed-up | bf16 update GFLOP/s (of bf16 peak) "
+             "| AdamW foreach | AdamW fused | reference fp32 | reference bf16 | speed-up |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, params, r in rows:
+        rate = r["flops"] / r["update_bfloat16"]
         lines.append(f"| {name} | {params / 1e6:.1f}M | {r['update_float32']:.3f} | {r['update_bfloat16']:.3f} | "
-                     f"{r['update_float32'] / r['update_bfloat16']:.2f}x | {r['reference_float32']:.3f} | "
-                     f"{r['reference_bfloat16']:.3f} | {r['reference_float32'] / r['reference_bfloat16']:.2f}x |")
+                     f"{r['update_float32'] / r['update_bfloat16']:.2f}x | {rate / 1e9:.0f} "
+                     f"({rate / peaks[torch.bfloat16]:.0%}) | {r['adamw_foreach']:.3f} | {r['adamw_fused']:.3f} | "
+                     f"{r['reference_float32']:.3f} | {r['reference_bfloat16']:.3f} | "
+                     f"{r['reference_float32'] / r['reference_bfloat16']:.2f}x |")
+    lines += ["", f"Where the bf16 update's time goes at 494M (one update, torch.profiler, {total:.2f} s of "
+              "ops' own time; the ops over 1%):", "", "| op | seconds | share |", "|---|---|---|"]
+    lines += [f"| `{op}` | {t:.3f} | {t / total:.1%} |" for op, t in ops if t / total >= 0.01]
     os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
     with open(os.path.join(ROOT, "bench", "results", "cpu_bf16.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -49,6 +49,8 @@ sys.path.insert(0, ROOT)
 
 import tyro  # noqa: E402
 
+from bench.cpu_bf16 import gemm_peak, matmul_weights, update_flops  # noqa: E402
+
 SIZES = {
     "small": {"model": "embedded/policy", "dataset": "embedded/data/math_train.jsonl", "max_new_tokens": 48,
               "max_model_len": 256, "rounds": 3},
@@ -68,6 +70,14 @@ SIZES = {
                         "flags": ["--prompts-per-step", "4", "--samples-per-prompt", "4"],
                         "ours": ["--compute-dtype", "float32", "--generator-dtype", "bfloat16"],
                         "regimes": ["GRPO (s = 1)", "GRPO (s = 1), --tis-cap 2"], "nprocs": (1, 2)},
+    # the same shape at the CPU's fastest correct setting: bf16 compute over fp32 masters and a bf16
+    # engine (what --compute-dtype auto picks on a CPU with bf16 units), on one process and two, and TRL
+    # in bf16 (its bf16=True: autocast over fp32 weights)
+    "qwen2-0.5b-bf16-compute": {"model": "runs/bench/models/qwen2-0.5b", "dataset": "embedded/data/chat_train.jsonl",
+                                "max_new_tokens": 32, "max_model_len": 256, "rounds": 1, "steps": 6, "measure_from": 3,
+                                "flags": ["--prompts-per-step", "4", "--samples-per-prompt", "4"],
+                                "ours": ["--compute-dtype", "bfloat16"], "trl": ["--bf16"],
+                                "regimes": ["online DPO (s = 1)", "GRPO (s = 1)"], "nprocs": (1, 2)},
 }
 REGIMES = [  # (name, script, extra flags)
     ("offline DPO (s = ∞)", "offline_dpo.py", []),
@@ -83,7 +93,7 @@ PHASES = ["sync", "generate", "score", "train"]
 
 @dataclass
 class Args:
-    sizes: tuple[str, ...] = ("small", "large", "qwen2-0.5b", "qwen2-0.5b-bf16")
+    sizes: tuple[str, ...] = ("small", "large", "qwen2-0.5b", "qwen2-0.5b-bf16", "qwen2-0.5b-bf16-compute")
     """which configurations to run (small: the embedded default; large: a random 3.2M model, long rollouts;
     qwen2-0.5b: a real model's shape, one process)"""
     steps: int = 20
@@ -132,10 +142,11 @@ def _available() -> int:
     return 0
 
 
-def run(cmd: list[str], log: str, env: dict | None = None) -> float:
+def run(cmd: list[str], log: str, env: dict | None = None) -> tuple[float, float]:
     """Run one benchmark process (or torchrun and its ranks) to completion, its output in `log`;
     returns the machine's peak memory use during the run in GiB (MemAvailable sampled every
-    0.2 s against its value at the start): what all of the run's processes took together."""
+    0.2 s against its value at the start: what all of the run's processes took together) and the
+    room that was left at that peak (the lowest MemAvailable)."""
     start = low = _available()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
@@ -146,11 +157,13 @@ def run(cmd: list[str], log: str, env: dict | None = None) -> float:
     if proc.returncode != 0:
         tail = open(log).read().splitlines()[-15:]
         raise SystemExit(f"benchmark run failed: {' '.join(cmd)}\n" + "\n".join(tail) + f"\n(full log: {log})")
-    return (start - low) / 2**30
+    return (start - low) / 2**30, low / 2**30
 
 
-def summarize(records: list[dict], first: int) -> dict:
-    """Mean seconds per step of each phase over the measured steps, token rates from sums."""
+def summarize(records: list[dict], first: int, weights: tuple[int, int]) -> dict:
+    """Mean seconds per step of each phase over the measured steps, token rates from sums, and the
+    update's achieved FLOP/s (`update_flops` of the model's matmul `weights`: every run here
+    has a reference)."""
     steps = [r for r in records if r.get("step", 0) >= first and "perf/step_s" in r]
     n = len(steps)
     total = lambda k: sum(r.get(k, 0.0) for r in steps)  # noqa: E731
@@ -161,6 +174,8 @@ def summarize(records: list[dict], first: int) -> dict:
     gen = total("perf/generate_s")
     out["rollout_tok_s"] = total("perf/rollout_tokens") / gen if gen > 0 else float("nan")
     out["train_tok_s"] = total("perf/train_tokens") / total("perf/train_s")
+    flops = update_flops(weights, total("perf/train_tokens"), total("perf/train_completion_tokens"), reference=True)
+    out["update_flop_s"] = flops / total("perf/train_s")
     out["peak_gb"] = max(r.get("perf/peak_memory_gb", 0.0) for r in records)
     out["gap_max"] = max((r["rollout/logprob_gap_max"] for r in steps if "rollout/logprob_gap_max" in r), default=float("nan"))
     out["tis_capped"] = max((r["train/tis_capped_frac"] for r in steps if "train/tis_capped_frac" in r), default=float("nan"))
@@ -186,15 +201,16 @@ def fmt(x: float, digits: int = 2) -> str:
     return "—" if x != x else f"{x:.{digits}f}"
 
 
-def table(size: str, rows: dict[str, dict], notes: dict[str, str]) -> str:
+def table(size: str, rows: dict[str, dict], notes: dict[str, str], peaks: dict[str, float]) -> str:
     out = [f"**{size}** ({describe(size)})", "",
-           "| run | s/step | sync | generate | score | train | other | rollout tok/s | train tok/s | peak RSS GiB (a rank) | machine peak GiB (all) | sync share | other share | logprob gap max |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| run | s/step | sync | generate | score | train | other | rollout tok/s | train tok/s | update GFLOP/s (of its dtype's GEMM peak) | peak RSS GiB (a rank) | machine peak GiB (all) | sync share | other share | logprob gap max |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         spread = r.get("step_s_rounds", [r["step_s"]])
         step = f"{r['step_s']:.2f}" + (f" [{min(spread):.2f}–{max(spread):.2f}]" if len(spread) > 1 else "")
         out.append(f"| {name} | {step} | {r['sync_s']:.3f} | {r['generate_s']:.2f} | {r['score_s']:.2f} | "
                    f"{r['train_s']:.2f} | {r['other_s']:.3f} | {fmt(r['rollout_tok_s'], 0)} | {r['train_tok_s']:.0f} | "
+                   f"{flop_s(r, peaks)} | "
                    f"{r['peak_gb']:.2f} | {fmt(r.get('system_gb', float('nan')))} | {r['sync_share']:.1%} | {r['other_share']:.1%} | "
                    f"{fmt(r.get('gap_max', float('nan')), 4)}" + (f" (TIS capped {r['tis_capped']:.2%})"
                                                                   if r.get("tis_capped", float("nan")) == r.get("tis_capped") else "") + " |")
@@ -202,11 +218,22 @@ def table(size: str, rows: dict[str, dict], notes: dict[str, str]) -> str:
     return "\n".join(out)
 
 
+def flop_s(r: dict, peaks: dict[str, float]) -> str:
+    """The update's achieved GFLOP/s and its share of the GEMM peak of the dtype it computes in."""
+    if "update_flop_s" not in r:
+        return "—"
+    dtype = r.get("compute", "float32")
+    peak, label = peaks.get(dtype), {"bfloat16": "bf16", "float32": "fp32"}[dtype]
+    return f"{r['update_flop_s'] / 1e9:.0f}" + (f" ({r['update_flop_s'] / peak:.0%} of {label})" if peak else "")
+
+
 def describe(size: str) -> str:
     c = SIZES[size]
     model = {"small": "embedded 0.9M policy", "large": "random 3.2M Qwen2",
              "qwen2-0.5b": "random Qwen2-0.5B shape (494M, vocabulary 151,936)",
-             "qwen2-0.5b-bf16": "random Qwen2-0.5B shape, bf16 engine (--generator-dtype bfloat16), fp32 trainer"}[size]
+             "qwen2-0.5b-bf16": "random Qwen2-0.5B shape, bf16 engine (--generator-dtype bfloat16), fp32 trainer",
+             "qwen2-0.5b-bf16-compute": "random Qwen2-0.5B shape, bf16 compute over fp32 masters and a bf16 engine "
+                                        "(--compute-dtype bfloat16); TRL with bf16=True"}[size]
     task = "math (Math-Verify)" if "math" in c["dataset"] else "chat (reward model)"
     batch = "4 prompts x 4 samples" if size.startswith("qwen2-0.5b") else "8 prompts x 8 samples"
     return f"{model}, {task}, {batch} per step, {c['max_new_tokens']} new tokens, no memory flag"
@@ -230,14 +257,32 @@ def targets(rows: dict[str, dict]) -> list[str]:
     return out
 
 
+def targets_bf16(rows: dict[str, dict], peaks: dict[str, float]) -> list[str]:
+    """Issue 34's targets at the Qwen2-0.5B shape in bf16, each measured, with its margin."""
+    g, t = rows["GRPO (s = 1)"], rows["TRL GRPOTrainer"]
+    two = rows.get("GRPO (s = 1), 2 processes")
+    speed, share = t["step_s"] / g["step_s"], g["update_flop_s"] / peaks["bfloat16"]
+    out = [f"grpo.py per step vs TRL (bf16): {speed:.2f}x (target >= 2) {'✓' if speed >= 2 else '✗'}",
+           f"grpo.py's update at {share:.0%} of the measured bf16 GEMM peak (target >= 40%) {'✓' if share >= 0.4 else '✗'}",
+           f"machine peak memory: grpo.py {g['system_gb']:.2f} GiB vs TRL {t['system_gb']:.2f} (target <=) "
+           f"{'✓' if g['system_gb'] <= t['system_gb'] else '✗'}"]
+    if two:
+        out.append(f"two ranks of GRPO: {two['room_gb']:.1f} GiB left at the peak (target > 2) {'✓' if two['room_gb'] > 2 else '✗'}")
+    return out
+
+
 def render(size: str, r: dict) -> str:
-    out = table(size, r["rows"], r.get("notes", {})) + f"\n\n(measured {r.get('date', '?')})"
+    peaks = r.get("gemm_peak", {})
+    out = table(size, r["rows"], r.get("notes", {}), peaks) + f"\n\n(measured {r.get('date', '?')}"
+    out += (f"; GEMM peak in the same run: bf16 {peaks['bfloat16'] / 1e9:.0f}, fp32 {peaks['float32'] / 1e9:.0f} GFLOP/s)"
+            if peaks else ")")
     if r.get("targets"):
         out += "\n\nTargets, measured in this run:\n" + "\n".join(f"- {t}" for t in r["targets"])
     return out
 
 
-def run_regime(size: str, name: str, script: str, extra: list[str], args: Args, nproc: int = 1) -> tuple[dict, str | None]:
+def run_regime(size: str, name: str, script: str, extra: list[str], args: Args, weights: tuple[int, int],
+               nproc: int = 1) -> tuple[dict, str | None]:
     """One of this project's scripts for the size's steps; its summary and a note (offline)."""
     cfg = SIZES[size]
     steps, first = cfg.get("steps", args.steps), cfg.get("measure_from", args.measure_from)
@@ -250,9 +295,13 @@ def run_regime(size: str, name: str, script: str, extra: list[str], args: Args, 
     launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                   f"--nproc_per_node={nproc}"]
     os.makedirs(out)
-    system_gb = run([*launch, script, *flags], os.path.join(out, "log.txt"), {"OMP_NUM_THREADS": "1"} if nproc > 1 else None)
+    system_gb, room_gb = run([*launch, script, *flags], os.path.join(out, "log.txt"),
+                             {"OMP_NUM_THREADS": "1"} if nproc > 1 else None)
     records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    row, note = summarize(records, first) | {"system_gb": system_gb}, None
+    ours = cfg.get("ours", [])  # the compute dtype it was given (auto is fp32 at the small sizes)
+    compute = ours[ours.index("--compute-dtype") + 1] if "--compute-dtype" in ours else "float32"
+    row = summarize(records, first, weights) | {"system_gb": system_gb, "room_gb": room_gb, "compute": compute}
+    note = None
     if script == "offline_dpo.py":  # its only generation: the one-time build at step 0
         build = records[0]
         row["rollout_tok_s"] = build["perf/rollout_tokens_per_s"]
@@ -262,23 +311,25 @@ def run_regime(size: str, name: str, script: str, extra: list[str], args: Args, 
     return row, note
 
 
-def run_trl(size: str, args: Args) -> tuple[dict, str]:
+def run_trl(size: str, args: Args, weights: tuple[int, int]) -> tuple[dict, str]:
     """TRL's GRPOTrainer on grpo.py's configuration (bench/trl_grpo.py)."""
     cfg = SIZES[size]
     steps, first = cfg.get("steps", args.steps), cfg.get("measure_from", args.measure_from)
     out = os.path.join(ROOT, args.runs_dir, size, "trl_grpo")
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
-    system_gb = run([sys.executable, "bench/trl_grpo.py", "--model", cfg["model"], "--dataset", cfg["dataset"],
-                     "--max-new-tokens", str(cfg["max_new_tokens"]), "--num-steps", str(steps), *cfg.get("flags", []),
-                     "--out", os.path.join(out, "metrics.jsonl"), "--output-dir", out], os.path.join(out, "log.txt"))
+    system_gb, room_gb = run([sys.executable, "bench/trl_grpo.py", "--model", cfg["model"], "--dataset", cfg["dataset"],
+                              "--max-new-tokens", str(cfg["max_new_tokens"]), "--num-steps", str(steps),
+                              *cfg.get("flags", []), *cfg.get("trl", []), "--out", os.path.join(out, "metrics.jsonl"),
+                              "--output-dir", out], os.path.join(out, "log.txt"))
     records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     import trl
 
-    note = (f"TRL {trl.__version__} GRPOTrainer, grpo.py's configuration; on the CPU it generates with transformers' "
-            "`generate` (its in-process vLLM cannot reload weights on vLLM's CPU backend), so it has no sync; "
-            "its 'train' holds everything but generate and score")
-    return summarize(records, first) | {"system_gb": system_gb}, note
+    compute = "bfloat16" if "--bf16" in cfg.get("trl", []) else "float32"
+    note = (f"TRL {trl.__version__} GRPOTrainer, grpo.py's configuration, {'bf16=True (bf16 autocast over fp32 weights)' if compute == 'bfloat16' else 'fp32'}; "
+            "on the CPU it generates with transformers' `generate` (its in-process vLLM cannot reload weights on "
+            "vLLM's CPU backend), so it has no sync; its 'train' holds everything but generate and score")
+    return summarize(records, first, weights) | {"system_gb": system_gb, "room_gb": room_gb, "compute": compute}, note
 
 
 def write(args: Args, path: str, results: dict) -> None:
@@ -311,9 +362,15 @@ def main(args: Args) -> None:
     results = {"machine": machine(), "date": date.today().isoformat(), "steps": args.steps,
                "measure_from": args.measure_from, "sizes": {}}
     print(f"benchmark on {results['machine']}", flush=True)
+    import torch
+    from transformers import AutoConfig
+
+    peaks = {str(d)[6:]: gemm_peak(d) for d in (torch.bfloat16, torch.float32)}  # the yardstick, in this run
+    print(", ".join(f"GEMM peak {k}: {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()), flush=True)
     for size in args.sizes:
         cfg = SIZES[size]
         make_model(size, os.path.join(ROOT, cfg["model"]))
+        weights = matmul_weights(AutoConfig.from_pretrained(os.path.join(ROOT, cfg["model"])))
         rounds = args.rounds or cfg["rounds"]
         runs, notes = {}, {}  # name -> one summary per round
         regimes = [r for r in REGIMES + EXTRA.get(size, []) if r[0] in cfg.get("regimes", [r[0]])]
@@ -323,7 +380,8 @@ def main(args: Args) -> None:
             for name, script, extra, nproc in configs + ([("TRL GRPOTrainer", None, [], 1)] if args.trl else []):
                 print(f"[{size}, round {r + 1}/{rounds}] {name} ...", flush=True)
                 t0 = time.time()
-                row, note = run_trl(size, args) if script is None else run_regime(size, name, script, extra, args, nproc)
+                row, note = (run_trl(size, args, weights) if script is None
+                             else run_regime(size, name, script, extra, args, weights, nproc))
                 runs.setdefault(name, []).append(row)
                 if note:
                     notes[name] = note
@@ -331,7 +389,9 @@ def main(args: Args) -> None:
         rows = {name: min(rs, key=lambda x: x["step_s"]) | {"step_s_rounds": [x["step_s"] for x in rs]}
                 for name, rs in runs.items()}
         results["sizes"][size] = {"config": cfg, "rows": rows, "notes": notes, "date": results["date"],
-                                  "targets": targets(rows) if not size.startswith("qwen2-0.5b") else []}
+                                  "gemm_peak": peaks, "targets": (targets(rows) if not size.startswith("qwen2-0.5b")
+                                                                  else targets_bf16(rows, peaks) if "TRL GRPOTrainer" in rows
+                                                                  and cfg.get("trl") else [])}
         print("\n" + render(size, results["sizes"][size]) + "\n", flush=True)
         write(args, path, results | {"sizes": {**earlier, **results["sizes"]}})  # after each size: a later failure keeps it
     print(f"wrote {args.out_dir}/results.md and results.json")

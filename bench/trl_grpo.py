@@ -1,13 +1,15 @@
 """The peer run: TRL's `GRPOTrainer` on the configuration `grpo.py` runs in the benchmark.
 
 Same model, prompts (chat template applied to the same user turn), group size, max new tokens,
-prompts per step, optimizer (AdamW, betas (0.9, 0.95), eps, no weight decay, constant lr after
-linear warm-up), gradient clipping, KL coefficient (so TRL loads the same fixed reference),
-precision (fp32 on the CPU) and reward (the same Math-Verify / reward-model functions from
-`common`). TRL's own choices are left at what a user gets except where they would make the work
-differ: gradient checkpointing as grpo.py's `--activation-checkpointing auto` decides it on the
-CPU (on for 100M+ parameters, so the Qwen2-0.5B shape compares like for like; off for the tiny
-models, where grpo.py keeps activations), no bf16 on the CPU.
+prompts per step, optimizer (fused AdamW, TRL's default and grpo.py's; betas (0.9, 0.95), eps, no
+weight decay, constant lr after linear warm-up), gradient clipping, KL coefficient (so TRL loads
+the same fixed reference), precision (fp32, or with `--bf16` TRL's `bf16=True`: bf16 autocast over
+fp32 weights, which is grpo.py's `--compute-dtype bfloat16`) and reward (the same Math-Verify /
+reward-model functions from `common`). TRL's own choices are left at what a user gets except
+where they would make the work differ: gradient checkpointing as grpo.py's
+`--activation-checkpointing auto` decides it on the CPU (on for 100M+ parameters, so the
+Qwen2-0.5B shape compares like for like; off for the tiny models, where grpo.py keeps
+activations).
 
 Generation: TRL's in-process vLLM ("colocate") cannot reload weights on vLLM's CPU backend
 (it fails with `'Parameter' object has no attribute 'weight_loader'`; tests/test_generation.py proves
@@ -56,6 +58,8 @@ class Args:
     kl_coef: float = 0.001
     temperature: float = 1.0
     seed: int = 1
+    bf16: bool = False
+    """TRL's `bf16=True`: the Trainer's bf16 autocast over fp32 weights (on the CPU too)"""
     out: str = "runs/bench/trl_grpo.jsonl"
     """one JSON line of perf/* per step (the keys grpo.py logs)"""
     output_dir: str = "runs/bench/trl_grpo"
@@ -99,7 +103,7 @@ def main(args: Args) -> None:
         learning_rate=args.learning_rate, lr_scheduler_type="constant_with_warmup", warmup_steps=args.warmup_steps,
         adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=args.adam_eps, weight_decay=0.0,
         max_grad_norm=args.max_grad_norm, beta=args.kl_coef, num_iterations=1,
-        bf16=False, gradient_checkpointing=big, use_vllm=False, use_cpu=not torch.cuda.is_available(),
+        bf16=args.bf16, gradient_checkpointing=big, use_vllm=False, use_cpu=not torch.cuda.is_available(),
         logging_steps=1, save_strategy="no", dataloader_num_workers=0, log_completions=False,
     )
     trainer = GRPOTrainer(model=args.model, reward_funcs=reward, args=config, train_dataset=data)
@@ -134,6 +138,7 @@ def main(args: Args) -> None:
                    "perf/score_s": timers["score_s"], "perf/sync_s": 0.0,
                    "perf/train_s": step_s - timers["generate_s"] - timers["score_s"],
                    "perf/rollout_tokens": timers["rollout_tokens"], "perf/train_tokens": timers["train_tokens"],
+                   "perf/train_completion_tokens": timers["rollout_tokens"],  # it trains on every completion
                    "perf/peak_memory_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
             with open(args.out, "a") as f:
                 f.write(json.dumps(rec) + "\n")

@@ -195,7 +195,9 @@ def load_checkpoint(ckpt_dir: str, policy: torch.nn.Module, optimizer: torch.opt
                     from torch.distributed.tensor import DTensor
 
                     t = DTensor.from_local(t, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
-            state[key.rsplit("/", 1)[1]] = t  # `step` stays a CPU scalar, as AdamW keeps it
+            elif optimizer.defaults.get("fused"):  # fused AdamW keeps `step` on the device
+                t = t.to(local.device)
+            state[key.rsplit("/", 1)[1]] = t  # otherwise `step` stays a CPU scalar, as AdamW keeps it
         if state:
             optimizer.state[p] = state
     return meta["step"]

@@ -149,6 +149,7 @@ def trainer_metrics(s: dict[str, float], s_max: dict[str, float], timer: PhaseTi
         if f"{kind}_tokens" in s:
             m[f"perf/{kind}_tokens"] = s[f"{kind}_tokens"]
             m[f"perf/{kind}_tokens_per_s"] = s[f"{kind}_tokens"] / timer.s[phase] if s[f"{kind}_tokens"] else float("nan")
+    m["perf/train_completion_tokens"] = s["tokens"]  # the LM head runs on these alone
     m["perf/peak_memory_gb"] = s_max["memory"]
     return m
 

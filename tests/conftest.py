@@ -58,7 +58,7 @@ KEYS = ["step", "train/loss", "train/kl", "train/grad_norm", "train/lr", "rollou
         "rollout/reward_std", "rollout/accuracy", "rollout/zero_std_frac", "rollout/length_mean",
         "rollout/truncated_frac", "rollout/entropy", "rollout/logprob_gap_max", "rollout/logprob_gap_mean",
         "rollout/policy_lag", "perf/generate_s", "perf/score_s", "perf/train_s", "perf/sync_s", "perf/step_s",
-        "perf/rollout_tokens", "perf/train_tokens", "perf/rollout_tokens_per_s", "perf/train_tokens_per_s",
+        "perf/rollout_tokens", "perf/train_tokens", "perf/train_completion_tokens", "perf/rollout_tokens_per_s", "perf/train_tokens_per_s",
         "perf/peak_memory_gb"]
 
 

@@ -33,9 +33,10 @@ SCRIPTS = ["grpo.py", "online_dpo.py", "semi_online_dpo.py", "offline_dpo.py"]
 
 
 def _trained(path, seed=0):
-    """A tiny policy with one AdamW step taken (so the optimizer has state), and its optimizer."""
+    """A tiny policy with one AdamW step taken (so the optimizer has state), and its optimizer
+    (fused, as the scripts make it)."""
     model = AutoModelForCausalLM.from_pretrained(make_tiny_model(path, seed=seed, layers=2))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
     model(torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss.backward()
     opt.step()
     return model, opt
@@ -57,6 +58,8 @@ def test_checkpoint_round_trip_without_pickle(tmp_path, monkeypatch):
         assert torch.equal(p, want[n])
         for k, v in fresh_opt.state[p].items():
             assert torch.equal(v, want_opt[n][k]), (n, k)
+    fresh(torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss.backward()
+    fresh_opt.step()  # the restored state is one the fused step accepts (its `step` on the device)
     files = {f for _, _, fs in os.walk(ckpt) for f in fs}
     assert not [f for f in files if f.endswith((".bin", ".pt", ".pkl", ".metadata", ".distcp"))], files
     AutoModelForCausalLM.from_pretrained(ckpt)  # and the folder is a plain HF model
