@@ -481,6 +481,25 @@ def completion_logprobs(model: torch.nn.Module, prompts: list[list[int]],
 _LOGITS_CHUNK = 2**25
 
 
+class _Buffers:
+    """Two fp32 (block, V) buffers that every block of a pass reuses: each new tensor that size is
+    fresh memory the kernel must map page by page, which on a CPU took longer than the arithmetic."""
+
+    def __init__(self, logits: torch.Tensor, block: int):
+        shape = (min(block, logits.shape[0]), logits.shape[1])
+        self.a = logits.new_empty(shape, dtype=torch.float32)
+        self.b = logits.new_empty(shape, dtype=torch.float32)
+
+    def scaled(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
+        """logits / T in fp32, in the first buffer."""
+        s = self.a[: logits.shape[0]].copy_(logits)
+        return s if temperature == 1.0 else s.div_(temperature)
+
+    def exp(self, x: torch.Tensor) -> torch.Tensor:
+        """exp(x) in the second buffer."""
+        return torch.exp(x, out=self.b[: x.shape[0]])
+
+
 class _TokenLogps(torch.autograd.Function):
     """(N,) log-probabilities of `targets` under softmax(logits / T), and (N,) entropies of that
     distribution (when asked), from (N, V) logits: a block of positions at a time, forward and
@@ -496,13 +515,15 @@ class _TokenLogps(torch.autograd.Function):
         n = logits.shape[0]
         logps, lse = logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
         entropy = logits.new_empty(n if with_entropy else 0, dtype=torch.float32)
+        bufs = _Buffers(logits, block)
         for i in range(0, n, block):
-            s = logits[i : i + block].float() / temperature  # (b, V)
-            lse[i : i + block] = s.logsumexp(-1)
-            logps[i : i + block] = s.gather(-1, targets[i : i + block, None]).squeeze(-1) - lse[i : i + block]
+            b = slice(i, i + block)
+            s = bufs.scaled(logits[b], temperature)  # (b, V) logits / T
+            lse[b] = s.logsumexp(-1)
+            logps[b] = s.gather(-1, targets[b, None]).squeeze(-1) - lse[b]
             if with_entropy:
-                lp = s - lse[i : i + block, None]
-                entropy[i : i + block] = -(lp.exp() * lp).sum(-1)
+                lp = s.sub_(lse[b, None])  # log p
+                entropy[b] = -bufs.exp(lp).mul_(lp).sum(-1)
         ctx.save_for_backward(logits, targets, lse, entropy)
         ctx.temperature, ctx.block = temperature, block
         return logps, entropy
@@ -511,14 +532,20 @@ class _TokenLogps(torch.autograd.Function):
     def backward(ctx, g_logps, g_entropy):
         logits, targets, lse, entropy = ctx.saved_tensors
         grad = torch.empty_like(logits)
+        bufs = _Buffers(logits, ctx.block)
         for i in range(0, logits.shape[0], ctx.block):
-            lp = logits[i : i + ctx.block].float() / ctx.temperature - lse[i : i + ctx.block, None]  # (b, V)
-            p = lp.exp()
-            g = 0.0
+            b = slice(i, i + ctx.block)
+            lp = bufs.scaled(logits[b], ctx.temperature).sub_(lse[b, None])  # (b, V) log p
+            p = bufs.exp(lp)
+            if g_entropy is not None and entropy.numel():  # lp becomes the entropy's term
+                lp.add_(entropy[b, None]).mul_(p).mul_(g_entropy[b, None])
+            else:
+                lp.zero_()
             if g_logps is not None:
-                g = p * -g_logps[i : i + ctx.block, None]
-                g.scatter_add_(-1, targets[i : i + ctx.block, None], g_logps[i : i + ctx.block, None])
-            if g_entropy is not None and entropy.numel():
-                g = g - p * (lp + entropy[i : i + ctx.block, None]) * g_entropy[i : i + ctx.block, None]
-            grad[i : i + ctx.block] = g / ctx.temperature
+                g = p.mul_(-g_logps[b, None])
+                g.scatter_add_(-1, targets[b, None], g_logps[b, None])
+            else:
+                g = p.zero_()
+            g.sub_(lp)
+            grad[b] = g if ctx.temperature == 1.0 else g.div_(ctx.temperature)
         return grad, None, None, None, None

@@ -1,0 +1,43 @@
+"""The study's statistics (study/stats.py) against closed forms and against their own definition."""
+
+import math
+import os
+import random
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "study"))
+from stats import t_cdf, t_ppf, tost, welch, welch_power  # noqa: E402
+
+
+def test_t_cdf_matches_closed_forms():
+    for t in (-7.0, -1.3, -0.2, 0.0, 0.4, 2.1, 9.0):
+        assert t_cdf(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi, abs=1e-12)  # Cauchy
+        assert t_cdf(t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)), abs=1e-12)
+        assert t_cdf(t, 1e7) == pytest.approx(0.5 * (1 + math.erf(t / math.sqrt(2))), abs=1e-6)
+        assert t_cdf(-t, 7.3) == pytest.approx(1 - t_cdf(t, 7.3), abs=1e-12)
+    for q in (0.025, 0.5, 0.95):
+        assert t_cdf(t_ppf(q, 4.5), 4.5) == pytest.approx(q, abs=1e-9)
+
+
+def test_welch_holds_its_level_and_tost_its_meaning():
+    rng = random.Random(1)
+    # under the null (unequal variances, Welch's case) a 5% test rejects ~5% of the time
+    rejections = sum(welch([rng.gauss(0, 1) for _ in range(6)], [rng.gauss(0, 3) for _ in range(4)]).p < 0.05
+                     for _ in range(4000))
+    assert abs(rejections / 4000 - 0.05) < 0.015  # 4.5 binomial SEs
+    a, b = [0.50 + 0.001 * i for i in range(6)], [0.501 + 0.001 * i for i in range(6)]
+    assert tost(a, b, margin=0.02) < 0.001  # equal within a tight spread: equivalent
+    assert tost([x + 0.1 for x in a], b, margin=0.02) > 0.99  # 0.1 apart: not within 0.02
+    w = welch([1.0, 2.0, 3.0], [1.0, 2.0, 3.0, 4.0, 5.0])
+    assert w.diff == -1.0 and w.se == math.sqrt(1 / 3 + 2.5 / 5) and 0 < w.p < 1
+
+
+def test_power_grows_with_seeds_and_shrinks_with_noise():
+    few, many, noisy = welch_power(3, 0.01, 0.02, sims=3000), welch_power(8, 0.01, 0.02, sims=3000), \
+        welch_power(8, 0.03, 0.02, sims=3000)
+    assert few < many and noisy < many
+    assert abs(welch_power(6, 0.01, 0.0, sims=3000) - 0.05) < 0.02  # no difference: the test's level
