@@ -117,6 +117,15 @@ def main(args: Args) -> None:
     result = {"args": asdict(args), "math": {}, "chat": {}}
     t0 = time.time()
 
+    def in_order(mine: list, n: int) -> list:
+        """Every rank's share of a dataset's per-row values (rank r holds rows r, r + world, ...),
+        back in the dataset's order."""
+        shards = [mine]
+        if dist.is_initialized():
+            shards = [None] * world_size
+            dist.all_gather_object(shards, mine)
+        return [shards[i % world_size][i // world_size] for i in range(n)]
+
     def save() -> None:
         """Write what is measured so far: a later failure (say, an unreachable baseline) loses nothing."""
         if rank == 0:
@@ -143,7 +152,9 @@ def main(args: Args) -> None:
         acc, se = common.mean_se_from_sums(s["n"], s["sum"], s["sq"])
         result["math"][spec] = {"accuracy": acc, "accuracy_se": se, "greedy_accuracy": s["greedy"] / s["n"],
                                 f"pass@{k}": s["pass"] / s["n"], f"maj@{k}": s["maj"] / s["n"],
-                                "problems": int(s["n"]), "samples": k}
+                                "problems": int(s["n"]), "samples": k,
+                                # per problem, in the dataset's order: comparisons can be paired by problem
+                                "right_per_problem": in_order([int(sum(x)) for x in scores], len(rows))}
         if rank == 0:
             print(f"math {spec}: accuracy (mean@{k}) {acc:.3f} ± {se:.3f}, pass@{k} {s['pass'] / s['n']:.3f}, "
                   f"maj@{k} {s['maj'] / s['n']:.3f}, greedy {s['greedy'] / s['n']:.3f} "
@@ -169,11 +180,7 @@ def main(args: Args) -> None:
                           "length_mean": length, "reward_per_token": reward / max(length, 1), "prompts": int(s["n"]),
                           "samples": args.samples, "rm_truncated": int(s["cut"])}  # rows cut to --rm-max-length
         if args.save_samples:  # every rank's share, in the dataset's order
-            shards = [list(zip([r["prompt"] for r in mine], texts, strict=True))]
-            if dist.is_initialized():
-                shards = [None] * world_size
-                dist.all_gather_object(shards, list(zip([r["prompt"] for r in mine], texts, strict=True)))
-            rows = [row for i in range(len(chat_rows)) for row in [shards[i % world_size][i // world_size]]]
+            rows = in_order(list(zip([r["prompt"] for r in mine], texts, strict=True)), len(chat_rows))
             result["chat"]["responses"] = [{"prompt": p, "responses": t} for p, t in rows]
         if rank == 0:
             print(f"chat {args.chat_dataset}: reward {reward:.3f} ± {reward_se:.3f}, length {length:.1f} "

@@ -229,7 +229,7 @@ def main(args: Args) -> None:
     kinds = sorted({"synced" if r["task"] in args.synced_tasks else "fixed" for r in rows})
     references = {kind: common.fsdp_wrap(load(trainable=False), dtype) for kind in kinds}
     reward_model = common.reward_model_for(args, device, rows + eval_rows, verbose=rank == 0)
-    # fused: one pass over each tensor (on a CPU 7x faster than the default; bench/cpu_bf16.py)
+    # fused: one pass over each tensor (on a CPU several times faster than the default; bench/)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, betas=args.adam_betas,
                                   eps=args.adam_eps, weight_decay=args.weight_decay, fused=True)
     start_step = common.load_checkpoint(ckpt_dir, policy, optimizer) if run.resume else 0

@@ -298,6 +298,8 @@ def run_regime(size: str, name: str, script: str, extra: list[str], args: Args, 
     system_gb, room_gb = run([*launch, script, *flags], os.path.join(out, "log.txt"),
                              {"OMP_NUM_THREADS": "1"} if nproc > 1 else None)
     records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    for folder in ("checkpoint", "best-math", "best-chat"):  # 6.7 GB each at the 0.5B shape: not kept
+        shutil.rmtree(os.path.join(out, folder), ignore_errors=True)
     ours = cfg.get("ours", [])  # the compute dtype it was given (auto is fp32 at the small sizes)
     compute = ours[ours.index("--compute-dtype") + 1] if "--compute-dtype" in ours else "float32"
     row = summarize(records, first, weights) | {"system_gb": system_gb, "room_gb": room_gb, "compute": compute}

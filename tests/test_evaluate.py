@@ -1,6 +1,7 @@
 """evaluate.py on the shipped seed: the JSON it writes, the table it prints, and the same greedy
 accuracy on one process and under torchrun with two (greedy decoding does not depend on sharding),
-and the same saved chat responses (every prompt samples with its own seeds, whatever the shard)."""
+and the same per-problem math results and saved chat responses (every prompt samples with its own
+seeds, whatever the shard)."""
 
 import json
 
@@ -27,6 +28,9 @@ def test_evaluate_one_and_two_processes(tmp_path):
                nproc=2)
     two = json.load(open(tmp_path / "two.json"))
     assert two["math"]["embedded/data/math_test.jsonl"]["greedy_accuracy"] == m["greedy_accuracy"]
+    right = m["right_per_problem"]  # per problem in the dataset's order: the accuracy's own counts
+    assert len(right) == 16 and sum(right) / (16 * 2) == pytest.approx(m["accuracy"])
+    assert two["math"]["embedded/data/math_test.jsonl"]["right_per_problem"] == right  # same samples, two shards
     assert two["chat"]["prompts"] == 16 and "win_rate" not in two["chat"]
     saved = one["chat"]["responses"]
     assert len(saved) == 16 and all(len(x["responses"]) == 2 for x in saved)
