@@ -67,7 +67,7 @@ def main(args: Args) -> None:
     dtype = common.compute_dtype("auto", device)  # bf16 on a GPU, as the scripts
     model = common.fsdp_wrap(model, dtype)
     autocast = common.autocast(device, dtype)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, fused=True)
     g = torch.Generator().manual_seed(rank)
     prompts = torch.randint(0, config.vocab_size, (args.batch_size, args.prompt_len), generator=g).tolist()
     completions = torch.randint(0, config.vocab_size, (args.batch_size, args.completion_len), generator=g).tolist()

@@ -185,7 +185,7 @@ def step_fsdp2_mixed_precision(device, smoke):
     if diff > 0.05:
         raise AssertionError(f"FSDP2 bf16 log-probs differ from autocast's by {diff:.3f} nats per token")
     before = next(model.parameters()).detach().full_tensor().clone()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)  # the scripts' optimizer, on DTensors
     optimizer.step()
     if torch.equal(before, next(model.parameters()).detach().full_tensor()):
         raise AssertionError("an AdamW step left the fp32 master unchanged")
@@ -249,7 +249,7 @@ def step_bf16_checkpoint(device, smoke):
         torch.manual_seed(0)
         with torch.device(device):
             model = LlamaForCausalLM(config)
-        return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)  # the scripts' optimizer
 
     policy, optimizer = trainer()
     (-common.completion_logprobs(policy, [[1, 2, 3]], [[4, 5, 6, 7]])[0].sum()).backward()
@@ -267,6 +267,8 @@ def step_bf16_checkpoint(device, smoke):
     masters_equal = all(torch.equal(a, b) for a, b in zip(policy.parameters(), fresh.parameters(), strict=True))
     adam_equal = all(torch.equal(optimizer.state[a]["exp_avg_sq"], fresh_optimizer.state[b]["exp_avg_sq"].to(device))
                      for a, b in zip(policy.parameters(), fresh.parameters(), strict=True))
+    (-common.completion_logprobs(fresh, [[1, 2, 3]], [[4, 5, 6, 7]])[0].sum()).backward()
+    fresh_optimizer.step()  # fused AdamW takes the restored state (its `step` on the device)
     result = {"config_dtype": saved, "reloaded_dtype": str(reloaded.dtype)[6:], "weights_bf16_equal": bf16_equal,
               "masters_restored": masters_equal, "adam_restored": adam_equal, "step": step}
     if saved != "bfloat16" or not (bf16_equal and masters_equal and adam_equal and step == 1):
@@ -296,7 +298,7 @@ def step_update_mfu(device, smoke, peak_tflops=None):
     model.config.use_cache = False
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # load_model's
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.95), eps=1e-8)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.95), eps=1e-8, fused=True)
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, config.vocab_size, (rows, prompt_len), generator=g).tolist()
     completions = torch.randint(0, config.vocab_size, (rows, completion_len), generator=g).tolist()

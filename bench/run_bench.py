@@ -1,6 +1,6 @@
 """Where every second of a step goes, for each regime, next to TRL's GRPOTrainer on the same work.
 
-    python bench/run_bench.py                   # all sizes and TRL, ~60 min on 2 CPU cores
+    python bench/run_bench.py                   # all sizes and TRL, ~80 min on 2 CPU cores
     python bench/run_bench.py --sizes small     # the embedded default only, ~12 min
     python bench/run_bench.py --no-trl          # this project's four scripts only
 
@@ -24,9 +24,17 @@ Sizes:
 - qwen2-0.5b-bf16: the same shape with the engine in bf16 (`--generator-dtype bfloat16`) against
   the fp32 trainer, as on a GPU: GRPO without and with `--tis-cap 2`, on one process and two, and
   TRL; the logprob gap column shows the mismatch TIS corrects;
+- qwen2-0.5b-bf16-compute: the same shape at the CPU's fast setting, bf16 compute over fp32 masters
+  and a bf16 engine (`--compute-dtype bfloat16`), online DPO and GRPO on one process and two, and TRL
+  with `bf16=True`; with issue 34's targets (per step against TRL, the update's share of the bf16
+  GEMM peak, memory, the room two ranks leave);
 - large: a random 3.2M-parameter Qwen2 (hidden 256, 4 layers, the embedded tokenizer) on the chat
   task, scored by the embedded reward model (a random policy never solves math, so DPO would get
   no pairs), 256 new tokens: long rollouts.
+
+Every row also gives its update's achieved FLOP/s (`update_flops`: the model's matmul FLOPs, as
+MFU counts them) against the GEMM peak of its compute dtype, measured at the start of the same
+invocation. Each run's checkpoint is deleted once its metrics are read (6.7 GB at the 0.5B shape).
 
 Writes `bench/results/results.md` and `results.json`, and the tables into docs/benchmarks.md between its
 markers; prints the table.
