@@ -66,6 +66,13 @@ class Args:
     """user turn for rows that give a `problem`"""
     output: str = ""
     """JSON result path (default: <model>/eval.json for a local folder, else eval.json)"""
+    kl_to: str = ""
+    """a model to measure this one's drift from (e.g. the seed it was trained from): KL(model || it)
+    in nats per token, the mean log-ratio (k1) on the model's own samples at T = 1 and top-p 1 of the
+    first math dataset's problems (or the chat prompts); both scored by the trainer's own logprob
+    code in --compute-dtype ('' to skip)"""
+    kl_samples: int = 4
+    """samples per prompt for --kl-to"""
     save_samples: bool = False
     """also write every chat prompt with its sampled responses to the JSON (to score them with
     another judge: the study scores the embedded task's true quality)"""
@@ -159,6 +166,34 @@ def main(args: Args) -> None:
             print(f"math {spec}: accuracy (mean@{k}) {acc:.3f} ± {se:.3f}, pass@{k} {s['pass'] / s['n']:.3f}, "
                   f"maj@{k} {s['maj'] / s['n']:.3f}, greedy {s['greedy'] / s['n']:.3f} "
                   f"({int(s['n'])} problems, {time.time() - t0:.0f} s)", flush=True)
+        save()
+
+    # ---- drift: KL(model || --kl-to) per token, on the model's own samples (the engine holds the model)
+    if args.kl_to:
+        rows = next(iter(math_sets.values()), chat_rows)
+        mine, indices = rows[rank::world_size], range(rank, len(rows), world_size)
+        prompts = common.encode_prompts(tokenizer, [r["prompt"] for r in mine])
+        outs = generator.generate(prompts, n=args.kl_samples, temperature=1.0, top_p=1.0, max_tokens=args.max_new_tokens,
+                                  seed=common.eval_seeds(args.seed, 3, indices), label="kl")
+        flat_prompts = [p for p, o in zip(prompts, outs, strict=True) for _ in o]
+        flat_completions = [c.token_ids for o in outs for c in o]
+        totals = []
+        for name in (args.model, args.kl_to):  # one at a time: two 8B models need not fit together
+            model = common.load_model(name, device, dtype, trainable=False, trust_remote_code=args.trust_remote_code)
+            total, tokens = 0.0, 0.0
+            for mb in common.micro_batches(len(flat_completions), 32):
+                with torch.no_grad(), common.autocast(device, dtype):
+                    logps, mask, _ = common.completion_logprobs(model, flat_prompts[mb], flat_completions[mb],
+                                                                1.0, tokenizer.pad_token_id)
+                total, tokens = total + (logps * mask).sum().item(), tokens + mask.sum().item()
+            totals.append(total)
+            del model
+        s = common.all_reduce({"log_ratio": totals[0] - totals[1], "tokens": tokens, "samples": len(flat_completions)})
+        result["kl"] = {"to": args.kl_to, "nats_per_token": s["log_ratio"] / max(s["tokens"], 1),
+                        "tokens": int(s["tokens"]), "samples": int(s["samples"])}
+        if rank == 0:
+            print(f"KL(model || {args.kl_to}): {result['kl']['nats_per_token']:.4f} nats per token "
+                  f"({int(s['samples'])} samples at T = 1, {int(s['tokens'])} tokens)", flush=True)
         save()
 
     # ---- chat: reward-model score, length, length-normalised score, win rate vs the baseline

@@ -7,14 +7,15 @@ import json
 
 import pytest
 
-from tests.conftest import ROOT, run_script
+from tests.conftest import ROOT, make_tiny_model, run_script
 
 ARGS = ["--limit", "16", "--samples", "2"]
 
 
 @pytest.mark.slow
 def test_evaluate_one_and_two_processes(tmp_path):
-    r = run_script("evaluate.py", [*ARGS, "--save-samples", "--output", str(tmp_path / "one.json")])
+    r = run_script("evaluate.py", [*ARGS, "--save-samples", "--kl-to", "embedded/policy",
+                                   "--output", str(tmp_path / "one.json")])
     one = json.load(open(tmp_path / "one.json"))
     m = one["math"]["embedded/data/math_test.jsonl"]
     assert m["problems"] == 16 and 0 <= m["accuracy"] <= 1 and 0 <= m["greedy_accuracy"] <= 1 and m["accuracy_se"] > 0
@@ -24,14 +25,17 @@ def test_evaluate_one_and_two_processes(tmp_path):
     assert c["reward_per_token"] == pytest.approx(c["reward_mean"] / c["length_mean"])
     assert 0.2 < c["win_rate"] < 0.8  # the seed against itself, with other sampling seeds
     assert "| embedded/data/math_test.jsonl |" in r.stdout and "win rate vs baseline" in r.stdout
-    run_script("evaluate.py", [*ARGS, "--baseline", "", "--save-samples", "--output", str(tmp_path / "two.json")],
-               nproc=2)
+    assert one["kl"]["nats_per_token"] == 0.0 and one["kl"]["samples"] == 16 * 4  # the model against itself
+    other = make_tiny_model(tmp_path / "random")  # the seed's shapes, random weights
+    run_script("evaluate.py", [*ARGS, "--baseline", "", "--save-samples", "--kl-to", other,
+                               "--output", str(tmp_path / "two.json")], nproc=2)
     two = json.load(open(tmp_path / "two.json"))
     assert two["math"]["embedded/data/math_test.jsonl"]["greedy_accuracy"] == m["greedy_accuracy"]
     right = m["right_per_problem"]  # per problem in the dataset's order: the accuracy's own counts
     assert len(right) == 16 and sum(right) / (16 * 2) == pytest.approx(m["accuracy"])
     assert two["math"]["embedded/data/math_test.jsonl"]["right_per_problem"] == right  # same samples, two shards
     assert two["chat"]["prompts"] == 16 and "win_rate" not in two["chat"]
+    assert two["kl"]["nats_per_token"] > 1.0 and two["kl"]["tokens"] > 0  # a random model is far from the seed
     saved = one["chat"]["responses"]
     assert len(saved) == 16 and all(len(x["responses"]) == 2 for x in saved)
     prompts = [json.loads(line)["prompt"] for line in open(f"{ROOT}/embedded/data/chat_test.jsonl")][:16]
