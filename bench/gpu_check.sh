@@ -3,7 +3,7 @@
 # GPU-only tests, the engine and end-to-end tests on the GPU under vLLM's V2 model runner (its GPU
 # default) and again under the V1 runner (the one the CPU tests prove), then the trainer's MFU.
 # Every step runs whatever an earlier one did; a summary line per step ends the output, so one
-# run tells everything that works and everything that does not.
+# run tells everything that works and everything that does not; it exits 1 if any step failed.
 #   bash bench/gpu_check.sh                 # ~10 minutes on one GPU
 #   bash bench/gpu_check.sh --trainer-only  # a machine with CUDA torch and transformers alone (no vLLM,
 #                                           # no network): the trainer's half, bench/gpu_trainer_check.py
@@ -29,6 +29,11 @@ step() {  # step NAME COMMAND...: run it, record ok / failed (exit status) / ski
   return 0
 }
 
+finish() {  # the exit status: 1 when a step failed (a skipped step is not a failure), else 0
+  for line in "${summary[@]}"; do [[ $line == failed* ]] && exit 1; done
+  exit 0
+}
+
 if [ "${1:-}" = --trainer-only ]; then
   # The interpreter that has torch and transformers (the machine's own); the pure-Python rest from
   # bench/wheels/ (bash bench/fetch_trainer_wheels.sh, where there is network) into build/trainer_deps.
@@ -51,7 +56,7 @@ if [ "${1:-}" = --trainer-only ]; then
   echo
   echo "== gpu_check summary (figures: bench/results/gpu_trainer_check.md)"
   printf '%s\n' "${summary[@]}" | tee "$SUMMARY"
-  exit 0
+  finish
 fi
 
 step setup env EXTRA=gpu bash setup.sh
@@ -65,3 +70,4 @@ step "logprob head memory" "$PY" bench/memory.py --shapes
 echo
 echo "== gpu_check summary"
 printf '%s\n' "${summary[@]}" | tee "$SUMMARY"
+finish

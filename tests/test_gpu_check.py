@@ -60,6 +60,16 @@ def test_trainer_only_on_a_machine_without_a_gpu_says_why_each_step_skips(tmp_pa
     assert [s["why"].split(" (")[0] for s in steps[:-1]] == ["no CUDA GPU on this machine"] * (len(steps) - 1)
 
 
+def test_a_failed_step_fails_the_command(tmp_path):
+    """An interpreter that cannot run anything: setup fails, the rest is skipped, the exit status is 1."""
+    env = dict(ENV, PY="/bin/false", GPU_CHECK_SUMMARY=str(tmp_path / "summary.txt"))
+    r = subprocess.run(["bash", "bench/gpu_check.sh", "--trainer-only"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=60)
+    summary = (tmp_path / "summary.txt").read_text().splitlines()
+    assert r.returncode == 1 and summary[0].startswith("failed   setup"), (summary, r.stdout[-2000:])
+    assert all(x.startswith("skipped") for x in summary[1:]), summary
+
+
 def test_the_wheel_list_pins_what_the_tests_run_with():
     lines = [x for x in open(os.path.join(ROOT, "bench", "trainer_wheels.txt")).read().splitlines()
              if x.strip() and not x.startswith("#")]
