@@ -41,3 +41,17 @@ def test_power_grows_with_seeds_and_shrinks_with_noise():
         welch_power(8, 0.03, 0.02, sims=3000)
     assert few < many and noisy < many
     assert abs(welch_power(6, 0.01, 0.0, sims=3000) - 0.05) < 0.02  # no difference: the test's level
+
+
+def test_world_check_slopes_recover_known_coefficients():
+    """study/world_check.py's regression: score = 7 x quality + 0.5 x length + a per-prompt offset
+    + noise; the within-prompt fit recovers both slopes, and the length slope's SE covers its error."""
+    import torch
+    from world_check import slopes
+
+    g = torch.Generator().manual_seed(0)
+    quality, length = torch.rand(200, 8, generator=g), torch.randint(3, 30, (200, 8), generator=g).float()
+    offset = torch.randn(200, 1, generator=g) * 5  # prompts differ: the fit must not care
+    scores = 7 * quality + 0.5 * length + offset + torch.randn(200, 8, generator=g) * 0.3
+    per_quality, per_char, se = slopes(scores, quality, length)
+    assert abs(per_quality - 7) < 0.2 and abs(per_char - 0.5) < 4 * se and 0 < se < 0.01
