@@ -105,6 +105,32 @@ def tost_power(n: int, sd: float, margin: float, alpha: float = 0.05, sims: int 
     return hits / sims
 
 
+@dataclass
+class Verdict:
+    label: str  # "reproduced", "not reproduced" or "cannot tell"
+    welch: Welch
+    tost_p: float  # equivalence within the margin
+    power: float  # of Welch's test for a difference of `margin` at the realised pooled SD
+
+
+def verdict(claim: str, a: list[float], b: list[float], margin: float, alpha: float = 0.05) -> Verdict:
+    """study/DESIGN.md's rule for a claim about arms A and B (per-seed values): "A > B" is
+    reproduced by d > 0 with Welch p < alpha, not reproduced by d < 0 with p < alpha or by
+    equivalence within `margin` (TOST p < alpha); "A ≈ B" is reproduced by equivalence, not
+    reproduced by p < alpha without it; anything else: this miniature cannot tell."""
+    w, t = welch(a, b), tost(a, b, margin)
+    sd = math.sqrt((statistics.variance(a) + statistics.variance(b)) / 2)
+    power = welch_power(min(len(a), len(b)), sd, margin, alpha, sims=4000) if sd > 0 else 1.0
+    if claim == "A > B":
+        label = ("reproduced" if w.diff > 0 and w.p < alpha else
+                 "not reproduced" if (w.diff < 0 and w.p < alpha) or t < alpha else "cannot tell")
+    elif claim == "A ≈ B":
+        label = "reproduced" if t < alpha else "not reproduced" if w.p < alpha else "cannot tell"
+    else:
+        raise ValueError(f"claim {claim!r}: 'A > B' or 'A ≈ B'")
+    return Verdict(label, w, t, power)
+
+
 def sampling_sd(per_problem: list[float], samples: int) -> float:
     """The standard deviation, from test sampling alone, of a mean accuracy over problems each
     answered `samples` times, given each problem's probability of a right answer."""

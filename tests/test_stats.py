@@ -55,3 +55,20 @@ def test_world_check_slopes_recover_known_coefficients():
     scores = 7 * quality + 0.5 * length + offset + torch.randn(200, 8, generator=g) * 0.3
     per_quality, per_char, se = slopes(scores, quality, length)
     assert abs(per_quality - 7) < 0.2 and abs(per_char - 0.5) < 4 * se and 0 < se < 0.01
+
+
+def test_the_verdict_rule_says_cannot_tell_without_power():
+    """The design's rule on clear cases and on an underpowered one."""
+    from stats import verdict
+
+    rng = random.Random(3)
+    high = [0.42 + rng.gauss(0, 0.004) for _ in range(6)]
+    low = [0.38 + rng.gauss(0, 0.004) for _ in range(6)]
+    same = [0.40 + rng.gauss(0, 0.004) for _ in range(6)]
+    assert verdict("A > B", high, low, 0.02).label == "reproduced"
+    assert verdict("A > B", low, high, 0.02).label == "not reproduced"  # the other way round
+    assert verdict("A > B", same, [x + 0.001 for x in same], 0.02).label == "not reproduced"  # equal within 0.02
+    assert verdict("A ≈ B", same, [x + 0.001 for x in same], 0.02).label == "reproduced"
+    assert verdict("A ≈ B", high, low, 0.02).label == "not reproduced"
+    noisy = verdict("A > B", [0.40, 0.45, 0.37], [0.39, 0.36, 0.43], 0.02)  # 3 seeds, SD ~0.04
+    assert noisy.label == "cannot tell" and noisy.power < 0.2
