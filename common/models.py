@@ -537,15 +537,15 @@ class _TokenLogps(torch.autograd.Function):
             b = slice(i, i + ctx.block)
             lp = bufs.scaled(logits[b], ctx.temperature).sub_(lse[b, None])  # (b, V) log p
             p = bufs.exp(lp)
-            if g_entropy is not None and entropy.numel():  # lp becomes the entropy's term
+            with_entropy = g_entropy is not None and entropy.numel()
+            if with_entropy:  # lp becomes the entropy's term (before p turns into the gradient)
                 lp.add_(entropy[b, None]).mul_(p).mul_(g_entropy[b, None])
-            else:
-                lp.zero_()
             if g_logps is not None:
                 g = p.mul_(-g_logps[b, None])
                 g.scatter_add_(-1, targets[b, None], g_logps[b, None])
             else:
                 g = p.zero_()
-            g.sub_(lp)
+            if with_entropy:
+                g.sub_(lp)
             grad[b] = g if ctx.temperature == 1.0 else g.div_(ctx.temperature)
         return grad, None, None, None, None
