@@ -181,7 +181,8 @@ def main(args: Args) -> None:
         for name in (args.model, args.kl_to):  # one at a time: two 8B models need not fit together
             model = common.load_model(name, device, dtype, trainable=False, trust_remote_code=args.trust_remote_code)
             total, tokens = 0.0, 0.0
-            for mb in common.micro_batches(len(flat_completions), 32):
+            for i in range(0, len(flat_completions), 32):  # each rank its own rows: no collective
+                mb = slice(i, i + 32)
                 with torch.no_grad(), common.autocast(device, dtype):
                     logps, mask, _ = common.completion_logprobs(model, flat_prompts[mb], flat_completions[mb],
                                                                 1.0, tokenizer.pad_token_id)

@@ -43,6 +43,16 @@ def test_evaluate_one_and_two_processes(tmp_path):
     assert two["chat"]["responses"] == saved  # gathered from two shards in that order, same samples
 
 
+@pytest.mark.slow
+def test_kl_with_ranks_holding_different_numbers_of_rows(tmp_path):
+    """17 problems on two ranks (9 and 8, so 36 and 32 samples: two micro-batches and one): each
+    rank scores its own rows, no rank waits for another."""
+    run_script("evaluate.py", ["--limit", "17", "--samples", "1", "--chat-dataset", "", "--kl-to", "embedded/policy",
+                               "--output", str(tmp_path / "kl.json")], nproc=2)
+    kl = json.load(open(tmp_path / "kl.json"))["kl"]
+    assert kl["samples"] == 17 * 4 and kl["nats_per_token"] == 0.0
+
+
 def test_pass_at_k_and_majority_by_hand():
     """pass@k, unbiased from n samples with c correct: 1 - C(n-c, k) / C(n, k); maj@k: the score of
     the most frequent final answer (ties: the first seen; no answer: no vote)."""
