@@ -88,21 +88,17 @@ def update_flops(weights: tuple[int, int], tokens: float, completion_tokens: flo
     return (6 + 2 * reference) * (body * tokens + head * completion_tokens)
 
 
-def measure(path: str, vocab: int, repeats: int) -> dict:
+def random_rows(vocab: int) -> tuple[list[list[int]], list[list[int]]]:
+    """8 random prompts and completions of 64 tokens each (the same every call)."""
     g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(0, vocab, (8, 64), generator=g).tolist()
-    completions = torch.randint(0, vocab, (8, 64), generator=g).tolist()
-    out = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        out |= measure_update(path, dtype, prompts, completions, repeats)
-        out |= measure_reference(path, dtype, prompts, completions, repeats)
-    return out
+    return torch.randint(0, vocab, (8, 64), generator=g).tolist(), torch.randint(0, vocab, (8, 64), generator=g).tolist()
 
 
-def measure_update(path: str, dtype: torch.dtype, prompts, completions, repeats: int) -> dict:
-    policy = common.load_model(path, CPU, dtype)  # fp32 masters, whatever the compute dtype
+def trainer(path: str, dtype: torch.dtype, prompts, completions):
+    """(policy, optimizer, forward_backward, update): the policy (fp32 masters, whatever the
+    compute dtype), its fused AdamW, and the update as the scripts run it."""
+    policy = common.load_model(path, CPU, dtype)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6, fused=True)
-    name, out = str(dtype)[6:], {}
 
     def forward_backward():
         with common.autocast(CPU, dtype):
@@ -114,7 +110,21 @@ def measure_update(path: str, dtype: torch.dtype, prompts, completions, repeats:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    out[f"update_{name}"] = best_of(update, repeats)
+    return policy, optimizer, forward_backward, update
+
+
+def measure(path: str, vocab: int, repeats: int) -> dict:
+    prompts, completions = random_rows(vocab)
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        out |= measure_update(path, dtype, prompts, completions, repeats)
+        out |= measure_reference(path, dtype, prompts, completions, repeats)
+    return out
+
+
+def measure_update(path: str, dtype: torch.dtype, prompts, completions, repeats: int) -> dict:
+    policy, optimizer, forward_backward, update = trainer(path, dtype, prompts, completions)
+    out = {f"update_{str(dtype)[6:]}": best_of(update, repeats)}
     if dtype == torch.float32:  # the optimizer alone, on the gradients of one backward
         forward_backward()
         out["adamw_fused"] = best_of(optimizer.step, repeats)
@@ -137,19 +147,7 @@ def profile_update(path: str, vocab: int) -> list[tuple[str, float]]:
     """(op, seconds) of one bf16 update after a warm-up, by the ops' own time, largest first."""
     from torch.profiler import ProfilerActivity, profile
 
-    g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(0, vocab, (8, 64), generator=g).tolist()
-    completions = torch.randint(0, vocab, (8, 64), generator=g).tolist()
-    policy = common.load_model(path, CPU, torch.bfloat16)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6, fused=True)
-
-    def update():
-        with common.autocast(CPU, torch.bfloat16):
-            logps, mask, _ = common.completion_logprobs(policy, prompts, completions, with_entropy=True)
-        (-(logps * mask).sum()).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    *_, update = trainer(path, torch.bfloat16, *random_rows(vocab))
     update()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         update()
