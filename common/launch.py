@@ -51,10 +51,11 @@ def check_args(args, world_size: int) -> None:
     project_paths(args)
     derived = derived_fields(args)  # filled in after parsing, not flags
     args = flat(args)  # the script's own flags and its plumbing (`args.run`) alike
-    for name, what in (("model", "model"), ("reward_model", "reward model"), ("baseline", "baseline model")):
+    for name, what in (("model", "model"), ("reward_model", "reward model"), ("baseline", "baseline model"),
+                       ("kl_to", "--kl-to model")):
         if getattr(args, name, ""):
             check_model_path(getattr(args, name), what)
-            check_model_folder(getattr(args, name), what, tokenizer=name != "baseline")
+            check_model_folder(getattr(args, name), what, tokenizer=name not in ("baseline", "kl_to"))
     configs = {}
     for name in ("model", "baseline"):
         if getattr(args, name, ""):

@@ -295,6 +295,9 @@ def test_an_incomplete_model_folder_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "evaluate.py", "--baseline", str(config_only), "--output", str(tmp_path / "e.json")],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     one_line(r, f"baseline model folder '{config_only}' has no weights (*.safetensors):")  # a baseline needs no tokenizer
+    r = subprocess.run([sys.executable, "evaluate.py", "--kl-to", str(config_only), "--output", str(tmp_path / "e.json")],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    one_line(r, f"--kl-to model folder '{config_only}' has no weights (*.safetensors):")  # before any engine starts
 
 
 def test_the_embedded_defaults_are_found_from_any_folder(tmp_path):
