@@ -66,6 +66,11 @@ from embedded.tiny import (  # noqa: E402
 
 EVAL = dict(temperature=0.6, top_p=0.9, max_tokens=48)  # the paper's eval sampling
 CHAT_EDITS = ([0, 1, 2, 3], [0.35, 0.30, 0.20, 0.15])  # edits in SFT chat responses
+# The share of SFT responses to "Write w in capital letters." that do capitalise; the rest copy w
+# as given. Random edits alone leave no headroom (sampling at T = 0.6 averages them away: seed
+# quality 0.91), so the seed fails one instruction the way a real SFT model does, systematically,
+# and RL has something true quality rewards to learn.
+CHAT_CAPITALISED = 0.35
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -100,7 +105,10 @@ def sft_batch(tok, data, rng, n_math, n_chat, wrong_frac):
         targets.append(math_target(a, b, rng, wrong_frac))
     for r in rng.sample(data["chat_train"], n_chat):
         prompts.append(r["prompt"])
-        targets.append(corrupt(chat_ideal(r["prompt"]), rng, rng.choices(*CHAT_EDITS)[0]))
+        target = chat_ideal(r["prompt"])
+        if r["prompt"].startswith("Write ") and rng.random() >= CHAT_CAPITALISED:
+            target = target.lower()  # the instruction ignored: the word copied as given
+        targets.append(corrupt(target, rng, rng.choices(*CHAT_EDITS)[0]))
     p_ids = common.encode_prompts(tok, prompts)
     c_ids = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in targets]
     return p_ids, c_ids
@@ -306,7 +314,10 @@ Tasks it was supervised on (`embedded/data/`):
   it is unsure where a sum is unsure: its rollouts have entropy for RL to spend. Scored by the
   real `common.math_reward` (Math-Verify);
 - chat: `Repeat this word: w` / `Write w in capital letters.` with responses carrying 0-3
-  random edits, so its own samples range in quality and a reward model has something to rank.
+  random edits, and only {capitalised:.0%} of the responses to the second instruction capitalised
+  (the rest copy the word as given): the seed often ignores that instruction, a systematic failure
+  that sampling at a low temperature does not average away, so chat has headroom for RL to climb
+  and its own samples range in quality for a reward model to rank.
 
 SFT stopped at the first check (every {eval_every} steps) where accuracy on the 100 *val*
 problems reached {target:.0%}, so RL has room to climb.
@@ -323,6 +334,17 @@ problems reached {target:.0%}, so RL has room to climb.
 | chat test true quality (edit similarity to the ideal response), T=0.6 | {quality:.3f} |
 | chat test mean reward-model score | {rm_score:.3f} |
 
+## The world's criteria (study/DESIGN.md), measured on the *validation* files
+`study/world_check.py`'s `measure`, run by the build on the finished seed and reward model:
+| criterion | measured | met |
+|---|---|---|
+| math validation accuracy (T=0.6, top-p 0.9, 16 x 100) in [0.2, 0.6] | {w_acc:.3f} | {c_acc} |
+| math rollout entropy at T=1 (8 x 100) >= 0.2 nats per token | {w_entropy:.3f} | {c_entropy} |
+| chat seed true quality (T=0.6, top-p 0.9, 8 x 100) <= 0.7 | {w_quality:.3f} | {c_quality} |
+| RM agrees with true quality on pairs of the seed's T=1 samples differing by >= 0.05 ({w_pairs} pairs): >= 0.75 | {w_agree:.3f} | {c_agree} |
+| RM length slope at fixed true quality (per character, ± SE) > 2 SE | {w_slope:.3f} ± {w_slope_se:.3f} | {c_slope} |
+| ... worth in true-quality units per character <= 0.03 | {w_char:.4f} | {c_char} |
+
 Size: {size_kb} kB. Rebuild: `python embedded/build.py` (reproduces these figures on the same
 software; sampling seeds are fixed).
 """
@@ -334,10 +356,11 @@ initialisation and the same tokenizer and chat template, trained by `embedded/bu
 Bradley-Terry loss for {steps} steps ({seconds} s on {machine}) on pairs of instruction
 responses ranked by `embedded/tiny.py`'s `chat_preference`: true quality (edit similarity to the
 ideal response) plus {bias} per character of response. That length bias is on purpose: like
-Athene-RM-8B in the paper, it scores longer answers higher beyond their true quality (an answer
-over about ten characters gains more from a letter than the letter costs it), so a policy can
-raise its reward by growing its answers, and the paper's length-normalised checkpoint choice has
-something to guard against. Half of the pairs are two of the seed's own samples (T=1), the
+Athene-RM-8B in the paper, it scores longer answers higher at equal true quality, so a policy can
+raise its reward a little by growing its answers, and the paper's length-normalised checkpoint
+choice has something to guard against; it is small enough (study/DESIGN.md: a character worth at
+most 0.03 of true quality) that fixing an answer pays more than growing it, so RL can improve true
+quality. (Version 2's 0.1 per character outweighed quality: every chat-trained checkpoint lost it.) Half of the pairs are two of the seed's own samples (T=1), the
 distribution RL will ask about; the rest are graded edits of the ideal response, some against
 empty, doubled, halved, lengthened or off-task text. It plays the part Athene-RM-8B plays in the
 paper and loads through the same path: `common.RewardModel("embedded/reward_model", device)`.
@@ -416,9 +439,14 @@ def main():
     model.save_pretrained(policy_dir)
     scorer, rm = train_reward_model(args, tok, data, gen, policy_dir, rm_dir)
     seed = measure_seed(args, gen, tok, data, scorer, model)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "study"))
+    from world_check import measure  # the study's criteria for a world (study/DESIGN.md)
+
+    world = measure(gen, str(policy_dir), str(rm_dir), data["chat_val"], data["math_val"],
+                    samples=2 if args.quick else 8)
     gen.shutdown()
 
-    report = {"sft": sft, "reward_model": rm, "seed": seed, "total_seconds": round(time.time() - t0),
+    report = {"sft": sft, "reward_model": rm, "seed": seed, "world": world, "total_seconds": round(time.time() - t0),
               "machine": machine, "torch": torch.__version__}
     (out / "build_report.json").write_text(json.dumps(report, indent=1) + "\n")
     params_k = sum(p.numel() for p in model.parameters()) // 1000
@@ -430,7 +458,13 @@ def main():
         wrong=args.math_wrong_frac, entropy=seed["math_rollout_entropy"],
         length=seed["math_rollout_length"], roll_acc=seed["math_rollout_accuracy"],
         routes=", ".join(f"{k} {v['share']:.2f} ({v['accuracy']:.2f})" for k, v in seed["math_routes"].items()),
-        rm_score=seed["chat_test_rm_score"], size_kb=dir_kb(policy_dir)))
+        rm_score=seed["chat_test_rm_score"], capitalised=CHAT_CAPITALISED, w_acc=world["math_val_accuracy"],
+        w_entropy=world["math_val_entropy"], w_quality=world["seed_true_quality"], w_pairs=world["pairs"],
+        w_agree=world["rm_agreement"], w_slope=world["rm_length_slope_per_char"],
+        w_slope_se=world["rm_length_slope_se"], w_char=world["rm_char_in_quality_units"],
+        **{f"c_{k}": "yes" if ok else "**no**" for k, ok in zip(
+            ("acc", "entropy", "quality", "agree", "slope", "char"), world["criteria"].values(), strict=True)},
+        size_kb=dir_kb(policy_dir)))
     (rm_dir / "README.md").write_text(RM_CARD.format(
         steps=rm["steps"], seconds=rm["seconds"], machine=machine, pairs=rm["eval_pairs"],
         acc=rm["pairwise_accuracy"], acc_any=rm["pairwise_accuracy_any_gap"], gap=rm["min_gap"],
@@ -442,7 +476,7 @@ def main():
             "mix_train": "math and chat, alternating"}
     (out / "data" / "README.md").write_text(DATA_CARD.format(rows="\n".join(
         f"| `{k}.jsonl` | {len(v)} | {what[k]} |" for k, v in data.items())))
-    print(json.dumps(report["seed"] | {"rm_pairwise_accuracy": rm["pairwise_accuracy"]}, indent=1))
+    print(json.dumps(report["seed"] | {"rm_pairwise_accuracy": rm["pairwise_accuracy"], "world": world}, indent=1))
     print(f"built {out} in {report['total_seconds']} s")
 
 

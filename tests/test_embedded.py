@@ -94,9 +94,28 @@ def test_shipped_reward_model_ranks_held_out_pairs(generator):
     acc = sum(a > b for a, b in zip(sc, sr)) / len(sc)
     se = (acc * (1 - acc) / len(sc)) ** 0.5
     assert abs(acc - card["pairwise_accuracy"]) <= 3 * se + 0.01, (acc, card)
-    # its length bias: the ideal answer with 8 letters appended (worse by true quality) scores higher
+    # a length bias it was taught (0.02 per character) but that never beats true quality by much:
+    # the ideal answer with 8 letters appended (true quality ~0.4) rarely outscores the ideal one
     ps = [r["prompt"] for r in chat_test]
-    assert rm_prefers_appended(rm, ps, random.Random(7), 8) > 0.5
+    assert rm_prefers_appended(rm, ps, random.Random(7), 8) < 0.5
+
+
+def test_shipped_world_meets_the_study_criteria(generator):
+    """study/DESIGN.md's answer-blind criteria, re-measured on the validation files with other
+    sampling seeds than the card's: the seed has headroom on both tasks, the RM agrees with true
+    quality on the seed's own pairs and prefers length at equal quality, but a character is worth
+    little; and the figures agree with the card's."""
+    sys.path.insert(0, os.path.join(os.path.dirname(EMBEDDED), "study"))
+    from world_check import measure
+
+    generator.sync_weights(common.load_model(POLICY, torch.device("cpu")))  # other tests swap weights
+    card = REPORT["world"]
+    got = measure(generator, POLICY, RM, common.load_prompts(os.path.join(DATA, "chat_val.jsonl")),
+                  common.load_prompts(os.path.join(DATA, "math_val.jsonl")), samples=8, seed=11)
+    assert all(got["criteria"].values()), got
+    for key, tolerance in (("seed_true_quality", 0.03), ("rm_agreement", 0.03), ("math_val_accuracy", 0.04),
+                           ("math_val_entropy", 0.03), ("rm_char_in_quality_units", 0.01)):
+        assert abs(got[key] - card[key]) <= tolerance, (key, got[key], card[key])
 
 
 @pytest.mark.slow
@@ -108,6 +127,7 @@ def test_builder_quick_mode(tmp_path, generator):
         assert common.load_prompts(str(tmp_path / "data" / f"{f}.jsonl"))
     report = json.load(open(tmp_path / "build_report.json"))
     assert report["sft"]["steps"] == 4 and report["reward_model"]["steps"] == 2
+    assert len(report["world"]["criteria"]) == 6  # the study's criteria measured (a 4-step seed fails them)
     # loads in transformers, through the RM path, and into vLLM (same shapes as the shipped seed)
     model = common.load_model(str(tmp_path / "policy"), torch.device("cpu"))
     common.RewardModel(str(tmp_path / "reward_model"), torch.device("cpu")).score(["Hi"], ["there"])
