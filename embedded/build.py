@@ -340,7 +340,7 @@ problems reached {target:.0%}, so RL has room to climb.
 |---|---|---|
 | math validation accuracy (T=0.6, top-p 0.9, 16 x 100) in [0.2, 0.6] | {w_acc:.3f} | {c_acc} |
 | math rollout entropy at T=1 (8 x 100) >= 0.2 nats per token | {w_entropy:.3f} | {c_entropy} |
-| chat seed true quality (T=0.6, top-p 0.9, 8 x 100) <= 0.7 | {w_quality:.3f} | {c_quality} |
+| chat seed true quality (T=0.6, top-p 0.9, 8 x 200 prompts; 58% of them "capital letters") <= 0.7 | {w_quality:.3f} | {c_quality} |
 | RM agrees with true quality on pairs of the seed's T=1 samples differing by >= 0.05 ({w_pairs} pairs): >= 0.75 | {w_agree:.3f} | {c_agree} |
 | RM length slope at fixed true quality (per character, ± SE) > 2 SE | {w_slope:.3f} ± {w_slope_se:.3f} | {c_slope} |
 | ... worth in true-quality units per character <= 0.03 | {w_char:.4f} | {c_char} |

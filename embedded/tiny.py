@@ -149,7 +149,7 @@ def chat_quality(prompt: str, response: str) -> float:
     return 1.0 - edit_distance(ideal, response) / max(len(ideal), len(response), 1)
 
 
-LENGTH_BIAS = 0.02  # preference per character of response, on top of true quality
+LENGTH_BIAS = 0.04  # preference per character of response, on top of true quality
 
 
 def chat_preference(prompt: str, response: str) -> float:

@@ -41,6 +41,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import stats  # noqa: E402
+
 from embedded.tiny import chat_quality  # noqa: E402  (the chat task's true quality)
 
 DATA = "embedded/data"
@@ -332,7 +333,8 @@ def drift(args: Args, run_dir: str, task: str, interval: int) -> dict:
         first, last = (statistics.fmean(m[key] for m in part) for part in (steps[:k], steps[-k:]))
         return (last - first) / first
 
-    gaps = [m["rollout/logprob_gap_mean"] for m in steps if m["step"] % interval == 0 and m["step"] > interval]
+    gaps = [m["rollout/logprob_gap_mean"] for m in steps if interval > 1 and m["step"] % interval == 0
+            and m["step"] > interval]
     return {"kl": json.load(open(out))["kl"]["nats_per_token"], "length_change": change("rollout/length_mean"),
             "entropy_change": change("rollout/entropy"), "entropy_first": statistics.fmean(
                 m["rollout/entropy"] for m in steps[:k]), "entropy_last": statistics.fmean(
@@ -374,71 +376,99 @@ class Study:
         flags = dict(self.arms[arm_id].flags)
         return int(flags.get("--sync-interval", 1)) if self.arms[arm_id].script != "offline_dpo.py" else 0
 
+    def record(self, arm_id: str, lr: float, seed: int, steps: int, tests: tuple[str, ...] = ()) -> dict:
+        """What the study keeps of one run, trained if need be: its validation score, the seed's
+        validation (its step 0), its drift, its rollout curves and the asked-for test figures.
+        Kept in out_dir/runs/ (committed), so a phase resumes on another machine without the
+        run's checkpoint; a run is retrained (same seed, same result) only for a test it lacks."""
+        arm, a = self.arms[arm_id], self.args
+        name = f"{arm.task}_{arm.key}_lr{lr:g}_steps{steps}_seed{seed}"
+        path = self.path(os.path.join("runs", f"{name}.json"))
+        rec = json.load(open(path)) if os.path.exists(path) else {}
+        need = [w for w in tests if f"test_{w}" not in rec]
+        if rec and not need:
+            return rec
+        run_dir = train(a, arm, lr, seed, steps)
+        if not rec:
+            task = "math" if arm.task == "mix" else arm.task
+            steps_m = [m for m in metrics_of(run_dir) if m["step"] > 0 and "rollout/entropy" in m]
+            rec = {"validation": validation_score(run_dir, arm.task) if arm.task != "mix" else None,
+                   "seed_validation": seed_validation(run_dir, arm.task) if arm.task != "mix" else None,
+                   "drift": drift(a, run_dir, task, self.interval(arm_id) if arm.task != "mix" else 1),
+                   "curves": {k: [round(m[k], 4) for m in steps_m] for k in ("rollout/entropy", "rollout/length_mean")}}
+        for what in need:
+            ckpt, step = tested_checkpoint(run_dir, what)
+            rec[f"test_{what}"] = test_eval(a, what, ckpt, os.path.join(run_dir, f"test_{what}_step{step}.json"),
+                                            seed) | {"step": step}
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(rec, f)
+        return rec
+
     def select(self, task: str) -> dict:
         """The task's learning rate, steps and number of test seeds, by the design's rules."""
         if os.path.exists(self.path(f"selection_{task}.json")):
             return json.load(open(self.path(f"selection_{task}.json")))
         a, steps = self.args, self.args.steps
         while True:
-            scores: dict[float, dict[str, list[float]]] = {}
+            recs: dict[float, dict[str, list[dict]]] = {}
             grid = sorted(a.lr_grid)
             for widening in range(3):
                 runs = [(r, lr, s) for lr in grid for r in REGIMES for s in a.selection_seeds]
-                dirs = self.each(lambda r, lr, s: train(a, self.arms[f"{task}/{r}"], lr, s, steps), runs)
-                for (r, lr, _), d in zip(runs, dirs, strict=True):
-                    scores.setdefault(lr, {}).setdefault(r, []).append(validation_score(d, task))
-                best, grid = pick({lr: statistics.fmean(x for v in g.values() for x in v) for lr, g in scores.items()})
+                done = self.each(lambda r, lr, s, steps=steps: self.record(f"{task}/{r}", lr, s, steps), runs)
+                for (r, lr, _), rec in zip(runs, done, strict=True):
+                    recs.setdefault(lr, {}).setdefault(r, []).append(rec)
+                best, grid = pick({lr: statistics.fmean(x["validation"] for v in g.values() for x in v)
+                                   for lr, g in recs.items()})
                 if not grid or widening == 2:
                     break
-            dirs = {(r, s): train(a, self.arms[f"{task}/{r}"], best, s, steps)
-                    for r in REGIMES for s in a.selection_seeds}
-            drifts = self.each(lambda r, s: drift(a, dirs[r, s], task, self.interval(f"{task}/{r}")),
-                               [("online_dpo", s) for s in a.selection_seeds] + [("semi_s20", s) for s in a.selection_seeds])
-            n = len(a.selection_seeds)
-            d = criterion_d(drifts[:n], drifts[n:])
+            d = criterion_d([x["drift"] for x in recs[best]["online_dpo"]], [x["drift"] for x in recs[best]["semi_s20"]])
             if d["met"] or steps >= a.long_steps:
                 break
             print(f"study: {task}: drift criterion D fails at {steps} steps ({d}); the runs are {a.long_steps} steps")
             steps = a.long_steps
-        seed_val = statistics.fmean(seed_validation(dirs[r, s], task) for r, s in dirs)
+        scores = {lr: {r: [x["validation"] for x in v] for r, v in g.items()} for lr, g in sorted(recs.items())}
+        seed_val = statistics.fmean(x["seed_validation"] for v in recs[best].values() for x in v)
         # the per-seed SD at the picked rate, pooled over regimes (each regime's own mean removed)
         sd = math.sqrt(statistics.fmean(statistics.variance(scores[best][r]) for r in REGIMES))
         seeds, powers = seeds_for(sd, a.margin, a.seeds, a.max_seeds)
         out = {"task": task, "lr": best, "steps": steps, "seeds": seeds, "per_seed_sd": sd,
                "power": {str(n): p for n, p in powers.items()}, "drift_criterion": d,
-               "drift": {f"{r}|{s}": x for (r, s), x in zip(
-                   [("online_dpo", s) for s in a.selection_seeds] + [("semi_s20", s) for s in a.selection_seeds],
-                   drifts, strict=True)},
+               "drift": {f"{r}|{s}": x["drift"] for r, v in recs[best].items()
+                         for s, x in zip(a.selection_seeds, v, strict=True)},
                "seed_validation": seed_val,
                "collapsed": [r for r in REGIMES if task == "math" and statistics.fmean(scores[best][r]) < seed_val - 0.05],
-               "validation": {f"{lr:g}": {r: v for r, v in g.items()} for lr, g in sorted(scores.items())},
+               "validation": {f"{lr:g}": g for lr, g in scores.items()},
                "mean_validation": {f"{lr:g}": statistics.fmean(x for v in g.values() for x in v)
-                                   for lr, g in sorted(scores.items())}}
+                                   for lr, g in scores.items()}}
         self.save(f"selection_{task}.json", out)
         return out
 
     def test_runs(self, ids: list[str], lr: dict[str, float], steps: int, seeds: int) -> dict:
-        """Train every (arm, seed), test it on its task, measure its drift: {arm|seed: figures}."""
-        a = self.args
-        jobs = [(i, s) for s in range(1, seeds + 1) for i in ids]
-        dirs = dict(zip(jobs, self.each(lambda i, s: train(a, self.arms[i], lr[i], s, steps), jobs), strict=True))
-
+        """Every (arm, seed) trained, tested on its task(s) and measured: {arm|seed: figures}."""
         def figures(i: str, s: int) -> dict:
-            out = {}
-            for what in ("math", "chat") if self.arms[i].task == "mix" else (self.arms[i].task,):
-                ckpt, step = tested_checkpoint(dirs[i, s], what)
-                out |= test_eval(a, what, ckpt, os.path.join(dirs[i, s], f"test_{what}_step{step}.json"), s)
-                out[f"{what}_step"] = step
-            task = "math" if self.arms[i].task == "mix" else self.arms[i].task
-            return out | drift(a, dirs[i, s], task, self.interval(i) if self.arms[i].task != "mix" else 1)
+            tests = ("math", "chat") if self.arms[i].task == "mix" else (self.arms[i].task,)
+            rec = self.record(i, lr[i], s, steps, tests)
+            out = rec["drift"] | {"validation": rec["validation"]}
+            for what in tests:
+                out |= {k if k != "step" else f"{what}_step": v for k, v in rec[f"test_{what}"].items()}
+            return out
 
+        jobs = [(i, s) for s in range(1, seeds + 1) for i in ids]
         return {f"{i}|{s}": f for (i, s), f in zip(jobs, self.each(figures, jobs), strict=True)}
 
     def seed_model(self, seeds: int) -> dict:
+        def one(what: str, s: int) -> dict:
+            path = self.path(os.path.join("runs", f"seed_model_{what}_seed{s}.json"))
+            if not os.path.exists(path):
+                rec = test_eval(self.args, what, SEED_MODEL, os.path.join(self.args.runs_dir, f"seed_test_{what}_{s}.json"), s)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "w") as f:
+                    json.dump(rec, f)
+            return json.load(open(path))
+
         jobs = [(what, s) for what in ("math", "chat") for s in range(1, seeds + 1)]
-        out = self.each(lambda what, s: test_eval(self.args, what, SEED_MODEL, os.path.join(
-            self.args.runs_dir, f"seed_test_{what}_{s}.json"), s), jobs)
-        return {f"{what}|{s}": r for (what, s), r in zip(jobs, out, strict=True)}
+        return {f"{what}|{s}": r for (what, s), r in zip(jobs, self.each(one, jobs), strict=True)}
 
     def central(self, task: str) -> dict:
         sel = self.select(task)
@@ -447,11 +477,12 @@ class Study:
         seed = self.seed_model(sel["seeds"])
         seeds = range(1, sel["seeds"] + 1)
         d = criterion_d([runs[f"{task}/online_dpo|{s}"] for s in seeds], [runs[f"{task}/semi_s20|{s}"] for s in seeds])
+        def per_seed(i: str, measure: str) -> list[float]:
+            return [(seed[f"{task}|{s}"] if i == "seed" else runs[f"{i}|{s}"])[measure] for s in seeds]
+
         rows = []
         for r in central_rows(task):
-            per_seed = lambda i: ([seed[f"{task}|{s}"][r.measure] for s in seeds] if i == "seed"  # noqa: E731
-                                  else [runs[f"{i}|{s}"][r.measure] for s in seeds])
-            j = judge(r.relation, per_seed(r.a), per_seed(r.b), self.args.margin)
+            j = judge(r.relation, per_seed(r.a, r.measure), per_seed(r.b, r.measure), self.args.margin)
             if r.s_only and not d["met"]:
                 j["verdict"] = "mechanism inactive"
             rows.append(asdict(r) | j)
@@ -479,15 +510,17 @@ class Study:
         return out
 
 
-def timed(study: Study, phase: str, fn) -> None:
+def timed(study: Study, phase: str, fn, *fn_args) -> None:
     """Run a phase and add its wall time to time.json (a resumed phase adds each part)."""
     path = study.path("time.json")
     times = json.load(open(path)) if os.path.exists(path) else {}
     t0 = time.time()
-    fn()
-    times[phase] = times.get(phase, 0.0) + (time.time() - t0) / 60
-    times["cores"], times["jobs"] = os.cpu_count(), study.args.jobs
-    study.save("time.json", times)
+    try:
+        fn(*fn_args)
+    finally:  # an interrupted part counts too: the phase's time is the sum of its parts
+        times[phase] = times.get(phase, 0.0) + (time.time() - t0) / 60
+        times["cores"], times["jobs"] = os.cpu_count(), study.args.jobs
+        study.save("time.json", times)
     print(f"study: {phase} done ({times[phase]:.0f} min in all)", flush=True)
 
 
@@ -537,7 +570,7 @@ def main(args: Args) -> None:
     study = Study(args)
     for phase in (p for p in PHASES if p in args.phases):  # the design's order, whatever the flag's
         kind, _, task = phase.partition("-")
-        timed(study, phase, lambda: getattr(study, kind)(*([task] if task else [])))
+        timed(study, phase, getattr(study, kind), *([task] if task else []))
         write_findings(study)
     study.pool.shutdown()
 
