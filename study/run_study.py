@@ -545,6 +545,13 @@ def write_findings(study: Study) -> None:
                        f"{d['semi20_pre_sync_gap']:.4f}); per-seed SD {s['per_seed_sd']:.4f} -> {s['seeds']} "
                        f"test seeds (power {s['power'][str(s['seeds'])]:.2f}); collapsed at this rate: "
                        f"{', '.join(s['collapsed']) or 'none'}.\n")
+            out += ["Final validation score per learning rate, mean of the selection seeds (their SD):\n",
+                    "| learning rate | " + " | ".join(study.arms[f"{task}/{r}"].label for r in REGIMES) + " | mean |",
+                    "|---|" + "---|" * (len(REGIMES) + 1)]
+            for lr, g in s["validation"].items():
+                cells = [f"{statistics.fmean(g[r]):.3f} ({statistics.stdev(g[r]):.3f})" for r in REGIMES]
+                out.append(f"| {lr} | {' | '.join(cells)} | {s['mean_validation'][lr]:.3f} |")
+            out.append("")
     rows = []
     for name in ("central_math.json", "central_chat.json", "secondary.json"):
         if os.path.exists(study.path(name)):
