@@ -18,7 +18,8 @@ The phases, in order (each resumable: a finished run or evaluation is never redo
   rate, each row with its realised power.
 
 Writes `study/results/v3/`: `selection_<task>.json`, `central_<task>.json`, `secondary.json`,
-`findings.md` (every judged row so far), `time.json` (each phase's wall time, resumes included).
+`findings.md` (every judged row so far), `time.json` (each phase's wall time, resumes included),
+`records/` (what each run and evaluation gave: a phase resumes from them on another machine).
 
     .venv/bin/python study/run_study.py --phases select-math   # ~30 runs, ~1.5 h on 2 CPU cores
     .venv/bin/python study/run_study.py                        # all of it, ~8-10 h
@@ -379,11 +380,12 @@ class Study:
     def record(self, arm_id: str, lr: float, seed: int, steps: int, tests: tuple[str, ...] = ()) -> dict:
         """What the study keeps of one run, trained if need be: its validation score, the seed's
         validation (its step 0), its drift, its rollout curves and the asked-for test figures.
-        Kept in out_dir/runs/ (committed), so a phase resumes on another machine without the
-        run's checkpoint; a run is retrained (same seed, same result) only for a test it lacks."""
+        Kept in out_dir/records/ (committed; git ignores any runs/), so a phase resumes on another
+        machine without the run's checkpoint; a run is retrained (same seed, same result) only for
+        a test it lacks."""
         arm, a = self.arms[arm_id], self.args
         name = f"{arm.task}_{arm.key}_lr{lr:g}_steps{steps}_seed{seed}"
-        path = self.path(os.path.join("runs", f"{name}.json"))
+        path = self.path(os.path.join("records", f"{name}.json"))
         rec = json.load(open(path)) if os.path.exists(path) else {}
         need = [w for w in tests if f"test_{w}" not in rec]
         if rec and not need:
@@ -459,7 +461,7 @@ class Study:
 
     def seed_model(self, seeds: int) -> dict:
         def one(what: str, s: int) -> dict:
-            path = self.path(os.path.join("runs", f"seed_model_{what}_seed{s}.json"))
+            path = self.path(os.path.join("records", f"seed_model_{what}_seed{s}.json"))
             if not os.path.exists(path):
                 rec = test_eval(self.args, what, SEED_MODEL, os.path.join(self.args.runs_dir, f"seed_test_{what}_{s}.json"), s)
                 os.makedirs(os.path.dirname(path), exist_ok=True)
