@@ -360,7 +360,8 @@ Athene-RM-8B in the paper, it scores longer answers higher at equal true quality
 raise its reward a little by growing its answers, and the paper's length-normalised checkpoint
 choice has something to guard against; it is small enough (study/DESIGN.md: a character worth at
 most 0.03 of true quality) that fixing an answer pays more than growing it, so RL can improve true
-quality. (Version 2's 0.1 per character outweighed quality: every chat-trained checkpoint lost it.) Half of the pairs are two of the seed's own samples (T=1), the
+quality. (Version 2's 0.1 per character outweighed quality: every chat-trained checkpoint lost
+it.) Half of the pairs are two of the seed's own samples (T=1), the
 distribution RL will ask about; the rest are graded edits of the ideal response, some against
 empty, doubled, halved, lengthened or off-task text. It plays the part Athene-RM-8B plays in the
 paper and loads through the same path: `common.RewardModel("embedded/reward_model", device)`.
