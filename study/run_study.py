@@ -264,9 +264,14 @@ def metrics_of(run_dir: str) -> list[dict]:
     return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
 
 
+def run_name(arm: Arm, lr: float, seed: int, steps: int) -> str:
+    """A run's folder name under runs_dir, and its record's under out_dir/records."""
+    return f"{arm.task}_{arm.key}_lr{lr:g}_steps{steps}_seed{seed}"
+
+
 def train(args: Args, arm: Arm, lr: float, seed: int, steps: int) -> str:
     """One training run, unless already finished; returns its folder."""
-    run_dir = os.path.join(args.runs_dir, f"{arm.task}_{arm.key}_lr{lr:g}_steps{steps}_seed{seed}")
+    run_dir = os.path.join(args.runs_dir, run_name(arm, lr, seed, steps))
     if not finished(run_dir, steps):
         shutil.rmtree(run_dir, ignore_errors=True)  # a half-done run starts over (same seed, same result)
         run([*arm.command(lr, args), "--num-steps", str(steps), "--eval-every", str(args.eval_every),
@@ -384,8 +389,7 @@ class Study:
         machine without the run's checkpoint; a run is retrained (same seed, same result) only for
         a test it lacks."""
         arm, a = self.arms[arm_id], self.args
-        name = f"{arm.task}_{arm.key}_lr{lr:g}_steps{steps}_seed{seed}"
-        path = self.path(os.path.join("records", f"{name}.json"))
+        path = self.path(os.path.join("records", f"{run_name(arm, lr, seed, steps)}.json"))
         rec = json.load(open(path)) if os.path.exists(path) else {}
         need = [w for w in tests if f"test_{w}" not in rec]
         if rec and not need:
