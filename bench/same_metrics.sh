@@ -17,7 +17,7 @@ run() { name=$1; shift; rm -rf "$OUT/$name"; echo "== $name $(date +%T)"; "$@" -
 run grpo_math $PY grpo.py $E
 run grpo_mix_abl $PY grpo.py $E $MIX --entropy-coef 1e-3 --tis-cap 2 --length-norm token
 run online_abl $PY online_dpo.py $E --group-dpo --grpo-coef 0.01 --entropy-coef 1e-3 --length-norm sequence --micro-batch-size 4
-run online_mix $PY online_dpo.py $E $MIX --ref-sync per-task --micro-batch-size 4
+run online_mix $PY online_dpo.py $E $MIX --ref-sync yes --micro-batch-size 4
 run semi_s2 $PY semi_online_dpo.py $E --num-steps 4 --sync-interval 2 --ref-sync-interval 3
 run offline $PY offline_dpo.py $E --group-dpo --grpo-coef 0.01
 run offline_mix_abl $PY offline_dpo.py $E $MIX --entropy-coef 1e-3 --nll-scale 1
