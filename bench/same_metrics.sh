@@ -7,6 +7,15 @@
 #   bash bench/same_metrics.sh /tmp/before /tmp/m/before; bash bench/same_metrics.sh . /tmp/m/after
 #   .venv/bin/python bench/compare_metrics.py /tmp/m/before /tmp/m/after
 # Issue 26's reshape: all ten identical (2026-12-02, 2 CPU cores, ~6 min a side).
+# Issue 36's reshape (2026-12-05, 2 CPU cores, alongside the study): with --rename
+# train/kl=train/kl_k1 (DPO) / train/kl_k3 (GRPO), offline, offline_mix_abl, online_nll, semi_s2,
+# tr_online identical; online_mix (then --ref-sync per-task) identical to docs/fork.md's
+# per_task_reference fork, and its --ref-sync yes run identical before and after; online_abl equal
+# but train/loss (float rounding of the terms' sum, <= 1.7e-8 relative; gradients identical);
+# grpo_math, tr_grpo equal but train/loss (<= 3.6e-7: pg and kl summed as separate terms;
+# grad_norm and every other value identical); grpo_mix_abl (entropy + TIS + token norm) within
+# 1e-5 relative but for the fp32 noise-floor gap (~1e-6) and a near-0 step-2 KL (2e-4 relative):
+# its gradient differs by ~1e-7 relative (grad_norm), the same rounding moved into the weights.
 set -u
 cd "$1"; OUT=$2; mkdir -p "$OUT"
 PY=.venv/bin/python
