@@ -6,9 +6,12 @@ Every step:
 3. score: each row by its task's function in `REWARDS` (Math-Verify; the reward model for chat);
 4. advantages: A_i = (r_i - mean(group)) / (std(group) + eps) within each prompt's group (the
    authors' code; the paper's formula is mean-only: `--no-std-normalize`);
-5. update: one optimizer step on -(1/B) Σ_prompts (1/n) Σ_i Σ_t [ρ_t A_i - β KL_t] (token sums;
-   ρ_t = 1 on-policy: PPO's clipping would never trigger; KL_t the k3 estimator to the seed);
+5. update: one optimizer step on `grpo_loss`, whose first line is the objective (ρ_t = 1
+   on-policy: PPO's clipping would never trigger);
 6. log one metrics dict, evaluate every `eval_every` steps, checkpoint every `save_every`.
+
+Shapes: P prompts per rank and step (B = P x ranks: / P on each rank, FSDP averages), n samples
+per prompt, micro-batches of S rows (prompt, completion) padded to T tokens.
 
 Where the paper is silent: constant learning rate after a linear warm-up; a mixed math + chat
 batch scores each prompt by its own task's reward. Not deterministic: vLLM on GPU.
@@ -40,7 +43,7 @@ import tyro
 import common
 
 
-# ---- Args -------------------------------------------------------------------------------------
+# ---- Args
 @dataclass
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
@@ -55,8 +58,7 @@ class Args:
     """training prompts: `[math:|chat:]NAME[@CONFIG][:WEIGHT]`, comma-separated to mix: a hub id,
     a local folder or a .jsonl / .json / .parquet file of math and/or chat rows (docs/data.md)"""
     eval_dataset: str = "embedded/data/math_test.jsonl"
-    """held-out prompts ('' to skip), as for `dataset`: math rows give eval/accuracy, chat rows
-    eval/chat/*"""
+    """held-out prompts ('' to skip), as for `dataset` (math: eval/accuracy; chat: eval/chat/*)"""
     paper_math_filter: bool = False
     """the paper's NuminaMath-CoT filter: no proofs, multiple choice or synthetic subsets"""
     num_steps: int = 200
@@ -111,24 +113,25 @@ class Args:
     prompts_per_rank: tyro.conf.Suppress[int] = 0
 
 
-# ---- rewards: one function per task, (rows, their (n,) completions, reward model) -> (rows, n);
-# a row's `task` picks its function in REWARDS (a fork adds or changes a reward here) ----------
-def math_reward(rows: list[dict], outs, reward_model) -> torch.Tensor:
+# ---- rewards: REWARDS[row's task](rows, (P, n) completions, reward model) -> (P, n) (fork here)
+def math_reward(rows: list[dict], completions, reward_model) -> torch.Tensor:
     """1 if Math-Verify finds the completion's last \\boxed{} equal to the row's answer, else 0."""
-    texts, answers = [c.text for o in outs for c in o], [r["answer"] for r in rows for _ in outs[0]]
+    texts = [c.text for group in completions for c in group]
+    answers = [r["answer"] for r in rows for _ in completions[0]]
     return torch.tensor(common.math_rewards(texts, answers)).view(len(rows), -1)
 
 
-def chat_reward(rows: list[dict], outs, reward_model) -> torch.Tensor:
+def chat_reward(rows: list[dict], completions, reward_model) -> torch.Tensor:
     """The reward model's scalar score of (prompt, completion) (the paper: Athene-RM-8B)."""
-    texts, prompts = [c.text for o in outs for c in o], [r["prompt"] for r in rows for _ in outs[0]]
+    texts = [c.text for group in completions for c in group]
+    prompts = [r["prompt"] for r in rows for _ in completions[0]]
     return torch.tensor(reward_model.score(prompts, texts)).view(len(rows), -1)
 
 
 REWARDS = {"math": math_reward, "chat": chat_reward}
 
 
-# ---- the algorithm: pure functions, tested on their own ----------------------------------------
+# ---- the algorithm: pure functions, tested on their own
 def group_advantages(rewards: torch.Tensor, std_normalize: bool, eps: float) -> torch.Tensor:
     """(P, n) rewards -> (P, n) advantages: minus the group's mean, optionally / (std + eps)."""
     adv = rewards - rewards.mean(dim=1, keepdim=True)
@@ -137,186 +140,205 @@ def group_advantages(rewards: torch.Tensor, std_normalize: bool, eps: float) -> 
     return adv
 
 
-def grpo_loss(logps, ref_logps, mask, advantages, kl_coef: float, num_prompts: int, group_size: int,
-              length_norm: str = "none", num_tokens: float = 0.0, weights=None, entropy=None,
-              entropy_coef: float = 0.0):
-    """-(1/B) Σ_prompts (1/n) Σ_i Σ_t [w_t ρ_t A_i - β KL_t] - C Σ_i mean_t H_t / B, from
-    (S, T) tensors (ref_logps None: β = 0; weights: TIS) and (S,) advantages; B, n the whole
-    batch's (`length_norm` "token": / `num_tokens`). Returns (loss, kl_sum, the entropy bonus)."""
-    ratio = torch.exp(logps - logps.detach())  # ≡ 1; its gradient is ∇logp (on-policy)
-    per_token = ratio * advantages[:, None]  # (S, T)
-    if weights is not None:  # ALGO LOGIC (--tis-cap): the engine sampled these tokens, not π_θ
-        per_token = per_token * weights
-    kl = torch.zeros_like(logps)
-    if ref_logps is not None:
-        delta = ref_logps - logps
-        kl = torch.exp(delta) - delta - 1  # k3: unbiased, always >= 0
-        per_token = per_token - kl_coef * kl
-    tokens = mask.sum(-1).clamp(min=1)  # (S,)
-    if length_norm == "token":  # ALGO LOGIC (--length-norm): the authors' token-mean variant
-        loss = -(per_token * mask).sum() / num_tokens
-    elif length_norm == "sequence":  # each sequence's token mean (the authors' code default)
-        loss = -((per_token * mask).sum(-1) / tokens).sum() / (num_prompts * group_size)
-    else:
-        loss = -(per_token * mask).sum() / (num_prompts * group_size)  # per-sequence token sums
-    bonus = torch.zeros(())
-    if entropy_coef:  # ALGO LOGIC (--entropy-coef): the authors' entropy bonus, with its gradient
-        bonus = entropy_coef * ((entropy * mask).sum(-1) / tokens).sum() / num_prompts
-    return loss - bonus, (kl * mask).sum().detach(), bonus.detach()
+def grpo_loss(*, logps, ref_logps, mask, token_entropy, advantages, tis_weights, kl_coef: float,
+              entropy_coef: float, length_norm: str, num_prompts: int, group_size: int,
+              num_tokens: float):
+    """loss = -pg + kl_coef·kl - entropy_coef·entropy, on S rows (prompt, completion): (S, T)
+    log-probs of π and π_ref (None: no KL term), mask, entropies and TIS weights w (1: off); (S,)
+    advantages A. With ρ_t = π_θ / sg(π_θ) ≡ 1 (its gradient ∇log π: on-policy) and the k3
+    estimator KL_t = e^δ - δ - 1, δ = log π_ref - log π (unbiased, >= 0):
+        pg = Σ_i Σ_t w_t ρ_t A_i / N;   kl = Σ_i Σ_t KL_t / N;   entropy = Σ_i mean_t H_t / P,
+    N = P x group_size, P = num_prompts (the paper's token sums); --length-norm sequence: each
+    Σ_t a mean over its sequence's tokens; token: N = num_tokens. Returns (loss, sums)."""
+    tokens = mask.sum(-1).clamp(min=1)  # (rows,)
+    seq_norm = tokens if length_norm == "sequence" else 1.0
+    batch_norm = num_tokens if length_norm == "token" else num_prompts * group_size
+    ratio = torch.exp(logps - logps.detach())  # ≡ 1; its gradient is ∇log π
+    delta = ref_logps - logps if ref_logps is not None else torch.zeros_like(logps)
+    kl_t = torch.exp(delta) - delta - 1  # (S, T), 0 without a reference
+    if not entropy_coef:  # no bonus: its gradient (a pass over the vocabulary) is not needed
+        token_entropy = token_entropy.detach()
+    pg = ((tis_weights * ratio * advantages[:, None] * mask).sum(-1) / seq_norm).sum() / batch_norm
+    kl = ((kl_t * mask).sum(-1) / seq_norm).sum() / batch_norm
+    entropy = ((token_entropy * mask).sum(-1) / tokens).sum() / num_prompts
+    loss = -pg + kl_coef * kl - entropy_coef * entropy
+    stats = {"loss": loss.item(), "kl_k3_sum": (kl_t * mask).sum().item(),
+             "entropy_bonus": (entropy_coef * entropy).item()}
+    return loss, stats
 
 
-def train_metrics(s: dict[str, float], args: Args) -> dict[str, float]:
+def check(args: Args) -> None:
+    """This algorithm's flags, against each other, before any model loads."""
+    if 0 < args.tis_cap < 1:
+        raise common.UserError(f"--tis-cap {args.tis_cap}: a cap below 1 would shrink on-policy "
+                               "tokens (weight 1); use >= 1")
+
+
+def train_metrics(sums: dict[str, float], args: Args) -> dict[str, float]:
     """train/* from the step's sums over ranks (each rank's loss is already / its prompts)."""
-    m = {"train/loss": s["loss"] / args.world_size, "train/kl": s["kl_sum"] / max(s["tokens"], 1)}
+    tokens = max(sums["tokens"], 1)
+    m = {"train/loss": sums["loss"] / args.world_size, "train/kl_k3": sums["kl_k3_sum"] / tokens}
     if args.entropy_coef:
-        m["train/entropy_bonus"] = s["entropy_bonus"] / args.world_size
+        m["train/entropy_bonus"] = sums["entropy_bonus"] / args.world_size
     if args.tis_cap:
-        m |= {"train/tis_weight_mean": s["tis_sum"] / max(s["tokens"], 1),
-              "train/tis_capped_frac": s["tis_capped"] / max(s["tokens"], 1)}
+        m["train/tis_weight_mean"] = sums["tis_sum"] / tokens
+        m["train/tis_capped_frac"] = sums["tis_capped"] / tokens
     return m
 
 
 def main(args: Args) -> None:
-    # ---- distributed setup & seeding ------------------------------------------------------------
+    # ---- distributed setup & seeding
     rank, world_size, device = common.setup_distributed()
-    common.check_args(args, world_size)  # every flag and local path, before any model loads
-    args.world_size, args.prompts_per_rank = world_size, args.prompts_per_step // world_size
+    common.check_args(args, world_size, positive=["adv_eps"])
+    check(args)
+    args.world_size = world_size
+    args.prompts_per_rank = args.prompts_per_step // world_size
     run = args.run  # the plumbing flags (common.RunArgs)
     run.output_dir = run.output_dir or f"runs/{args.exp_name}__{args.seed}"
-    common.claim_output_dir(args, world_size, rank)  # this run's alone, while it runs
+    common.claim_output_dir(args, world_size, rank)
     ckpt_dir = os.path.join(run.output_dir, "checkpoint")
-    common.seed_everything(args.seed)  # CRUCIAL: the same seed on every rank (identical init)
-    dtype = common.compute_dtype(run.compute_dtype, device, args.model)  # over fp32 masters
+    common.seed_everything(args.seed)  # CRUCIAL: the same on every rank
+    dtype = common.compute_dtype(run.compute_dtype, device, args.model)
 
-    # ---- data -----------------------------------------------------------------------------------
+    # ---- data
     tokenizer = common.load_tokenizer(args.model, run.trust_remote_code, run.chat_template)
     rows, prompt_ids, eval_rows = common.load_data(args, tokenizer, verbose=rank == 0)
     order = common.StepOrder(len(rows), args.seed, args.prompts_per_step, rank, world_size)
 
-    # ---- models & optimizer ---------------------------------------------------------------------
+    # ---- models & optimizer
     load = functools.partial(common.load_model, args.model, device, dtype,
                              trust_remote_code=run.trust_remote_code)
-    policy = common.fsdp_wrap(load(activation_checkpointing=run.activation_checkpointing), dtype)
-    # ALGO LOGIC: GRPO's KL is to the fixed seed model, not even loaded without a KL term
-    kinds = ["fixed"] if args.kl_coef > 0 else []
-    references = {kind: common.fsdp_wrap(load(trainable=False), dtype) for kind in kinds}
+    checkpointing = run.activation_checkpointing
+    policy = common.fsdp_wrap(load(activation_checkpointing=checkpointing), dtype)
+    reference = None  # ALGO LOGIC: the fixed seed, not even loaded without a KL term
+    if args.kl_coef > 0:
+        reference = common.fsdp_wrap(load(trainable=False), dtype)
     reward_model = common.reward_model_for(args, device, rows + eval_rows, verbose=rank == 0)
-    # fused: one pass over each tensor (on a CPU several times faster than the default; bench/)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, betas=args.adam_betas,
-                                  eps=args.adam_eps, weight_decay=args.weight_decay, fused=True)
+    # fused: one pass over each tensor (several times faster on a CPU)
+    optimizer = torch.optim.AdamW(
+        policy.parameters(), lr=args.learning_rate, betas=args.adam_betas,
+        eps=args.adam_eps, weight_decay=args.weight_decay, fused=True)
     start_step = common.load_checkpoint(ckpt_dir, policy, optimizer) if run.resume else 0
 
-    # ---- generation engine ----------------------------------------------------------------------
-    seqs = args.prompts_per_rank * args.samples_per_prompt  # what one generate call samples
+    # ---- generation engine
+    seqs = args.prompts_per_rank * args.samples_per_prompt  # per call
     generator = common.generator_for(args, device, seqs)
-    logger = common.logger_for(args, rank, start_step,
-                               f"{len(rows)} prompts, {len(eval_rows)} held out")
+    summary = f"{len(rows)} prompts, {len(eval_rows)} held out"
+    logger = common.logger_for(args, rank, start_step, summary)
+    evaluate = functools.partial(  # eval/* of the weights being trained
+        common.evaluate_policy, generator, policy, tokenizer, reward_model, eval_rows, args)
 
-    evaluate = functools.partial(common.evaluate_policy, generator, policy, tokenizer, reward_model,
-                                 eval_rows, args)  # eval/* of the weights being trained
-
-    # ---- training loop --------------------------------------------------------------------------
-    n, t_start = args.samples_per_prompt, time.time()
-    progress = common.Progress(args, logger)  # the record and the console, step by step
+    # ---- training loop
+    n = args.samples_per_prompt
+    t_start = time.time()
+    progress = common.Progress(args, logger)  # metrics.jsonl and the console
     if eval_rows and start_step == 0:
         progress.step_zero(evaluate())
     for step in range(start_step + 1, args.num_steps + 1):
         timer = common.PhaseTimer()
-        # ---- sync: ALGO LOGIC: s = 1, the generator gets the weights being trained every step.
-        # CRUCIAL: also the first step after a start or a resume, before any generation.
+        # ---- sync: ALGO LOGIC: s = 1, the generator gets the trained weights every step
         with timer("sync"):
             generator.sync_weights(policy)
-        last_sync = step - 1  # the generator holds the weights of `last_sync` optimizer steps
+        last_sync = step - 1  # the optimizer steps behind the generator's weights
 
         # ---- rollout
         with timer("generate"):
             idx = order.indices(step)
-            batch, prompts = [rows[i] for i in idx], [prompt_ids[i] for i in idx]
-            outs = generator.generate(prompts, n=n, temperature=args.temperature,
-                                      top_p=args.top_p, max_tokens=args.max_new_tokens,
-                                      seed=order.seeds(step))
+            batch = [rows[i] for i in idx]
+            prompts = [prompt_ids[i] for i in idx]
+            completions = generator.generate(  # (P, n)
+                prompts, n=n, temperature=args.temperature, top_p=args.top_p,
+                max_tokens=args.max_new_tokens, seed=order.seeds(step))
             generator.sleep()
 
         # ---- score: each row by its task's reward (REWARDS)
         with timer("score"):
-            rewards, nonfinite = common.score(REWARDS, batch, outs, reward_model)  # (P, n), (P,)
+            # (P, n) rewards; (P,) groups with a NaN / inf reward (set to 0)
+            rewards, nonfinite = common.score(
+                REWARDS, batch, completions, reward_model)
 
-        # ---- advantages: ALGO LOGIC: group-relative advantages, one per completion
+        # ---- advantages: ALGO LOGIC: group-relative, one per completion
         advantages = group_advantages(rewards, args.std_normalize, args.adv_eps)  # (P, n)
-        # Speed: sequences sorted by length, so a micro-batch pads little; the loss is a sum over
-        # sequences, so their order is free
-        samples = sorted(((j, i) for j in range(len(prompts)) for i in range(n)),
-                         key=lambda s: len(prompts[s[0]]) + len(outs[s[0]][s[1]].token_ids))
-        flat_prompts = [prompts[j] for j, _ in samples]
-        flat_completions = [outs[j][i] for j, i in samples]
-        flat_advantages = advantages[[j for j, _ in samples], [i for _, i in samples]]  # (P*n,)
-        num_tokens = 0.0  # --length-norm token: / the step's completion tokens (this rank's share:
-        if args.length_norm == "token":  # FSDP averages over ranks), one collective for the count
-            tokens = common.all_reduce({"t": sum(len(c.token_ids) for c in flat_completions)})
-            num_tokens = tokens["t"] / world_size
+        # Speed: sorted by length, a micro-batch pads little (the loss is a sum: order is free)
+        rows_of_samples = sorted(
+            ((j, i) for j in range(len(prompts)) for i in range(n)),
+            key=lambda r: len(prompts[r[0]]) + len(completions[r[0]][r[1]].token_ids))
+        update_prompts = [prompts[j] for j, _ in rows_of_samples]
+        update_completions = [completions[j][i] for j, i in rows_of_samples]
+        update_advantages = advantages[[j for j, _ in rows_of_samples],
+                                       [i for _, i in rows_of_samples]]  # (P n,)
+        num_tokens = 0.0  # --length-norm token: the step's tokens over ranks, / ranks (FSDP
+        if args.length_norm == "token":  # averages the ranks' gradients)
+            counted = sum(len(c.token_ids) for c in update_completions)
+            num_tokens = common.all_reduce({"t": counted})["t"] / world_size
 
-        # ---- update: reference logprobs, one optimizer step over micro-batches
-        lr = args.learning_rate * min(1.0, step / max(args.warmup_steps, 1))  # warm-up, constant
+        # ---- update: one optimizer step over micro-batches
+        lr = args.learning_rate * min(1.0, step / max(args.warmup_steps, 1))  # warm-up
         common.set_lr(optimizer, lr)
-        kept = []  # what each micro-batch measured, for the metrics after the update
+        mb_stats = []  # each micro-batch's sums, for the metrics
         with timer("train"):
-            size = run.micro_batch_size
-            for mb in common.micro_batches(len(flat_completions), size):  # same count on all ranks
-                mb_prompts, mb_completions, weight = flat_prompts[mb], flat_completions[mb], 1.0
-                mb_advantages = flat_advantages[mb]
-                if not mb_completions:  # a padding pass: same collectives, no gradient, no stats
-                    mb_prompts, mb_completions, weight = [prompts[0]] * 2, [outs[0][0]] * 2, 0.0
+            # the same number of passes on every rank (FSDP): the extra ones are empty
+            for mb in common.micro_batches(len(update_completions), run.micro_batch_size):
+                mb_prompts = update_prompts[mb]
+                mb_completions = update_completions[mb]
+                mb_advantages = update_advantages[mb]
+                padding = not mb_completions
+                if padding:  # any row, for the collectives; no gradient
+                    mb_prompts = [prompts[0]] * 2
+                    mb_completions = [completions[0][0]] * 2
                     mb_advantages = torch.zeros(2)
                 mb_tokens = [c.token_ids for c in mb_completions]
-                # CRUCIAL: the reference runs on every rank (FSDP)
-                with torch.no_grad(), common.autocast(device, dtype):
-                    ref_logps_by_kind = {kind: common.completion_logprobs(
-                        ref, mb_prompts, mb_tokens, args.temperature, tokenizer.pad_token_id)[0]
-                        for kind, ref in references.items()}
-                ref_logps = ref_logps_by_kind.get("fixed")  # (S, T), None without a KL term
+                ref_logps = None
+                if reference is not None:
+                    with torch.no_grad(), common.autocast(device, dtype):
+                        ref_logps, _, _ = common.completion_logprobs(  # (S, T)
+                            reference, mb_prompts, mb_tokens, args.temperature,
+                            tokenizer.pad_token_id)
                 with common.autocast(device, dtype):
-                    logps, mask, entropy = common.completion_logprobs(
+                    logps, mask, entropy = common.completion_logprobs(  # (S, T) each
                         policy, mb_prompts, mb_tokens, args.temperature, tokenizer.pad_token_id,
                         with_entropy=True)
-                weights, capped = None, torch.zeros(())
-                if args.tis_cap:  # ALGO LOGIC: importance weights against the engine's logprobs
+                tis = torch.ones_like(logps)  # importance weights: 1 without --tis-cap
+                capped = torch.zeros(())
+                if args.tis_cap:  # ALGO LOGIC: the engine sampled these tokens, not π_θ
                     engine_logps = common.engine_logprobs(mb_completions, logps)  # (S, T)
-                    weights, capped = common.tis_weights(logps, engine_logps, mask, args.tis_cap,
-                                                         args.tis_level, args.tis_mode)
-                loss, kl_sum, bonus = grpo_loss(
-                    logps, ref_logps, mask, mb_advantages.to(device), args.kl_coef,
-                    args.prompts_per_rank, n, args.length_norm, num_tokens, weights, entropy,
-                    args.entropy_coef)
-                (loss * weight).backward()
-                if weight:  # what the metrics need; a padding pass keeps nothing
-                    kept.append({
-                        **common.update_stats(logps, mask, entropy, mb_prompts, mb_completions),
-                        "loss": loss.item(),
-                        "kl_sum": kl_sum.item(),  # k3 per token
-                        "entropy_bonus": bonus.item(),
-                        "tis_sum": weights.sum().item() if weights is not None else 0.0,
-                        "tis_capped": capped.sum().item()})
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                    tis, capped = common.tis_weights(
+                        logps, engine_logps, mask, args.tis_cap, args.tis_level, args.tis_mode)
+                loss, stats = grpo_loss(
+                    logps=logps, ref_logps=ref_logps, mask=mask, token_entropy=entropy,
+                    advantages=mb_advantages.to(device), tis_weights=tis,
+                    kl_coef=args.kl_coef, entropy_coef=args.entropy_coef,
+                    length_norm=args.length_norm, num_prompts=args.prompts_per_rank,
+                    group_size=n, num_tokens=num_tokens)
+                (loss * (0.0 if padding else 1.0)).backward()
+                stats |= common.update_stats(
+                    logps, mask, entropy, mb_prompts, mb_completions)
+                stats |= {"tis_sum": tis.sum().item(), "tis_capped": capped.sum().item()}
+                mb_stats.append(dict.fromkeys(stats, 0.0) if padding else stats)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                policy.parameters(), args.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        # ---- log: this rank's sums, summed over ranks, then ratios (ranks hold different rows)
-        sums = common.add_up(kept, "gap_sum", "kl_sum", "entropy_bonus", "tis_sum", "tis_capped")
-        sums |= common.rollout_sums(batch, outs, rewards, nonfinite, reward_model)
-        s, s_max = common.reduce_step(sums, kept, device)
-        metrics = {"step": step, **train_metrics(s, args), "train/grad_norm": float(grad_norm),
-                   "train/lr": lr, "rollout/policy_lag": step - 1 - last_sync,
-                   **common.rollout_metrics(s), **common.trainer_metrics(s, s_max, timer)}
+        # ---- log: each rank's sums, summed over ranks, then ratios
+        sums = common.add_up(mb_stats)
+        sums |= common.rollout_sums(
+            batch, completions, rewards, nonfinite, reward_model)
+        sums, maxima = common.reduce_step(sums, mb_stats, device)
+        metrics = {"step": step, **train_metrics(sums, args),
+                   "train/grad_norm": float(grad_norm), "train/lr": lr,
+                   "rollout/policy_lag": step - 1 - last_sync,
+                   **common.rollout_metrics(sums),
+                   **common.trainer_metrics(sums, maxima, timer)}
         if eval_rows and (step % run.eval_every == 0 or step == args.num_steps):
             metrics.update(evaluate())
-        progress.step(metrics, batch, outs, rewards, advantages=advantages)  # all ranks (a gather)
+        progress.step(metrics, batch, completions, rewards, advantages=advantages)  # every rank
 
-        # ---- checkpoints: the trainer state to resume; the best model by validation (to keep)
+        # ---- checkpoints: the state to resume; the best model by validation
         if step % run.save_every == 0 or step == args.num_steps:
             common.save_checkpoint(ckpt_dir, step, policy, optimizer, tokenizer, dtype)
-        common.save_best(run.output_dir, metrics, policy, tokenizer, dtype)  # on evaluation steps
+        common.save_best(run.output_dir, metrics, policy, tokenizer, dtype)
 
-    # ---- final save -----------------------------------------------------------------------------
     common.finish(logger, generator, run.output_dir, t_start)
 
 

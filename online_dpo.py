@@ -8,9 +8,11 @@ Every step:
 3. score: each row by its task's function in `REWARDS` (Math-Verify; the reward model for chat);
 4. pairs, one per prompt at most: math -> a random correct vs a random incorrect completion;
    chat -> highest vs lowest reward-model score (prompts with all-equal rewards are skipped);
-5. update: one optimizer step on Σ_pairs -log σ(β [Δ(y_c) - Δ(y_r)]) / B, with Δ = log π -
-   log π_ref *summed* over tokens, B the global number of prompts, + `nll_scale` x the chosen NLL;
+5. update: one optimizer step on `dpo_loss`, whose first line is the objective;
 6. log one metrics dict, evaluate every `eval_every` steps, checkpoint every `save_every`.
+
+Shapes: P prompts per rank and step (B = P x ranks: / P on each rank, FSDP averages), n samples
+per prompt, K pairs, micro-batches of 2k rows (chosen, rejected, ...) padded to T tokens.
 
 Where the paper is silent: constant learning rate after a linear warm-up; a mixed math + chat
 batch scores each prompt by its own task's reward. Not deterministic: vLLM on GPU.
@@ -46,7 +48,7 @@ import tyro
 import common
 
 
-# ---- Args -------------------------------------------------------------------------------------
+# ---- Args
 @dataclass
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
@@ -61,8 +63,7 @@ class Args:
     """training prompts: `[math:|chat:]NAME[@CONFIG][:WEIGHT]`, comma-separated to mix: a hub id,
     a local folder or a .jsonl / .json / .parquet file of math and/or chat rows (docs/data.md)"""
     eval_dataset: str = "embedded/data/math_test.jsonl"
-    """held-out prompts ('' to skip), as for `dataset`: math rows give eval/accuracy, chat rows
-    eval/chat/*"""
+    """held-out prompts ('' to skip), as for `dataset` (math: eval/accuracy; chat: eval/chat/*)"""
     paper_math_filter: bool = False
     """the paper's NuminaMath-CoT filter: no proofs, multiple choice or synthetic subsets"""
     num_steps: int = 200
@@ -99,9 +100,9 @@ class Args:
     """weight of the chosen completion's per-token NLL (the paper's ablation: 1.0, no gain)"""
     nll_length_normalize: bool = True
     """the NLL pooled over the chosen tokens (the authors' default), or per sequence and / B"""
-    ref_sync: Literal["auto", "yes", "no", "per-task"] = "auto"
-    """re-sync the reference to the policy with the generator. auto (the paper): for math-only data
-    (not chat, not its mixed V+NV run); per-task: math rows re-synced, chat rows the fixed seed"""
+    ref_sync: Literal["auto", "yes", "no"] = "auto"
+    """re-sync the reference to the policy with the generator. auto (the paper): on math-only
+    data, not with chat rows (its mixed run too; per task: a fork, docs/fork.md)"""
     ref_sync_interval: int = 0
     """re-sync that reference every K steps instead of with the generator (the authors'
     sync_ref_model_every_n_steps; 0: with the generator)"""
@@ -117,33 +118,33 @@ class Args:
     # filled in after parsing (not flags: logged with the config)
     world_size: tyro.conf.Suppress[int] = 0
     prompts_per_rank: tyro.conf.Suppress[int] = 0
-    synced_tasks: tyro.conf.Suppress[tuple[str, ...]] = ()  # --ref-sync resolved
+    ref_synced: tyro.conf.Suppress[bool] = False  # --ref-sync resolved
 
 
-# ---- rewards: one function per task, (rows, their (n,) completions, reward model) -> (rows, n);
-# a row's `task` picks its function in REWARDS (a fork adds or changes a reward here) ----------
-def math_reward(rows: list[dict], outs, reward_model) -> torch.Tensor:
+# ---- rewards: REWARDS[row's task](rows, (P, n) completions, reward model) -> (P, n) (fork here)
+def math_reward(rows: list[dict], completions, reward_model) -> torch.Tensor:
     """1 if Math-Verify finds the completion's last \\boxed{} equal to the row's answer, else 0."""
-    texts, answers = [c.text for o in outs for c in o], [r["answer"] for r in rows for _ in outs[0]]
+    texts = [c.text for group in completions for c in group]
+    answers = [r["answer"] for r in rows for _ in completions[0]]
     return torch.tensor(common.math_rewards(texts, answers)).view(len(rows), -1)
 
 
-def chat_reward(rows: list[dict], outs, reward_model) -> torch.Tensor:
+def chat_reward(rows: list[dict], completions, reward_model) -> torch.Tensor:
     """The reward model's scalar score of (prompt, completion) (the paper: Athene-RM-8B)."""
-    texts, prompts = [c.text for o in outs for c in o], [r["prompt"] for r in rows for _ in outs[0]]
+    texts = [c.text for group in completions for c in group]
+    prompts = [r["prompt"] for r in rows for _ in completions[0]]
     return torch.tensor(reward_model.score(prompts, texts)).view(len(rows), -1)
 
 
 REWARDS = {"math": math_reward, "chat": chat_reward}
 
 
-# ---- the algorithm: pure functions, tested on their own ----------------------------------------
+# ---- the algorithm: pure functions, tested on their own
 def select_pairs(rewards: torch.Tensor, tasks: list[str], seeds: list[int],
                  group: bool = False) -> list[tuple[int, int, int]]:
-    """(prompt j, chosen i, rejected i) for each prompt that yields a pair, from (P, n) rewards.
-    math: a random correct (> 0.5) vs a random incorrect completion, drawn with the prompt's own
-    seed (`group`, GroupDPO: every correct x incorrect pair); chat: the highest vs the lowest
-    score (first of ties). A prompt whose completions all score alike gives none."""
+    """(prompt j, chosen i, rejected i) per prompt with a pair, from (P, n) rewards. math: a random
+    correct (> 0.5) vs a random wrong completion, drawn with the prompt's own seed (`group`,
+    GroupDPO: every correct x wrong pair); chat: the highest vs the lowest score (first of ties)."""
     pairs = []
     for j, (r, task, seed) in enumerate(zip(rewards.tolist(), tasks, seeds, strict=True)):
         if task == "math":
@@ -159,19 +160,6 @@ def select_pairs(rewards: torch.Tensor, tasks: list[str], seeds: list[int],
     return pairs
 
 
-def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float,
-             nll_scale: float, nll: torch.Tensor, num_prompts: int, weights: torch.Tensor):
-    """(Σ_pairs w · -log σ(β (Δ_c - Δ_r)) + nll_scale · NLL) / num_prompts, from (K,)
-    per-pair log-probs *summed* over tokens (Δ = log π - log π_ref) and (K,) pair weights w
-    (GroupDPO: 1 / the prompt's pairs). / the batch's prompts, not its pairs: a step with few
-    pairs is not up-weighted. `nll` is pooled by the caller. Returns (loss, Δ_c, Δ_r)."""
-    chosen_logratio = chosen_logps - ref_chosen_logps
-    rejected_logratio = rejected_logps - ref_rejected_logps
-    losses = -F.logsigmoid(beta * (chosen_logratio - rejected_logratio)) * weights
-    loss = (losses.sum() + nll_scale * nll) / num_prompts
-    return loss, chosen_logratio.detach(), rejected_logratio.detach()
-
-
 def group_terms(pairs: list[tuple[int, int, int]], rewards: torch.Tensor):
     """Each pair's loss weight, 1 / its prompt's pairs (GroupDPO averages them), and each of the
     pairs' completions' (chosen, rejected, ...) GRPO advantage (r - mean) / (std + 1e-6) in its
@@ -184,191 +172,222 @@ def group_terms(pairs: list[tuple[int, int, int]], rewards: torch.Tensor):
             [adv[j][i] / appears[j, i] for j, c, r in pairs for i in (c, r)])
 
 
-def train_metrics(s: dict[str, float], args: Args) -> dict[str, float]:
+def dpo_loss(*, logps, ref_logps, mask, token_entropy, pair_weights, advantages, beta: float,
+             nll_scale: float, nll_pooling: float, entropy_coef: float, grpo_coef: float,
+             length_norm: str, num_prompts: int, group_size: int):
+    """loss = (dpo + nll_scale·nll - entropy_coef·entropy - grpo_coef·grpo) / num_prompts, on k
+    pairs' rows (chosen, rejected, ...): (2k, T) log-probs of π and π_ref, mask, entropies; (k,)
+    pair weights w; (2k,) advantages A. With Δ = log π(y) - log π_ref(y), summed over tokens
+    (--length-norm sequence: each sequence's token mean):
+        dpo = Σ_pairs w -log σ(β (Δ_c - Δ_r));   nll = -Σ_chosen log π(y) x nll_pooling;
+        entropy = Σ_pairs w mean_t H_t(y_c);      grpo = Σ_rows A log π(y) / group_size.
+    / num_prompts, not the pairs: a step with few pairs is not up-weighted. Returns (loss, sums)."""
+    logp = (logps * mask).sum(-1)  # (2k,) log π(y)
+    ref_logp = (ref_logps * mask).sum(-1)
+    tokens = mask.sum(-1).clamp(min=1)  # (rows,)
+    norm = tokens if length_norm == "sequence" else 1.0
+    logratio = logp / norm - ref_logp / norm  # (2k,) Δ
+    chosen, rejected = logratio[0::2].detach(), logratio[1::2].detach()
+    if not entropy_coef:  # no bonus: its gradient (a pass over the vocabulary) is not needed
+        token_entropy = token_entropy.detach()
+    dpo = -(pair_weights * F.logsigmoid(beta * (logratio[0::2] - logratio[1::2]))).sum()
+    nll = -logp[0::2].sum() * nll_pooling
+    entropy = (pair_weights * (token_entropy * mask).sum(-1)[0::2] / tokens[0::2]).sum()
+    grpo = (advantages * logp).sum() / group_size
+    loss = (dpo + nll_scale * nll - entropy_coef * entropy - grpo_coef * grpo) / num_prompts
+    stats = {"loss": loss.item(), "kl_k1_sum": logp.sum().item() - ref_logp.sum().item(),
+             "chosen_logratio": chosen.sum().item(), "rejected_logratio": rejected.sum().item(),
+             "pair_accuracy": (chosen > rejected).sum().item(), "nll_sum": -logp[0::2].sum().item(),
+             "chosen_tokens": mask[0::2].sum().item(),
+             "entropy_bonus": (entropy_coef * entropy).item() / num_prompts,
+             "grpo_term": (grpo_coef * grpo).item() / num_prompts}
+    return loss, stats
+
+
+def check(args: Args, rows: list[dict]) -> None:
+    """This algorithm's flags, against each other and the data, before any model loads."""
+    if args.grpo_coef and not args.group_dpo:
+        raise common.UserError("--grpo-coef adds GRPO's objective to --group-dpo: pass both")
+    if args.group_dpo and args.nll_scale:
+        raise common.UserError("--group-dpo has no NLL term (the authors'): drop --nll-scale")
+    if args.group_dpo and any(r["task"] == "chat" for r in rows):
+        raise common.UserError("--group-dpo pairs right with wrong answers: math data only")
+
+
+def train_metrics(sums: dict[str, float], args: Args) -> dict[str, float]:
     """train/* from the step's sums over ranks (each rank's loss is already / its prompts)."""
-    pairs = max(s["pairs"], 1)
-    m = {"train/loss": s["loss"] / args.world_size, "train/kl": s["kl_sum"] / max(s["tokens"], 1),
-         "train/nll": s["nll_sum"] / max(s["chosen_tokens"], 1), "train/pairs": s["pairs"]}
-    m |= {f"train/{key}": s[key] / pairs
-          for key in ("reward_margin", "pair_accuracy", "chosen_logratio", "rejected_logratio")}
-    m |= {f"train/{task}/pairs": s[f"{task}_pairs"] for task in ("math", "chat")
-          if s[f"{task}_samples"]}
+    pairs = max(sums["pairs"], 1)
+    m = {"train/loss": sums["loss"] / args.world_size,
+         "train/kl_k1": sums["kl_k1_sum"] / max(sums["tokens"], 1),
+         "train/nll": sums["nll_sum"] / max(sums["chosen_tokens"], 1),
+         "train/pairs": sums["pairs"]}
+    for key in ("reward_margin", "pair_accuracy", "chosen_logratio", "rejected_logratio"):
+        m[f"train/{key}"] = sums[key] / pairs
+    m |= {f"train/{t}/pairs": sums[f"{t}_pairs"] for t in ("math", "chat") if sums[f"{t}_samples"]}
     if args.entropy_coef:
-        m["train/entropy_bonus"] = s["entropy_bonus"] / args.world_size
+        m["train/entropy_bonus"] = sums["entropy_bonus"] / args.world_size
     if args.grpo_coef:
-        m["train/grpo_term"] = s["grpo_term"] / args.world_size
+        m["train/grpo_term"] = sums["grpo_term"] / args.world_size
     return m
 
 
 def main(args: Args) -> None:
-    # ---- distributed setup & seeding ------------------------------------------------------------
+    # ---- distributed setup & seeding
     rank, world_size, device = common.setup_distributed()
-    common.check_args(args, world_size)  # every flag and local path, before any model loads
-    args.world_size, args.prompts_per_rank = world_size, args.prompts_per_step // world_size
+    # a run resumes exactly only at multiples of these intervals
+    windows = {"--ref-sync-interval": args.ref_sync_interval or 1}
+    common.check_args(args, world_size, positive=["beta"], windows=windows)
+    args.world_size = world_size
+    args.prompts_per_rank = args.prompts_per_step // world_size
     run = args.run  # the plumbing flags (common.RunArgs)
     run.output_dir = run.output_dir or f"runs/{args.exp_name}__{args.seed}"
-    common.claim_output_dir(args, world_size, rank)  # this run's alone, while it runs
+    common.claim_output_dir(args, world_size, rank, windows)
     ckpt_dir = os.path.join(run.output_dir, "checkpoint")
-    common.seed_everything(args.seed)  # CRUCIAL: the same seed on every rank (identical init)
-    dtype = common.compute_dtype(run.compute_dtype, device, args.model)  # over fp32 masters
+    common.seed_everything(args.seed)  # CRUCIAL: the same on every rank
+    dtype = common.compute_dtype(run.compute_dtype, device, args.model)
 
-    # ---- data -----------------------------------------------------------------------------------
+    # ---- data
     tokenizer = common.load_tokenizer(args.model, run.trust_remote_code, run.chat_template)
     rows, prompt_ids, eval_rows = common.load_data(args, tokenizer, verbose=rank == 0)
+    check(args, rows)
     order = common.StepOrder(len(rows), args.seed, args.prompts_per_step, rank, world_size)
-    # ALGO LOGIC: the paper re-syncs the reference for math only, and not in a mixed math + chat run
-    math_only = all(r["task"] == "math" for r in rows)
-    args.synced_tasks = {"auto": ("math",) if math_only else (), "yes": ("math", "chat"),
-                         "no": (), "per-task": ("math",)}[args.ref_sync]
+    math_only = all(r["task"] == "math" for r in rows)  # ALGO LOGIC: --ref-sync auto
+    args.ref_synced = args.ref_sync == "yes" or (args.ref_sync == "auto" and math_only)
 
-    # ---- models & optimizer ---------------------------------------------------------------------
+    # ---- models & optimizer
     load = functools.partial(common.load_model, args.model, device, dtype,
                              trust_remote_code=run.trust_remote_code)
-    policy = common.fsdp_wrap(load(activation_checkpointing=run.activation_checkpointing), dtype)
-    # one frozen reference per kind the data needs: "synced" (moves with the generator), "fixed"
-    kinds = sorted({"synced" if r["task"] in args.synced_tasks else "fixed" for r in rows})
-    references = {kind: common.fsdp_wrap(load(trainable=False), dtype) for kind in kinds}
+    checkpointing = run.activation_checkpointing
+    policy = common.fsdp_wrap(load(activation_checkpointing=checkpointing), dtype)
+    reference = common.fsdp_wrap(load(trainable=False), dtype)  # frozen
     reward_model = common.reward_model_for(args, device, rows + eval_rows, verbose=rank == 0)
-    # fused: one pass over each tensor (on a CPU several times faster than the default; bench/)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, betas=args.adam_betas,
-                                  eps=args.adam_eps, weight_decay=args.weight_decay, fused=True)
+    # fused: one pass over each tensor (several times faster on a CPU)
+    optimizer = torch.optim.AdamW(
+        policy.parameters(), lr=args.learning_rate, betas=args.adam_betas,
+        eps=args.adam_eps, weight_decay=args.weight_decay, fused=True)
     start_step = common.load_checkpoint(ckpt_dir, policy, optimizer) if run.resume else 0
 
-    # ---- generation engine ----------------------------------------------------------------------
-    seqs = args.prompts_per_rank * args.samples_per_prompt  # what one generate call samples
+    # ---- generation engine
+    seqs = args.prompts_per_rank * args.samples_per_prompt  # per call
     generator = common.generator_for(args, device, seqs)
-    logger = common.logger_for(args, rank, start_step,
-                               f"{len(rows)} prompts, {len(eval_rows)} held out")
+    summary = f"{len(rows)} prompts, {len(eval_rows)} held out"
+    logger = common.logger_for(args, rank, start_step, summary)
+    evaluate = functools.partial(  # eval/* of the weights being trained
+        common.evaluate_policy, generator, policy, tokenizer, reward_model, eval_rows, args)
 
-    evaluate = functools.partial(common.evaluate_policy, generator, policy, tokenizer, reward_model,
-                                 eval_rows, args)  # eval/* of the weights being trained
-
-    # ---- training loop --------------------------------------------------------------------------
-    n, t_start = args.samples_per_prompt, time.time()
-    progress = common.Progress(args, logger)  # the record and the console, step by step
+    # ---- training loop
+    n = args.samples_per_prompt
+    t_start = time.time()
+    progress = common.Progress(args, logger)  # metrics.jsonl and the console
     if eval_rows and start_step == 0:
         progress.step_zero(evaluate())
     for step in range(start_step + 1, args.num_steps + 1):
         timer = common.PhaseTimer()
-        # ---- sync: ALGO LOGIC: s = 1, the generator gets the weights being trained every step.
-        # CRUCIAL: also the first step after a start or a resume, before any generation.
+        # ---- sync: ALGO LOGIC: s = 1, the generator gets the trained weights every step
         with timer("sync"):
             generator.sync_weights(policy)
-        last_sync = step - 1  # the generator holds the weights of `last_sync` optimizer steps
-        ref_every = args.ref_sync_interval or 1  # ALGO LOGIC: the (math) reference moves with it
-        if "synced" in references and ((step - 1) % ref_every == 0 or step == start_step + 1):
+        last_sync = step - 1  # the optimizer steps behind the generator's weights
+        # ALGO LOGIC: the (math) reference moves with the generator
+        ref_every = args.ref_sync_interval or 1
+        if args.ref_synced and ((step - 1) % ref_every == 0 or step == start_step + 1):
             with timer("sync"):
-                common.copy_weights(policy, references["synced"])
+                common.copy_weights(policy, reference)
 
         # ---- rollout
         with timer("generate"):
             idx = order.indices(step)
-            batch, prompts = [rows[i] for i in idx], [prompt_ids[i] for i in idx]
-            outs = generator.generate(prompts, n=n, temperature=args.temperature,
-                                      top_p=args.top_p, max_tokens=args.max_new_tokens,
-                                      seed=order.seeds(step))
+            batch = [rows[i] for i in idx]
+            prompts = [prompt_ids[i] for i in idx]
+            completions = generator.generate(  # (P, n)
+                prompts, n=n, temperature=args.temperature, top_p=args.top_p,
+                max_tokens=args.max_new_tokens, seed=order.seeds(step))
             generator.sleep()
 
         # ---- score: each row by its task's reward (REWARDS)
         with timer("score"):
-            rewards, nonfinite = common.score(REWARDS, batch, outs, reward_model)  # (P, n), (P,)
+            # (P, n) rewards; (P,) groups with a NaN / inf reward (set to 0)
+            rewards, nonfinite = common.score(
+                REWARDS, batch, completions, reward_model)
 
-        # ---- pairs: ALGO LOGIC: one (chosen, rejected) pair per prompt at most (--group-dpo: all)
+        # ---- pairs: ALGO LOGIC: one (chosen, rejected) pair per prompt at most
         tasks = [r["task"] for r in batch]
         pairs = select_pairs(rewards, tasks, order.seeds(step), args.group_dpo)
-        # Speed: pairs sorted by length, so a micro-batch pads little (a pair stays in one)
-        pairs.sort(key=lambda p: len(prompts[p[0]]) + max(len(outs[p[0]][i].token_ids)
-                                                          for i in p[1:]))
-        pair_weights, flat_advantages = group_terms(pairs, rewards)  # (K,), (2K,) --grpo-coef
-        samples = [(j, i) for j, c, r in pairs for i in (c, r)]  # chosen, rejected, chosen, ...
-        flat_prompts = [prompts[j] for j, _ in samples]
-        flat_completions = [outs[j][i] for j, i in samples]
-        flat_refs = ["synced" if tasks[j] in args.synced_tasks else "fixed"
-                     for j, _, _ in pairs for _ in (0, 1)]
-        chosen_tokens = sum(len(c.token_ids) for c in flat_completions[0::2])
-        nll_pooling = len(pairs) / max(chosen_tokens, 1) if args.nll_length_normalize else 1.0
+        # Speed: sorted by length, a micro-batch pads little
+        pairs.sort(key=lambda p: len(prompts[p[0]]) + max(
+            len(completions[p[0]][i].token_ids) for i in p[1:]))
+        pair_weights, advantages = group_terms(pairs, rewards)  # (K,), (2K,)
+        # the update's rows: (prompt j, completion i), chosen, rejected, ...
+        rows_of_pairs = [(j, i) for j, c, r in pairs for i in (c, r)]
+        update_prompts = [prompts[j] for j, _ in rows_of_pairs]
+        update_completions = [completions[j][i] for j, i in rows_of_pairs]
+        chosen_tokens = sum(len(c.token_ids) for c in update_completions[0::2])
+        nll_pooling = 1.0
+        if args.nll_length_normalize:  # pooled over the step's chosen tokens
+            nll_pooling = len(pairs) / max(chosen_tokens, 1)
 
-        # ---- update: reference logprobs, one optimizer step over micro-batches (a pair in one)
-        lr = args.learning_rate * min(1.0, step / max(args.warmup_steps, 1))  # warm-up, constant
+        # ---- update: one optimizer step over micro-batches (a pair stays in one)
+        lr = args.learning_rate * min(1.0, step / max(args.warmup_steps, 1))  # warm-up
         common.set_lr(optimizer, lr)
-        kept = []  # what each micro-batch measured, for the metrics after the update
+        mb_stats = []  # each micro-batch's sums, for the metrics
         with timer("train"):
             size = 2 * max(run.micro_batch_size // 2, 1)
-            for mb in common.micro_batches(len(flat_completions), size):  # same count on all ranks
-                mb_prompts, mb_completions, weight = flat_prompts[mb], flat_completions[mb], 1.0
-                mb_refs, mb_weights = flat_refs[mb], pair_weights[mb.start // 2 : mb.stop // 2]
-                mb_advantages = flat_advantages[mb]
-                if not mb_completions:  # a padding pass: same collectives, no gradient, no stats
-                    mb_prompts, mb_completions, weight = [prompts[0]] * 2, [outs[0][0]] * 2, 0.0
-                    mb_refs, mb_weights, mb_advantages = [kinds[0]] * 2, [1.0], [0.0, 0.0]
+            # the same number of passes on every rank (FSDP): the extra ones are empty
+            for mb in common.micro_batches(len(update_completions), size):
+                mb_prompts = update_prompts[mb]
+                mb_completions = update_completions[mb]
+                mb_weights = pair_weights[mb.start // 2 : mb.stop // 2]
+                mb_advantages = advantages[mb]
+                padding = not mb_completions
+                if padding:  # any pair, for the collectives; no gradient
+                    mb_prompts = [prompts[0]] * 2
+                    mb_completions = [completions[0][0]] * 2
+                    mb_weights = [1.0]
+                    mb_advantages = [0.0, 0.0]
                 mb_tokens = [c.token_ids for c in mb_completions]
-                # CRUCIAL: every reference runs on every rank (FSDP); each row keeps its task's
                 with torch.no_grad(), common.autocast(device, dtype):
-                    ref_logps_by_kind = {kind: common.completion_logprobs(
-                        ref, mb_prompts, mb_tokens, args.temperature, tokenizer.pad_token_id)[0]
-                        for kind, ref in references.items()}
-                ref_logps = torch.stack([ref_logps_by_kind[kind][i]
-                                         for i, kind in enumerate(mb_refs)])  # (2K, T)
+                    ref_logps, _, _ = common.completion_logprobs(  # (2k, T)
+                        reference, mb_prompts, mb_tokens, args.temperature, tokenizer.pad_token_id)
                 with common.autocast(device, dtype):
-                    logps, mask, entropy = common.completion_logprobs(
+                    logps, mask, entropy = common.completion_logprobs(  # (2k, T) each
                         policy, mb_prompts, mb_tokens, args.temperature, tokenizer.pad_token_id,
                         with_entropy=True)
-                seq_sum, ref_sum = (logps * mask).sum(-1), (ref_logps * mask).sum(-1)  # (2K,)
-                tokens, seq, ref_seq = mask.sum(-1).clamp(min=1), seq_sum, ref_sum
-                if args.length_norm == "sequence":  # ALGO LOGIC: token means, reference alike
-                    seq, ref_seq = seq_sum / tokens, ref_sum / tokens
-                mb_weights = torch.tensor(mb_weights, device=device)
-                loss, chosen_logratio, rejected_logratio = dpo_loss(
-                    seq[0::2], seq[1::2], ref_seq[0::2], ref_seq[1::2], args.beta, args.nll_scale,
-                    -seq_sum[0::2].sum() * nll_pooling, args.prompts_per_rank, mb_weights)
-                bonus, grpo = torch.zeros((), device=device), torch.zeros((), device=device)
-                if args.entropy_coef:  # ALGO LOGIC: the authors' entropy bonus on the chosen
-                    chosen_entropy = (entropy * mask).sum(-1)[0::2]  # (K,) summed over tokens
-                    bonus = args.entropy_coef * (mb_weights * chosen_entropy / tokens[0::2]).sum()
-                if args.grpo_coef:  # ALGO LOGIC: + A x GRPO's objective on the groups (ρ = 1)
-                    advantages = torch.tensor(mb_advantages, device=device)
-                    grpo = args.grpo_coef * (advantages * seq_sum).sum() / n
-                loss = loss - (bonus + grpo) / args.prompts_per_rank
-                (loss * weight).backward()
-                if weight:  # what the metrics need; a padding pass keeps nothing
-                    kept.append({
-                        **common.update_stats(logps, mask, entropy, mb_prompts, mb_completions),
-                        "loss": loss.item(),
-                        "kl_sum": seq_sum.sum().item() - ref_sum.sum().item(),  # k1 per token
-                        "chosen_logratio": chosen_logratio.sum().item(),
-                        "rejected_logratio": rejected_logratio.sum().item(),
-                        "nll_sum": -seq_sum[0::2].sum().item(),
-                        "chosen_tokens": mask[0::2].sum().item(),
-                        "pair_accuracy": (chosen_logratio > rejected_logratio).sum().item(),
-                        "entropy_bonus": bonus.item() / args.prompts_per_rank,
-                        "grpo_term": grpo.item() / args.prompts_per_rank})
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                loss, stats = dpo_loss(
+                    logps=logps, ref_logps=ref_logps, mask=mask, token_entropy=entropy,
+                    pair_weights=torch.tensor(mb_weights, device=device),
+                    advantages=torch.tensor(mb_advantages, device=device),
+                    beta=args.beta, nll_scale=args.nll_scale, nll_pooling=nll_pooling,
+                    entropy_coef=args.entropy_coef, grpo_coef=args.grpo_coef,
+                    length_norm=args.length_norm, num_prompts=args.prompts_per_rank,
+                    group_size=n)
+                (loss * (0.0 if padding else 1.0)).backward()
+                stats |= common.update_stats(
+                    logps, mask, entropy, mb_prompts, mb_completions)
+                mb_stats.append(dict.fromkeys(stats, 0.0) if padding else stats)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                policy.parameters(), args.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        # ---- log: this rank's sums, summed over ranks, then ratios (ranks hold different rows)
-        sums = common.add_up(kept, "gap_sum", "kl_sum", "chosen_logratio", "rejected_logratio",
-                             "nll_sum", "chosen_tokens", "pair_accuracy", "entropy_bonus",
-                             "grpo_term")
-        sums |= common.rollout_sums(batch, outs, rewards, nonfinite, reward_model)
-        sums["pairs"] = len(pairs)
-        sums["reward_margin"] = float(sum(rewards[j, c] - rewards[j, r] for j, c, r in pairs))
-        sums |= {f"{task}_pairs": sum(tasks[j] == task for j, _, _ in pairs)
-                 for task in ("math", "chat")}
-        s, s_max = common.reduce_step(sums, kept, device)
-        metrics = {"step": step, **train_metrics(s, args), "train/grad_norm": float(grad_norm),
-                   "train/lr": lr, "rollout/policy_lag": step - 1 - last_sync,
-                   **common.rollout_metrics(s), **common.trainer_metrics(s, s_max, timer)}
+        # ---- log: each rank's sums, summed over ranks, then ratios
+        sums = common.add_up(mb_stats)
+        sums |= common.rollout_sums(
+            batch, completions, rewards, nonfinite, reward_model)
+        sums |= common.pair_sums(pairs, rewards, tasks)
+        sums, maxima = common.reduce_step(sums, mb_stats, device)
+        metrics = {"step": step, **train_metrics(sums, args),
+                   "train/grad_norm": float(grad_norm), "train/lr": lr,
+                   "rollout/policy_lag": step - 1 - last_sync,
+                   **common.rollout_metrics(sums),
+                   **common.trainer_metrics(sums, maxima, timer)}
         if eval_rows and (step % run.eval_every == 0 or step == args.num_steps):
             metrics.update(evaluate())
-        progress.step(metrics, batch, outs, rewards, pairs=pairs)  # all ranks (a gather)
+        progress.step(metrics, batch, completions, rewards, pairs=pairs)  # every rank
 
-        # ---- checkpoints: the trainer state to resume; the best model by validation (to keep)
+        # ---- checkpoints: the state to resume; the best model by validation
         if step % run.save_every == 0 or step == args.num_steps:
             common.save_checkpoint(ckpt_dir, step, policy, optimizer, tokenizer, dtype)
-        common.save_best(run.output_dir, metrics, policy, tokenizer, dtype)  # on evaluation steps
+        common.save_best(run.output_dir, metrics, policy, tokenizer, dtype)
 
-    # ---- final save -----------------------------------------------------------------------------
     common.finish(logger, generator, run.output_dir, t_start)
 
 

@@ -51,7 +51,7 @@ from common.evaluation import (
     mean_se_from_sums,
     pass_at_k,
 )
-from common.generation import Completion, Generator, request_seed
+from common.generation import Completion, Generator, request_seed, sample_steps
 from common.launch import (
     check_args,
     claim_output_dir,
@@ -68,6 +68,7 @@ from common.metrics import (
     completion_records,
     engine_logprobs,
     logprob_gap,
+    pair_sums,
     reduce_step,
     rollout_metrics,
     rollout_sums,
@@ -103,8 +104,8 @@ from common.utils import (
 
 __all__ = [
     "RunArgs", "load_data", "generator_for", "logger_for", "reward_model_for",
-    "autocast", "micro_batches", "add_up", "update_stats", "chunks",
-    "evaluate_policy", "tis_weights", "pair_record", "pair_rewards", "pair_terms", "pairs_by_step",
+    "autocast", "micro_batches", "add_up", "pair_sums", "update_stats", "chunks",
+    "evaluate_policy", "sample_steps", "tis_weights", "pair_record", "pair_rewards", "pair_terms", "pairs_by_step",
     "BEST_BY", "find_checkpoint", "load_checkpoint", "save_best", "save_checkpoint",
     "eval_chat", "eval_line", "eval_math", "majority_correct", "math_samples", "pass_at_k", "eval_seeds", "eval_subset", "evaluate", "mean_and_se", "mean_se_from_sums", "PAPER_MATH_TEMPLATE", "encode_pairs", "fit_prompts", "last_boxed", "load_pairs", "load_prompts", "load_rollout_log", "save_pairs", "shuffled_indices",
     "Completion", "Generator", "request_seed", "completion_logprobs", "copy_weights", "compute_dtype", "describe_template", "engine_dtype", "encode_prompts", "fsdp_wrap", "full_state_dict", "load_model",

@@ -367,9 +367,6 @@ def load_data(args, tokenizer, verbose: bool, train: bool = True, read_row=None)
         if verbose and dropped:
             print(f"data: {dropped} of {len(rows) + dropped} training prompts too long to answer "
                   f"in full (max_model_len - max_new_tokens), dropped", flush=True)
-        if getattr(args, "group_dpo", False) and any(r["task"] == "chat" for r in rows):
-            raise UserError("--group-dpo pairs correct with incorrect completions: math data only "
-                            "(this has chat rows)")
     if args.eval_dataset and args.run.eval_every > 0:
         eval_rows = load_prompts(args.eval_dataset, args.run.eval_split, args.run.math_template,
                                  verbose=verbose, read_row=read_row)
@@ -552,11 +549,8 @@ def pair_terms(batch: list[dict], pairs: list[tuple[int, int, int]]):
 def pairs_by_step(data: list[dict], path: str, args, rank: int):
     """Which pairs each step of offline_dpo.py trains on: pairs sampled for the run's steps ->
     (this rank's pair indices of each step, each step's rollout metrics from rollouts.jsonl); an
-    existing preference dataset -> (None, {}): `prompts_per_step` pairs a step in a seeded order,
-    `--epochs` passes setting `num_steps`."""
+    existing preference dataset -> (None, {}): `prompts_per_step` pairs a step in a seeded order."""
     if "step" not in data[0]:
-        if args.epochs:
-            args.num_steps = math.ceil(args.epochs * len(data) / args.prompts_per_step)
         return None, {}
     by_step = defaultdict(list)
     for i, p in enumerate(data):

@@ -38,10 +38,14 @@ class _RotaryReloadFilter(logging.Filter):
     tests/test_generation.py) is the proof that the reload is complete."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.msg == "%s: Failed to load weights" and record.args == ("RotaryEmbedding",))
+        return not (
+            record.msg == "%s: Failed to load weights" and record.args == ("RotaryEmbedding",)
+        )
 
 
-logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_RotaryReloadFilter())
+logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
+    _RotaryReloadFilter()
+)
 
 
 @contextlib.contextmanager
@@ -74,7 +78,8 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-# Seconds a phase runs before it reports progress (and between two reports): short calls say nothing.
+# Seconds a phase runs before it reports progress (and between two reports): short calls say
+# nothing.
 PROGRESS_EVERY_S = float(os.environ.get("BRIDGING_PROGRESS_S", "15"))
 
 
@@ -84,7 +89,13 @@ class _ProgressLines:
     lines (tqdm's carriage returns do not), and a short call prints nothing."""
 
     def __init__(self, iterable=None, *, label: str, sequences: int, **tqdm_kwargs):
-        self.iterable, self.label, self.total, self.n, self.postfix = iterable, label, sequences, 0, ""
+        self.iterable, self.label, self.total, self.n, self.postfix = (
+            iterable,
+            label,
+            sequences,
+            0,
+            "",
+        )
         self.t0 = self.said = time.time()
 
     def __iter__(self):  # vLLM also wraps its prompt rendering (quick): passed through unreported
@@ -99,7 +110,11 @@ class _ProgressLines:
         if time.time() - self.said >= PROGRESS_EVERY_S and self.n < self.total:
             elapsed = time.time() - self.t0
             left = elapsed / self.n * (self.total - self.n)
-            print(f"{self.label}: {self.n:,}/{self.total:,} sequences, {elapsed:.0f} s, ~{left:.0f} s left", flush=True)
+            print(
+                f"{self.label}: {self.n:,}/{self.total:,} sequences, {elapsed:.0f} s, "
+                f"~{left:.0f} s left",
+                flush=True,
+            )
             self.said = time.time()
 
     def refresh(self) -> None:
@@ -107,11 +122,16 @@ class _ProgressLines:
 
     def close(self) -> None:
         if time.time() - self.t0 >= PROGRESS_EVERY_S:  # a call long enough to have reported
-            print(f"{self.label}: {self.n:,} sequences in {time.time() - self.t0:.0f} s", flush=True)
+            print(
+                f"{self.label}: {self.n:,} sequences in {time.time() - self.t0:.0f} s", flush=True
+            )
 
 
-def kv_cache_bytes(model: str, tokens: int, dtype: torch.dtype, trust_remote_code: bool = False) -> int:
-    """Bytes of KV cache for `tokens` tokens of `model`: keys and values of every layer's KV heads."""
+def kv_cache_bytes(
+    model: str, tokens: int, dtype: torch.dtype, trust_remote_code: bool = False
+) -> int:
+    """Bytes of KV cache for `tokens` tokens of `model`: keys and values of every layer's KV
+    heads."""
     from transformers import AutoConfig
 
     c = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
@@ -150,21 +170,35 @@ class Generator:
     group torchrun already set up instead of spawning workers.
     """
 
-    def __init__(self, model: str, *, max_model_len: int, max_num_seqs: int = 256,
-                 gpu_memory_utilization: float = 0.0, dtype: torch.dtype, seed: int = 0,
-                 enable_sleep_mode: bool = False, trust_remote_code: bool = False):
-        """`max_num_seqs`: the sequences one call generates (a step's prompts x samples on this rank;
-        semi-online: a whole window's): the engine runs that many at once, at most 1024 on a GPU
-        (vLLM's own default there) and 256 on the CPU, whose KV cache is sized to them (more at
-        once buys a CPU nothing; the rest wait their turn). `gpu_memory_utilization`: on a GPU the fraction of its memory
-        vLLM takes (0: 0.3); on the CPU 0 sizes the KV cache to exactly those sequences at full
-        length (vLLM's own CPU sizing counts the trainer's memory against the fraction, so a
-        real-size policy left it no room), a fraction > 0 is vLLM's CPU meaning (of the NUMA node)."""
+    def __init__(
+        self,
+        model: str,
+        *,
+        max_model_len: int,
+        max_num_seqs: int = 256,
+        gpu_memory_utilization: float = 0.0,
+        dtype: torch.dtype,
+        seed: int = 0,
+        enable_sleep_mode: bool = False,
+        trust_remote_code: bool = False,
+    ):
+        """`max_num_seqs`: the sequences one call generates (a step's prompts x samples on this
+        rank; semi-online: a whole window's): the engine runs that many at once, at most 1024 on a
+        GPU (vLLM's own default there) and 256 on the CPU, whose KV cache is sized to them (more at
+        once buys a CPU nothing; the rest wait their turn). `gpu_memory_utilization`: on a GPU the
+        fraction of its memory vLLM takes (0: 0.3); on the CPU 0 sizes the KV cache to exactly
+        those sequences at full length (vLLM's own CPU sizing counts the trainer's memory against
+        the fraction, so a real-size policy left it no room), a fraction > 0 is vLLM's CPU meaning
+        (of the NUMA node)."""
         on_gpu = torch.cuda.is_available()
         max_num_seqs = min(max_num_seqs, 1024 if on_gpu else 256)
         kwargs = {"max_num_seqs": max_num_seqs}
-        if on_gpu:  # asleep during the update, the engine can take more while it generates (docs/gpu.md)
-            kwargs["gpu_memory_utilization"] = gpu_memory_utilization or (0.5 if enable_sleep_mode else 0.3)
+        if (
+            on_gpu
+        ):  # asleep during the update, the engine can take more while it generates (docs/gpu.md)
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization or (
+                0.5 if enable_sleep_mode else 0.3
+            )
         else:
             # CRUCIAL (CPU backend): a seeded request whose prompt is split across scheduler steps
             # (chunked prefill) makes vLLM rewind its torch.Generator, which CPU generators do not
@@ -176,15 +210,19 @@ class Generator:
             if gpu_memory_utilization:
                 kwargs["gpu_memory_utilization"] = gpu_memory_utilization
             else:
-                kwargs["kv_cache_memory_bytes"] = kv_cache_bytes(model, max_num_seqs * max_model_len, dtype,
-                                                                 trust_remote_code)
+                kwargs["kv_cache_memory_bytes"] = kv_cache_bytes(
+                    model, max_num_seqs * max_model_len, dtype, trust_remote_code
+                )
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             kwargs["distributed_executor_backend"] = "external_launcher"
         self.enable_sleep_mode, self.sleeping, self.dtype = enable_sleep_mode, False, dtype
         t0 = time.time()
         if _rank() == 0:  # minutes at 8B, and vLLM's own start-up lines are held back
-            print(f"generator: starting vLLM on {model} ({str(dtype)[6:]}, up to {max_num_seqs} sequences of "
-                  f"<= {max_model_len} tokens at once) ...", flush=True)
+            print(
+                f"generator: starting vLLM on {model} ({str(dtype)[6:]}, up to {max_num_seqs} "
+                f"sequences of <= {max_model_len} tokens at once) ...",
+                flush=True,
+            )
         with _start_up_output_shown_only_on_failure():
             from vllm import LLM
 
@@ -208,10 +246,16 @@ class Generator:
             print(f"generator: ready in {time.time() - t0:.0f} s", flush=True)
         cache = self.llm.llm_engine.vllm_config.cache_config
         # (unknown, 0, if the engine core runs in another process: then the capacity is not checked)
-        self.kv_tokens, self.max_num_seqs = (cache.num_gpu_blocks or 0) * cache.block_size, max_num_seqs
+        self.kv_tokens, self.max_num_seqs = (
+            (cache.num_gpu_blocks or 0) * cache.block_size,
+            max_num_seqs,
+        )
         self.kv_warned = False
-        self.memory_flag = "--gpu-memory-utilization" + (f" (now {kwargs['gpu_memory_utilization']})"
-                                                         if "gpu_memory_utilization" in kwargs else "")
+        self.memory_flag = "--gpu-memory-utilization" + (
+            f" (now {kwargs['gpu_memory_utilization']})"
+            if "gpu_memory_utilization" in kwargs
+            else ""
+        )
 
     def check_kv_capacity(self, prompts: list[list[int]], n: int, max_tokens: int) -> None:
         """Say once, in one line, when the KV cache cannot hold the sequences a call runs at once at
@@ -223,12 +267,25 @@ class Generator:
         need = seqs * (sum(map(len, prompts)) // len(prompts) + max_tokens)
         self.kv_warned = need > self.kv_tokens
         if self.kv_warned and _rank() == 0:
-            print(f"generator: the KV cache holds {self.kv_tokens:,} tokens per rank; the {seqs} sequences it runs at "
-                  f"once need up to {need:,} (prompt + --max-new-tokens): vLLM will preempt and recompute them, "
-                  f"slower. Raise {self.memory_flag}, or give each rank fewer sequences", flush=True)
+            print(
+                f"generator: the KV cache holds {self.kv_tokens:,} tokens per rank; the {seqs} "
+                f"sequences it runs at once need up to {need:,} (prompt + --max-new-tokens): vLLM "
+                "will preempt and recompute them, "
+                f"slower. Raise {self.memory_flag}, or give each rank fewer sequences",
+                flush=True,
+            )
 
-    def generate(self, prompts: list[list[int]], *, n: int, temperature: float, top_p: float,
-                 max_tokens: int, seed: int | list[int], label: str = "rollout") -> list[list[Completion]]:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_tokens: int,
+        seed: int | list[int],
+        label: str = "rollout",
+    ) -> list[list[Completion]]:
         """`n` completions for each prompt (token ids, chat template already applied).
 
         `seed`: one vLLM sampling seed per prompt (from `request_seed`: see SEED_STRIDE), or an
@@ -238,33 +295,56 @@ class Generator:
         is in the batch. A call longer than PROGRESS_EVERY_S says how far it is, as `label`.
         """
         if n > SEED_STRIDE:
-            raise ValueError(f"{n} samples per request: at most {SEED_STRIDE} keep their streams apart")
-        seeds = seed if isinstance(seed, list) else [request_seed(seed + i) for i in range(len(prompts))]
+            raise ValueError(
+                f"{n} samples per request: at most {SEED_STRIDE} keep their streams apart"
+            )
+        seeds = (
+            seed
+            if isinstance(seed, list)
+            else [request_seed(seed + i) for i in range(len(prompts))]
+        )
         self.check_kv_capacity(prompts, n, max_tokens)
         self.wake_up()
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        # Speed (CPU, small models: per-token Python work bounds vLLM): `detokenize=False` skips the
-        # engine's incremental detokenizer and its per-token decode of logprob entries; the texts are
-        # decoded here in one batched call instead. `flat_logprobs` keeps the logprobs in flat
-        # lists, not one dict and one object per token. logprobs=0: the sampled token's own logprob.
+        # Speed (CPU, small models: per-token Python work bounds vLLM): `detokenize=False` skips
+        # the engine's incremental detokenizer and its per-token decode of logprob entries; the
+        # texts are decoded here in one batched call instead. `flat_logprobs` keeps the logprobs
+        # in flat lists, not one dict and one object per token. logprobs=0: the sampled token's
+        # own logprob.
         params = [
-            SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                           logprobs=0, seed=s, detokenize=False, flat_logprobs=True)
+            SamplingParams(
+                n=n,
+                temperature=temperature,
+                top_p=top_p,
+                max_tokens=max_tokens,
+                logprobs=0,
+                seed=s,
+                detokenize=False,
+                flat_logprobs=True,
+            )
             for s in seeds
         ]
-        # a long call (a semi-online window, an evaluation) reports its progress as `label`, on rank 0
+        # a long call (a semi-online window, an evaluation) reports its progress as `label`, on
+        # rank 0
         lines = functools.partial(_ProgressLines, label=label, sequences=len(prompts) * n)
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
-                                    use_tqdm=lines if _rank() == 0 else False)
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in prompts],
+            params,
+            use_tqdm=lines if _rank() == 0 else False,
+        )
         token_ids = [list(o.token_ids) for out in outputs for o in out.outputs]
         texts = iter(self.tokenizer.batch_decode(token_ids, skip_special_tokens=True))
         ids = iter(token_ids)
         return [
             [
-                Completion(token_ids=next(ids), text=next(texts), logprobs=list(o.logprobs.logprobs),
-                           finish_reason=o.finish_reason or "length")
+                Completion(
+                    token_ids=next(ids),
+                    text=next(texts),
+                    logprobs=list(o.logprobs.logprobs),
+                    finish_reason=o.finish_reason or "length",
+                )
                 for o in out.outputs
             ]
             for out in outputs
@@ -281,7 +361,9 @@ class Generator:
         CRUCIAL: the prefix cache holds KV computed with the old weights; reset it.
         """
         self.wake_up()  # CRUCIAL: wake first, then push the weights, then generate
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": full_state_dict(model, self.dtype)})
+        self.llm.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": full_state_dict(model, self.dtype)}
+        )
         self.llm.reset_prefix_cache()
 
     def sleep(self) -> None:
@@ -306,3 +388,32 @@ class Generator:
         if core is not None and hasattr(core, "shutdown"):
             core.shutdown()
         del self.llm
+
+
+def sample_steps(generator: Generator, prompt_ids: list[list[int]], order, args, timer):
+    """Every step's (P, n) rollouts of a run from the generator's present weights, before
+    training (offline_dpo.py's s = ∞), yielded as (step, completions): sampled in calls of about
+    256 prompts (memory stays bounded; each step keeps its own seeds, so the samples do not depend
+    on the call size), each call timed in `timer("generate")`, progress printed on rank 0."""
+    from common.utils import chunks
+
+    per_call = max(1, 256 // args.prompts_per_rank)  # steps per call
+    for first in range(1, args.num_steps + 1, per_call):
+        window = range(first, min(first + per_call, args.num_steps + 1))
+        with timer("generate"):
+            flat = generator.generate(
+                [prompt_ids[i] for i in order.indices(*window)],
+                n=args.samples_per_prompt,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                max_tokens=args.max_new_tokens,
+                seed=order.seeds(*window),
+            )
+            generator.sleep()  # the reward model scores in the engine's memory (--vllm-sleep)
+        yield from zip(window, chunks(flat, args.prompts_per_rank), strict=True)
+        if order.first == 0:  # rank 0
+            print(
+                f"sampling from the seed: step {window[-1]}/{args.num_steps}, "
+                f"{timer.total():.0f} s",
+                flush=True,
+            )

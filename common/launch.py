@@ -17,15 +17,16 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Sequence
 
 from common.args import flat
 from common.utils import UserError
 
-# Every numeric flag must be > 0, but for these (checked on any script's Args that has the field):
-# a new flag is checked by default, never forgotten.
-_NON_NEGATIVE = ("seed", "warmup_steps", "eval_every", "log_samples_every", "completions_every", "eval_temperature",
-                 "nll_scale", "kl_coef", "epochs", "gpu_memory_utilization", "limit", "weight_decay", "entropy_coef",
-                 "grpo_coef", "tis_cap", "ref_sync_interval")
+# Every numeric flag must be >= 0 (a new flag, a fork's too, is checked by default, never forgotten),
+# and these shared ones > 0; a script names its own in `check_args(..., positive=...)`.
+_POSITIVE = ("adam_eps", "eval_limit", "eval_samples", "eval_top_p", "kl_samples", "learning_rate", "max_grad_norm",
+             "max_model_len", "max_new_tokens", "micro_batch_size", "num_steps", "prompts_per_step", "rm_batch_size",
+             "rm_max_length", "samples", "samples_per_prompt", "save_every", "temperature", "top_p")
 # Flags a resumed run may change: how long it runs, where and how often it logs, evaluates, saves
 # and prints, and memory settings (micro-batch sizes change float rounding only). Every other flag
 # (data, seed, step shape, sync interval, objective, precision, prompts) is what the run trains on:
@@ -43,9 +44,11 @@ def _flag(name: str) -> str:
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project's folder
 
 
-def check_args(args, world_size: int) -> None:
-    """Every flag and local path a user can get wrong, before any model loads: one `UserError`
-    line naming the fix."""
+def check_args(args, world_size: int, positive: Sequence[str] = (), windows: dict[str, int] | None = None) -> None:
+    """Every shared flag and local path a user can get wrong, before any model loads: one `UserError`
+    line naming the fix. The script names its own flags that must be > 0 (`positive`; every numeric
+    flag must be >= 0) and the intervals a run resumes exactly at multiples of (`windows`, flag ->
+    steps: `resume_window`); its algorithm's other rules are its own `check`."""
     from common.models import check_model_path
 
     project_paths(args)
@@ -83,9 +86,9 @@ def check_args(args, world_size: int) -> None:
     for name, value in vars(args).items():
         if name in derived or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
-        positive = name not in _NON_NEGATIVE
-        if not (value > 0 if positive else value >= 0):
-            raise UserError(f"{_flag(name)} must be {'> 0' if positive else '>= 0'} (got {value})")
+        strict = name in _POSITIVE or name in positive
+        if not (value > 0 if strict else value >= 0):
+            raise UserError(f"{_flag(name)} must be {'> 0' if strict else '>= 0'} (got {value})")
     if not all(0 <= b < 1 for b in getattr(args, "adam_betas", ())):
         raise UserError(f"--adam-betas must each be in [0, 1) (got {args.adam_betas})")
     for name in ("top_p", "eval_top_p"):
@@ -101,31 +104,21 @@ def check_args(args, world_size: int) -> None:
                             "(each prompt's sampling streams are kept apart from every other's)")
     if getattr(args, "samples_per_prompt", 2) < 2:
         raise UserError("--samples-per-prompt must be >= 2: one sample per prompt gives nothing to compare")
-    s, what = resume_window(args)
+    s, what = resume_window(windows)
     if hasattr(args, "save_every") and args.save_every % s and args.save_every < args.num_steps:
         raise UserError(f"--save-every {args.save_every} is not a multiple of {what}: a checkpoint inside a sync "
                         f"window cannot resume exactly (the rest of the window was sampled from, or scored against, the "
                         f"window's first weights); use a multiple of {s} ({s}, {2 * s}, ...)")
-    if getattr(args, "grpo_coef", 0) and not args.group_dpo:
-        raise UserError("--grpo-coef adds GRPO's objective on GroupDPO's groups: pass --group-dpo too")
-    if getattr(args, "group_dpo", False) and getattr(args, "pairs", ""):
-        raise UserError("--group-dpo pairs correct with incorrect completions of the math prompts "
-                        "offline_dpo.py samples itself: not with --pairs")
-    if getattr(args, "group_dpo", False) and args.nll_scale:
-        raise UserError("--group-dpo with --nll-scale: the authors' GroupDPO has no NLL term; use one of them")
     # vLLM's logprob of a token sampled with top-p < 1 is renormalised over the nucleus, the trainer's
-    # is not: the logprob gap (each sync's proof, in every regime whose generator follows the policy)
-    # and TIS weights (~0.9 on on-policy tokens at top-p 0.9) would compare two distributions
-    follows = hasattr(args, "samples_per_prompt") and not hasattr(args, "pairs")  # not offline_dpo.py
-    if getattr(args, "top_p", 1.0) < 1 and (follows or getattr(args, "tis_cap", 0)):
+    # is not: the logprob gap (each sync's proof) and importance weights (~0.9 on on-policy tokens at
+    # top-p 0.9) would compare two distributions. Training rollouts only: evaluation may use top-p.
+    if getattr(args, "top_p", 1.0) < 1 and hasattr(args, "samples_per_prompt"):
         raise UserError(f"--top-p {args.top_p}: the engine's logprobs of a nucleus sample are renormalised over the "
                         "nucleus and the trainer's are not, so the logprob gap (each sync's proof) and --tis-cap "
                         "would compare two distributions; train with --top-p 1 (the paper's rollouts)")
     template = getattr(args, "chat_template", "auto")
     if template not in ("auto", "llama3-no-system") and not os.path.isfile(os.path.expanduser(template)):
         raise UserError(f"--chat-template {template}: neither auto, llama3-no-system nor a Jinja file")
-    if 0 < getattr(args, "tis_cap", 0) < 1:
-        raise UserError(f"--tis-cap {args.tis_cap}: a cap below 1 would shrink on-policy tokens (weight 1); use >= 1")
     if hasattr(args, "prompts_per_step") and args.prompts_per_step % world_size:
         raise UserError(f"--prompts-per-step {args.prompts_per_step} must divide by the number of ranks ({world_size})")
     if hasattr(args, "max_new_tokens") and args.max_new_tokens >= args.max_model_len:
@@ -179,12 +172,14 @@ def check_model_folder(name: str, what: str, tokenizer: bool) -> None:
                         "folder (what save_pretrained writes for the model and its tokenizer)")
 
 
-def resume_window(args) -> tuple[int, str]:
-    """(steps, what) a run resumes exactly at multiples of: semi-online DPO's sync interval and, when
-    the reference re-syncs on its own schedule, the least common multiple with its interval."""
-    s, k = getattr(args, "sync_interval", 1), getattr(args, "ref_sync_interval", 0) or 1
-    steps = math.lcm(s, k)
-    return steps, f"--sync-interval {s}" if steps == s else f"lcm(--sync-interval {s}, --ref-sync-interval {k}) = {steps}"
+def resume_window(windows: dict[str, int] | None) -> tuple[int, str]:
+    """(steps, what) a run resumes exactly at multiples of: the least common multiple of a script's
+    sync intervals (flag -> steps: semi-online DPO's generator and a reference on its own schedule),
+    named by the flag that sets it, or as the lcm when none does alone."""
+    windows = windows or {}
+    steps = math.lcm(*windows.values()) if windows else 1
+    alone = [f"{flag} {k}" for flag, k in windows.items() if k == steps]
+    return steps, alone[0] if alone else f"lcm({', '.join(f'{f} {k}' for f, k in windows.items())}) = {steps}"
 
 
 def _shape(config) -> tuple:
@@ -212,7 +207,7 @@ def check_generative(name: str, flag: str, trust_remote_code: bool = False):
     return config
 
 
-def claim_output_dir(args, world_size: int, rank: int) -> None:
+def claim_output_dir(args, world_size: int, rank: int, windows: dict[str, int] | None = None) -> None:
     """Make `output_dir` this run's, before any model loads: created and proven writable, locked
     for the run's lifetime (an OS lock, released when the process dies, so a killed run never
     leaves a stale one), and consistent with `--resume` (which finds the checkpoint, repairing one a
@@ -260,7 +255,7 @@ def claim_output_dir(args, world_size: int, rank: int) -> None:
         from common.checkpoint import check_checkpoint
 
         check_checkpoint(os.path.join(output_dir, "checkpoint"), world_size)
-        step, (s, what) = json.load(open(step_json))["step"], resume_window(args)
+        step, (s, what) = json.load(open(step_json))["step"], resume_window(windows)
         if step % s and step < args.num_steps:  # only a run's last step can end inside a window
             raise UserError(f"--resume: the checkpoint of step {step} is inside a sync window ({what}): "
                             f"the run it came from stopped there, and this one would sample steps {step + 1}-"

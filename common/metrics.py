@@ -9,6 +9,7 @@ ranks holding different numbers of math rows, tokens or pairs are weighted corre
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from contextlib import contextmanager
 
 import torch
@@ -45,7 +46,9 @@ def engine_logprobs(completions, like: torch.Tensor) -> torch.Tensor:
     return out.to(like.device)
 
 
-def tis_weights(logps, engine_logps, mask, cap: float, level: str, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+def tis_weights(
+    logps, engine_logps, mask, cap: float, level: str, mode: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(S, T) importance weights w = exp(log π_θ - log π_vLLM) of the sampled tokens, per token or
     per sequence (summed log-ratio), truncated (min(w, cap)) or masked (0 above cap); detached (a
     correction of the sampling distribution). Returns (weights, the mask of the tokens capped)."""
@@ -65,54 +68,91 @@ def logprob_gap(logps: torch.Tensor, mask: torch.Tensor, completions) -> tuple[f
     return gap.sum().item(), gap.max().item() if gap.numel() else 0.0
 
 
-def update_stats(logps: torch.Tensor, mask: torch.Tensor, entropy: torch.Tensor,
-                 prompts: list[list[int]], completions, gap: bool = True) -> dict[str, float]:
+def update_stats(
+    logps: torch.Tensor,
+    mask: torch.Tensor,
+    entropy: torch.Tensor,
+    prompts: list[list[int]],
+    completions,
+) -> dict[str, float]:
     """What every regime keeps from one micro-batch of its update for the metrics (besides its
-    loss): its completion tokens and their entropy, the tokens it ran on (prompts too) and, with
-    `gap`, the logprob gap to the engine that sampled the completions."""
-    stats = {"tokens": mask.sum().item(), "entropy_sum": entropy.sum().item(),
-             "train_tokens": sum(len(p) + len(c.token_ids) for p, c in zip(prompts, completions, strict=True))}
-    if gap:  # ~0 right after a sync, then growing with the policy lag
+    loss): its completion tokens and their entropy, the tokens it ran on (prompts too) and, when
+    the completions carry the engine's logprobs, the logprob gap to the engine that sampled them
+    (offline_dpo.py's pairs do not)."""
+    stats = {
+        "tokens": mask.sum().item(),
+        "entropy_sum": entropy.sum().item(),
+        "train_tokens": sum(
+            len(p) + len(c.token_ids) for p, c in zip(prompts, completions, strict=True)
+        ),
+    }
+    if any(
+        c.logprobs for c in completions
+    ):  # ~0 right after a sync, then growing with the policy lag
         stats["gap_sum"], stats["gap_max"] = logprob_gap(logps, mask, completions)
     return stats
 
 
-def add_up(kept: list[dict[str, float]], *keys: str) -> dict[str, float]:
-    """This rank's sums over the micro-batches its update kept (in their order), of the keys
-    every regime keeps (`update_stats`) and of `keys`: each key present even with nothing kept,
-    because the reduction over ranks is by key."""
-    return {key: sum((k[key] for k in kept), 0.0)
-            for key in ("loss", "tokens", "entropy_sum", "train_tokens", *keys)}
+def add_up(stats: list[dict[str, float]]) -> dict[str, float]:
+    """This rank's sums over its update's micro-batches (in their order) of every key they hold
+    (the loss and `update_stats`' keys even with none). Every rank runs as many micro-batches
+    (`micro_batches`; a padding pass keeps zeros), so every rank sums the same keys."""
+    keys = dict.fromkeys(
+        ["loss", "tokens", "entropy_sum", "train_tokens"] + [k for s in stats for k in s]
+    )
+    return {key: sum((s[key] for s in stats), 0.0) for key in keys}
 
 
-def rollout_sums(batch: list[dict], outs, rewards: torch.Tensor, nonfinite: torch.Tensor,
-                 reward_model=None) -> dict[str, float]:
+def rollout_sums(
+    batch: list[dict], outs, rewards: torch.Tensor, nonfinite: torch.Tensor, reward_model=None
+) -> dict[str, float]:
     """This rank's sums behind the `rollout/*` metrics of a step's (P, n) rollouts (and the
     `perf/rollout_tokens` they took to generate), and the rows its reward model has cut so far."""
-    lengths = torch.tensor([[len(c.token_ids) for c in o] for o in outs], dtype=torch.float)  # (P, n)
+    lengths = torch.tensor(
+        [[len(c.token_ids) for c in o] for o in outs], dtype=torch.float
+    )  # (P, n)
     sums = {
-        "reward_sum": rewards.sum().item(), "reward_sq": (rewards**2).sum().item(), "samples": rewards.numel(),
-        "zero_std": (rewards.std(dim=1) == 0).sum().item(), "groups": len(batch), "nonfinite": nonfinite.sum().item(),
+        "reward_sum": rewards.sum().item(),
+        "reward_sq": (rewards**2).sum().item(),
+        "samples": rewards.numel(),
+        "zero_std": (rewards.std(dim=1) == 0).sum().item(),
+        "groups": len(batch),
+        "nonfinite": nonfinite.sum().item(),
         "truncated": sum(c.finish_reason == "length" for o in outs for c in o),
         "completion_tokens": lengths.sum().item(),
     }
     for task in ("math", "chat"):  # per task: a mixed batch's rewards are on different scales
         rows_t = torch.tensor([r["task"] == task for r in batch], dtype=torch.bool)
-        sums |= {f"{task}_reward": rewards[rows_t].sum().item(), f"{task}_samples": rewards[rows_t].numel(),
-                 f"{task}_tokens": lengths[rows_t].sum().item()}
+        sums |= {
+            f"{task}_reward": rewards[rows_t].sum().item(),
+            f"{task}_samples": rewards[rows_t].numel(),
+            f"{task}_tokens": lengths[rows_t].sum().item(),
+        }
     sums["rollout_tokens"] = sums["completion_tokens"]
-    sums["rm_truncated"] = reward_model.truncated if reward_model is not None else 0  # since the start
+    sums["rm_truncated"] = (
+        reward_model.truncated if reward_model is not None else 0
+    )  # since the start
     return sums
 
 
-def reduce_step(sums: dict[str, float], kept: list[dict[str, float]], device: torch.device,
-                gap: bool = True):
-    """All-reduce a step's sums and maxima over ranks: the largest logprob gap the update kept
-    (`gap`) and the peak memory."""
+def pair_sums(
+    pairs: list[tuple[int, int, int]], rewards: torch.Tensor, tasks: list[str]
+) -> dict[str, float]:
+    """This rank's sums of a DPO step's pairs (prompt j, chosen i, rejected i) for the `train/*`
+    metrics: their count, per task, and the reward margins."""
+    margins = [rewards[j, c] - rewards[j, r] for j, c, r in pairs]
+    sums = {"pairs": len(pairs), "reward_margin": float(sum(margins))}
+    return sums | {f"{t}_pairs": sum(tasks[j] == t for j, _, _ in pairs) for t in ("math", "chat")}
+
+
+def reduce_step(sums: dict[str, float], stats: list[dict[str, float]], device: torch.device):
+    """All-reduce a step's sums and maxima over ranks (the largest logprob gap of the update's
+    micro-batches, where they measured it, and the peak memory). The sums come back as a
+    `defaultdict`: a sum no micro-batch added to (a step without any) reads 0."""
     maxes = {"memory": peak_memory_gb(device)}
-    if gap:
-        maxes["gap_max"] = max([k["gap_max"] for k in kept], default=0.0)
-    return all_reduce(sums), all_reduce(maxes, op="max")
+    if any("gap_max" in s for s in stats):
+        maxes["gap_max"] = max(s["gap_max"] for s in stats if "gap_max" in s)
+    return defaultdict(float, all_reduce(sums)), all_reduce(maxes, op="max")
 
 
 def rollout_metrics(s: dict[str, float]) -> dict[str, float]:
@@ -121,7 +161,9 @@ def rollout_metrics(s: dict[str, float]) -> dict[str, float]:
     m = {
         "rollout/reward_mean": reward_mean,
         "rollout/reward_std": max(s["reward_sq"] / s["samples"] - reward_mean**2, 0.0) ** 0.5,
-        "rollout/accuracy": s["math_reward"] / s["math_samples"] if s["math_samples"] else float("nan"),
+        "rollout/accuracy": s["math_reward"] / s["math_samples"]
+        if s["math_samples"]
+        else float("nan"),
         "rollout/zero_std_frac": s["zero_std"] / s["groups"],
         "rollout/nonfinite_groups": s["nonfinite"],
         "rollout/length_mean": s["completion_tokens"] / s["samples"],
@@ -131,24 +173,37 @@ def rollout_metrics(s: dict[str, float]) -> dict[str, float]:
         if s[f"{task}_samples"]:
             m[f"rollout/{task}/{key}"] = s[f"{task}_reward"] / s[f"{task}_samples"]
             m[f"rollout/{task}/length_mean"] = s[f"{task}_tokens"] / s[f"{task}_samples"]
-    if s["chat_samples"]:  # the paper picked chat checkpoints by this: its reward model favours length
-        m["rollout/chat/reward_per_token"] = m["rollout/chat/reward_mean"] / max(m["rollout/chat/length_mean"], 1)
-        m["rollout/chat/rm_truncated"] = s.get("rm_truncated", 0)  # rows cut to --rm-max-length so far
+    if s[
+        "chat_samples"
+    ]:  # the paper picked chat checkpoints by this: its reward model favours length
+        m["rollout/chat/reward_per_token"] = m["rollout/chat/reward_mean"] / max(
+            m["rollout/chat/length_mean"], 1
+        )
+        m["rollout/chat/rm_truncated"] = s.get(
+            "rm_truncated", 0
+        )  # rows cut to --rm-max-length so far
     return m
 
 
-def trainer_metrics(s: dict[str, float], s_max: dict[str, float], timer: PhaseTimer) -> dict[str, float]:
+def trainer_metrics(
+    s: dict[str, float], s_max: dict[str, float], timer: PhaseTimer
+) -> dict[str, float]:
     """What the update measured on the sampled tokens (`rollout/entropy`, the logprob gap) and
     `perf/*`: seconds per phase, token counts and rates, peak memory."""
     m = {"rollout/entropy": s["entropy_sum"] / max(s["tokens"], 1)}
     if "gap_max" in s_max:
-        m |= {"rollout/logprob_gap_max": s_max["gap_max"], "rollout/logprob_gap_mean": s["gap_sum"] / max(s["tokens"], 1)}
+        m |= {
+            "rollout/logprob_gap_max": s_max["gap_max"],
+            "rollout/logprob_gap_mean": s["gap_sum"] / max(s["tokens"], 1),
+        }
     m |= {f"perf/{phase}_s": sec for phase, sec in timer.s.items()}
     m["perf/step_s"] = timer.total()
     for kind, phase in (("rollout", "generate"), ("train", "train")):
         if f"{kind}_tokens" in s:
             m[f"perf/{kind}_tokens"] = s[f"{kind}_tokens"]
-            m[f"perf/{kind}_tokens_per_s"] = s[f"{kind}_tokens"] / timer.s[phase] if s[f"{kind}_tokens"] else float("nan")
+            m[f"perf/{kind}_tokens_per_s"] = (
+                s[f"{kind}_tokens"] / timer.s[phase] if s[f"{kind}_tokens"] else float("nan")
+            )
     m["perf/train_completion_tokens"] = s["tokens"]  # the LM head runs on these alone
     m["perf/peak_memory_gb"] = s_max["memory"]
     return m
@@ -164,7 +219,10 @@ class Progress:
 
     def __init__(self, args, logger):
         self.num_steps, self.logger, self.t0, self.done = args.num_steps, logger, time.time(), 0
-        self.samples_every, self.completions_every = args.run.log_samples_every, args.run.completions_every
+        self.samples_every, self.completions_every = (
+            args.run.log_samples_every,
+            args.run.completions_every,
+        )
 
     def step_zero(self, eval_metrics: dict) -> None:
         """The evaluation before training: logged (rank 0) and printed as step 0."""
@@ -173,14 +231,25 @@ class Progress:
             print("step 0 | " + eval_line(eval_metrics), flush=True)
         self.t0 = time.time()  # the ETA counts the training steps' rate, not this evaluation
 
-    def step(self, m: dict, batch: list[dict], outs, rewards: torch.Tensor, *,
-             pairs: list[tuple[int, int, int]] | None = None, advantages: torch.Tensor | None = None) -> None:
+    def step(
+        self,
+        m: dict,
+        batch: list[dict],
+        outs,
+        rewards: torch.Tensor,
+        *,
+        pairs: list[tuple[int, int, int]] | None = None,
+        advantages: torch.Tensor | None = None,
+    ) -> None:
         """Log step `m` (rank 0) with its (P, n) rollouts: each rank's `batch` rows, `outs`,
-        `rewards`, and DPO's `pairs` (prompt j, chosen i, rejected i) or GRPO's (P, n) `advantages`."""
+        `rewards`, and DPO's `pairs` (prompt j, chosen i, rejected i) or GRPO's (P, n)
+        `advantages`."""
         step = m["step"]
         if self.completions_every and step % self.completions_every == 0:
             records = completion_records(step, batch, outs, rewards, pairs, advantages)
-            if dist.is_initialized() and dist.get_world_size() > 1:  # every rank's rows, rank 0 writes
+            if (
+                dist.is_initialized() and dist.get_world_size() > 1
+            ):  # every rank's rows, rank 0 writes
                 every = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
                 dist.gather_object(records, every, dst=0)
                 records = [r for rs in every or [] for r in rs]
@@ -192,9 +261,14 @@ class Progress:
         self.done += 1
         eta = (time.time() - self.t0) / self.done * (self.num_steps - step)
         parts = [f"step {step}/{self.num_steps}", f"loss {m['train/loss']:+.4f}"]
-        for key, label, fmt in (("rollout/reward_mean", "reward", ".3f"), ("train/pairs", "pairs", ".0f"),
-                                ("train/kl", "kl", ".2e"), ("rollout/length_mean", "len", ".1f"),
-                                ("rollout/logprob_gap_max", "gap", ".1e")):
+        for key, label, fmt in (
+            ("rollout/reward_mean", "reward", ".3f"),
+            ("train/pairs", "pairs", ".0f"),
+            ("train/kl_k1", "kl", ".2e"),
+            ("train/kl_k3", "kl", ".2e"),
+            ("rollout/length_mean", "len", ".1f"),
+            ("rollout/logprob_gap_max", "gap", ".1e"),
+        ):
             if key in m:
                 parts.append(f"{label} {m[key]:{fmt}}")
         parts += [f"{m['perf/step_s']:.2f} s/step", f"eta {eta / 60:.1f} min"]
@@ -203,12 +277,22 @@ class Progress:
         print(" | ".join(parts), flush=True)
         if self.samples_every and step % self.samples_every == 0:
             for j in range(min(2, len(batch))):
-                print(f"    prompt: {str(batch[j]['prompt'])[:200]!r}\n    completion: {outs[j][0].text[:300]!r}"
-                      f"\n    reward: {rewards[j, 0].item():.3f}", flush=True)
+                print(
+                    f"    prompt: {str(batch[j]['prompt'])[:200]!r}\n"
+                    f"    completion: {outs[j][0].text[:300]!r}"
+                    f"\n    reward: {rewards[j, 0].item():.3f}",
+                    flush=True,
+                )
 
 
-def completion_records(step: int, batch: list[dict], outs, rewards: torch.Tensor, pairs=None,
-                       advantages: torch.Tensor | None = None) -> list[dict]:
+def completion_records(
+    step: int,
+    batch: list[dict],
+    outs,
+    rewards: torch.Tensor,
+    pairs=None,
+    advantages: torch.Tensor | None = None,
+) -> list[dict]:
     """One JSON-ready record per prompt of a step: its task, prompt (and math answer), its n
     completions with their rewards, lengths (tokens) and finish reasons, and what the update made of
     them: DPO's pairs as [chosen, rejected] completion indices, or GRPO's advantages."""
@@ -217,8 +301,12 @@ def completion_records(step: int, batch: list[dict], outs, rewards: torch.Tensor
         record = {"step": step, "task": row["task"], "prompt": row["prompt"]}
         if row.get("answer") is not None:
             record["answer"] = row["answer"]
-        record |= {"completions": [c.text for c in o], "rewards": rewards[j].tolist(),
-                   "lengths": [len(c.token_ids) for c in o], "finish_reasons": [c.finish_reason for c in o]}
+        record |= {
+            "completions": [c.text for c in o],
+            "rewards": rewards[j].tolist(),
+            "lengths": [len(c.token_ids) for c in o],
+            "finish_reasons": [c.finish_reason for c in o],
+        }
         if pairs is not None:
             record["pairs"] = [[c, r] for k, c, r in pairs if k == j]
         if advantages is not None:

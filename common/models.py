@@ -22,7 +22,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from common.utils import UserError
 
 # No "Loading weights" / "Writing model shards" bars at every load and save (a reference, each
-# checkpoint); a hub download keeps its bars, on one rank (minutes for an 8B model, silent otherwise).
+# checkpoint); a hub download keeps its bars, on one rank (minutes for an 8B model, silent
+# otherwise).
 transformers.utils.logging.disable_progress_bar()
 if os.environ.get("RANK", "0") == "0":
     huggingface_hub.utils.enable_progress_bars()
@@ -61,7 +62,9 @@ def _one_line_for_hub_retries(what: str):
 def check_model_path(name: str, what: str = "model") -> None:
     """A name that looks like a local path must be an existing folder (not a hub id to try), and
     its safetensors files whole: a truncated or corrupt file is named now, not deep in a load."""
-    if not _looks_local(name):  # a hub id: its config (a small file) must be reachable now, not after a long load
+    if not _looks_local(
+        name
+    ):  # a hub id: its config (a small file) must be reachable now, not after a long load
         from transformers import AutoConfig
 
         t0 = time.time()
@@ -69,8 +72,10 @@ def check_model_path(name: str, what: str = "model") -> None:
             with _one_line_for_hub_retries(f"{what} '{name}'"):
                 AutoConfig.from_pretrained(name)
         except (OSError, ValueError) as e:
-            raise UserError(f"{what} '{name}' is not a local folder and not a reachable hub id "
-                            f"({str(e).splitlines()[0].rstrip('.')}; after {time.time() - t0:.0f} s)") from None
+            raise UserError(
+                f"{what} '{name}' is not a local folder and not a reachable hub id "
+                f"({str(e).splitlines()[0].rstrip('.')}; after {time.time() - t0:.0f} s)"
+            ) from None
         return
     path = Path(name).expanduser()
     if not path.is_dir():
@@ -100,8 +105,8 @@ AUTO_BF16_PARAMS = 10_000_000
 
 
 def cpu_has_bf16_units() -> bool:
-    """The CPU has AMX or AVX512-BF16 (Linux's CPU flags): bf16 matmuls outrun fp32 there (measured);
-    elsewhere (no such units, not Linux) bf16 is unmeasured and auto keeps fp32."""
+    """The CPU has AMX or AVX512-BF16 (Linux's CPU flags): bf16 matmuls outrun fp32 there
+    (measured); elsewhere (no such units, not Linux) bf16 is unmeasured and auto keeps fp32."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
@@ -112,8 +117,8 @@ def cpu_has_bf16_units() -> bool:
 
 @functools.lru_cache(maxsize=8)
 def parameter_count(name: str, trust_remote_code: bool = False) -> int:
-    """A causal LM's parameters, from its config alone (the model built on the meta device: no weights
-    read, no memory)."""
+    """A causal LM's parameters, from its config alone (the model built on the meta device: no
+    weights read, no memory)."""
     from transformers import AutoConfig
 
     try:
@@ -127,10 +132,10 @@ def parameter_count(name: str, trust_remote_code: bool = False) -> int:
 
 def compute_dtype(name: str, device: torch.device, model: str = "") -> torch.dtype:
     """The dtype the trainer computes in (`--compute-dtype`): "auto" is bf16 on a GPU (the paper's
-    setting), and on the CPU bf16 for a `model` of AUTO_BF16_PARAMS parameters or more where the CPU
-    has bf16 units (the fastest correct path: measured 1.8-2.5x), fp32 otherwise (the embedded models:
-    exact logprob checks at no cost). bfloat16 on the CPU takes the GPU's numeric path in everything
-    but the kernels."""
+    setting), and on the CPU bf16 for a `model` of AUTO_BF16_PARAMS parameters or more where the
+    CPU has bf16 units (the fastest correct path: measured 1.8-2.5x), fp32 otherwise (the embedded
+    models: exact logprob checks at no cost). bfloat16 on the CPU takes the GPU's numeric path in
+    everything but the kernels."""
     if name != "auto":
         return getattr(torch, name)
     if device.type == "cuda":
@@ -150,14 +155,17 @@ def engine_dtype(name: str, compute: torch.dtype) -> torch.dtype:
 # Llama-3.1-Instruct's own template inserts a dated system turn ("Cutting Knowledge Date: ...")
 # into every prompt, even with no system message.
 LLAMA3_NO_SYSTEM = (
-    "<|begin_of_text|>{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "<|begin_of_text|>{% for m in messages %}"
+    "<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
     "{{ m['content'] }}<|eot_id|>{% endfor %}"
-    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
 LLAMA3_SPECIALS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 
 
-def load_tokenizer(name: str, trust_remote_code: bool = False,
-                   chat_template: str = "auto") -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    name: str, trust_remote_code: bool = False, chat_template: str = "auto"
+) -> PreTrainedTokenizerBase:
     """Tokenizer of a hub id or local folder, rendering prompts with `chat_template`: "auto" the
     tokenizer's own, "llama3-no-system" the authors' format (`LLAMA3_NO_SYSTEM`), else a Jinja
     file. Every prompt in this project is a chat turn, and guessing a template silently changes
@@ -166,19 +174,25 @@ def load_tokenizer(name: str, trust_remote_code: bool = False,
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except OSError as e:
-        raise UserError(f"cannot load tokenizer '{name}': not a local folder and not a reachable "
-                        f"hub id ({str(e).splitlines()[0]})") from None
+        raise UserError(
+            f"cannot load tokenizer '{name}': not a local folder and not a reachable "
+            f"hub id ({str(e).splitlines()[0]})"
+        ) from None
     if chat_template == "llama3-no-system":
         missing = [t for t in LLAMA3_SPECIALS if t not in tok.get_vocab()]
         if missing:
-            raise UserError(f"--chat-template llama3-no-system: the tokenizer of '{name}' lacks Llama-3's "
-                            f"special tokens ({', '.join(missing)}); it is the format of Llama-3 models only")
+            raise UserError(
+                f"--chat-template llama3-no-system: the tokenizer of '{name}' lacks Llama-3's "
+                f"special tokens ({', '.join(missing)}); it is the format of Llama-3 models only"
+            )
         tok.chat_template = LLAMA3_NO_SYSTEM
     elif chat_template != "auto":
         tok.chat_template = Path(chat_template).expanduser().read_text()
     if not tok.chat_template:
-        raise UserError(f"tokenizer of '{name}' has no chat template; use an instruct/chat model, "
-                        "pass --chat-template, or add `chat_template` to its tokenizer_config.json")
+        raise UserError(
+            f"tokenizer of '{name}' has no chat template; use an instruct/chat model, "
+            "pass --chat-template, or add `chat_template` to its tokenizer_config.json"
+        )
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token  # only used for padding; never masks EOS out of a loss
     # no "longer than the specified maximum ... indexing errors" line: the limit here is
@@ -190,14 +204,19 @@ def load_tokenizer(name: str, trust_remote_code: bool = False,
 def describe_template(tokenizer: PreTrainedTokenizerBase, chat_template: str) -> str:
     """One line for a run's start: which template renders the prompts, and the frame it puts
     around a user turn (a system turn the template adds shows here)."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "{prompt}"}], tokenize=False,
-                                         add_generation_prompt=True)
-    what = {"auto": "the tokenizer's own chat template",
-            "llama3-no-system": "llama3-no-system (the authors' format)"}.get(chat_template, chat_template)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "{prompt}"}], tokenize=False, add_generation_prompt=True
+    )
+    what = {
+        "auto": "the tokenizer's own chat template",
+        "llama3-no-system": "llama3-no-system (the authors' format)",
+    }.get(chat_template, chat_template)
     return f"prompts: {what}: {text[:300]!r}"
 
 
-def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str | list[dict]]) -> list[list[int]]:
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str | list[dict]]
+) -> list[list[int]]:
     """Token ids of each prompt, chat template applied, ready for the assistant's reply. A prompt
     is a single user turn (str) or a list of messages. The template already holds any BOS token,
     so none is added again."""
@@ -205,7 +224,9 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str | list[
     return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
 
-def render_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str | list[dict]]) -> list[str]:
+def render_prompts(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str | list[dict]]
+) -> list[str]:
     """Each prompt's text with the chat template applied (a generation prompt added). Speed: a
     single user turn is framed by concatenation when the template frames every user turn the same
     way (`_user_frame`), not by a Jinja render (~0.2 ms each: minutes for a 860k-row dataset)."""
@@ -216,8 +237,13 @@ def render_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str | list[
             before, after, trim = frame
             texts.append(before + (p.strip() if trim else p) + after)
         else:
-            texts.append(tokenizer.apply_chat_template([{"role": "user", "content": p}] if isinstance(p, str) else p,
-                                                       tokenize=False, add_generation_prompt=True))
+            texts.append(
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}] if isinstance(p, str) else p,
+                    tokenize=False,
+                    add_generation_prompt=True,
+                )
+            )
     return texts
 
 
@@ -225,15 +251,22 @@ _FRAMES: dict = {}
 
 
 def _user_frame(tokenizer) -> tuple[str, str, bool] | None:
-    """(before, after, trim): the template renders one user turn `c` as before + c + after (c.strip()
-    with `trim`, as Jinja's `trim` filter strips), or None when it does anything else with a turn's
-    text. Found by rendering sentinel turns (with whitespace, braces and non-ASCII text) and proven
-    on each: a template that looks at the content, beyond trimming it, takes the Jinja path."""
-    key = (tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token)  # what a template reads
+    """(before, after, trim): the template renders one user turn `c` as before + c + after
+    (c.strip() with `trim`, as Jinja's `trim` filter strips), or None when it does anything else
+    with a turn's text. Found by rendering sentinel turns (with whitespace, braces and non-ASCII
+    text) and proven on each: a template that looks at the content, beyond trimming it, takes the
+    Jinja path."""
+    key = (
+        tokenizer.chat_template,
+        tokenizer.bos_token,
+        tokenizer.eos_token,
+    )  # what a template reads
     if key not in _FRAMES:
+
         def render(content):
-            return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                                 add_generation_prompt=True)
+            return tokenizer.apply_chat_template(
+                [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+            )
 
         frame, probe = None, "\x01probe\x02"
         parts = render(probe).split(probe)
@@ -248,7 +281,9 @@ def _user_frame(tokenizer) -> tuple[str, str, bool] | None:
     return _FRAMES[key]
 
 
-def prompt_token_bounds(tokenizer: PreTrainedTokenizerBase, prompts: list[str | list[dict]]) -> list[int]:
+def prompt_token_bounds(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str | list[dict]]
+) -> list[int]:
     """An upper bound on the number of tokens of each prompt with the chat template applied, without
     tokenizing it: the UTF-8 bytes of its text as the tokenizer normalises it, plus one (a prefix
     space or "▁" that a pre-tokenizer may add). Every token of a BPE, Unigram or WordPiece
@@ -260,7 +295,12 @@ def prompt_token_bounds(tokenizer: PreTrainedTokenizerBase, prompts: list[str | 
     form = type(normalizer).__name__
 
     def size(text: str) -> int:
-        if form in ("NFC", "NFD", "NFKC", "NFKD"):  # Python's own; ASCII is left as it is: ~50x faster
+        if form in (
+            "NFC",
+            "NFD",
+            "NFKC",
+            "NFKD",
+        ):  # Python's own; ASCII is left as it is: ~50x faster
             text = text if text.isascii() else unicodedata.normalize(form, text)
         elif normalizer is not None:
             text = normalizer.normalize_str(text)
@@ -268,8 +308,12 @@ def prompt_token_bounds(tokenizer: PreTrainedTokenizerBase, prompts: list[str | 
 
     frame = _user_frame(tokenizer)
     framed = size(frame[0]) + size(frame[1]) + 1 if frame is not None else 0
-    return [framed + size(p.strip() if frame[2] else p) if frame is not None and isinstance(p, str)
-            else size(render_prompts(tokenizer, [p])[0]) + 1 for p in prompts]
+    return [
+        framed + size(p.strip() if frame[2] else p)
+        if frame is not None and isinstance(p, str)
+        else size(render_prompts(tokenizer, [p])[0]) + 1
+        for p in prompts
+    ]
 
 
 class PromptIds:
@@ -287,12 +331,19 @@ class PromptIds:
         return encode_prompts(self.tokenizer, [self.prompts[i]])[0]
 
 
-AUTO_CHECKPOINTING_PARAMS = 100_000_000  # `--activation-checkpointing auto` on the CPU: this many parameters or more
+AUTO_CHECKPOINTING_PARAMS = (
+    100_000_000  # `--activation-checkpointing auto` on the CPU: this many parameters or more
+)
 
 
-def load_model(name: str, device: torch.device, dtype: torch.dtype = torch.float32,
-               trust_remote_code: bool = False, trainable: bool = True,
-               activation_checkpointing: str = "off") -> torch.nn.Module:
+def load_model(
+    name: str,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    trainable: bool = True,
+    activation_checkpointing: str = "off",
+) -> torch.nn.Module:
     """A causal LM from a hub id or local folder, on `device`; `dtype` is the compute dtype.
 
     `trainable=True` (the policy) keeps fp32 master weights: at the paper's lr of 1e-6, Adam
@@ -315,11 +366,16 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype = torch.float
     hold = torch.float32 if trainable else dtype
     try:  # from_pretrained makes the rotary buffers in fp32 whatever `dtype` it is given
         model = AutoModelForCausalLM.from_pretrained(
-            name, dtype="auto" if device.type == "cuda" else hold, trust_remote_code=trust_remote_code,
-            device_map={"": device} if device.type == "cuda" else None)
+            name,
+            dtype="auto" if device.type == "cuda" else hold,
+            trust_remote_code=trust_remote_code,
+            device_map={"": device} if device.type == "cuda" else None,
+        )
     except OSError as e:
-        raise UserError(f"cannot load model '{name}': not a local folder and not a reachable hub "
-                        f"id ({str(e).splitlines()[0]})") from None
+        raise UserError(
+            f"cannot load model '{name}': not a local folder and not a reachable hub "
+            f"id ({str(e).splitlines()[0]})"
+        ) from None
     model.to(device)
     for p in model.parameters():  # parameters only: buffers stay exact (see CRUCIAL above)
         p.data = p.data.to(hold)
@@ -331,7 +387,9 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype = torch.float
     if head is not None:
         head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
     if not trainable:
-        model.config.use_cache = False  # frozen, never decodes: a KV cache per forward would only cost memory
+        model.config.use_cache = (
+            False  # frozen, never decodes: a KV cache per forward would only cost memory
+        )
         model.eval().requires_grad_(False)
     else:
         # Dropout off: the generator (vLLM) never uses it, so a trainer with dropout would compute
@@ -343,9 +401,14 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype = torch.float
         # auto: on a GPU (an 8B update needs it), and on the CPU for a real-size model (two ranks
         # of Qwen2-0.5B do not fit in 24 GB without it); the tiny embedded models keep their speed
         big = sum(p.numel() for p in model.parameters()) >= AUTO_CHECKPOINTING_PARAMS
-        if activation_checkpointing == "on" or (activation_checkpointing == "auto" and (device.type == "cuda" or big)):
-            model.config.use_cache = False  # the trainer never decodes; saying so keeps transformers' warning off the console
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if activation_checkpointing == "on" or (
+            activation_checkpointing == "auto" and (device.type == "cuda" or big)
+        ):
+            # the trainer never decodes; saying so keeps transformers' warning off the console
+            model.config.use_cache = False
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
     return model
 
 
@@ -357,7 +420,9 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def fsdp_wrap(model: torch.nn.Module, dtype: torch.dtype = torch.float32, min_ranks: int = 2) -> torch.nn.Module:
+def fsdp_wrap(
+    model: torch.nn.Module, dtype: torch.dtype = torch.float32, min_ranks: int = 2
+) -> torch.nn.Module:
     """FSDP2: shard every decoder layer, then the root (embeddings, final norm, lm_head).
     Parameters are all-gathered in the compute `dtype` and gradients reduced in fp32 (FSDP2's
     mixed precision; on the CPU too with --compute-dtype bfloat16). A no-op without a process group
@@ -375,8 +440,10 @@ def fsdp_wrap(model: torch.nn.Module, dtype: torch.dtype = torch.float32, min_ra
     layer_classes = set(getattr(model, "_no_split_modules", None) or [])
     layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
     if not layers:
-        raise UserError(f"{type(model).__name__} declares no decoder layer class (_no_split_modules): "
-                        "FSDP cannot shard it layer by layer")
+        raise UserError(
+            f"{type(model).__name__} declares no decoder layer class (_no_split_modules): "
+            "FSDP cannot shard it layer by layer"
+        )
     for layer in layers:
         fully_shard(layer, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
@@ -396,15 +463,24 @@ def copy_weights(src: torch.nn.Module, dst: torch.nn.Module) -> None:
         p_dst.copy_(p_src)
     for (name, b_dst), b_src in zip(dst.named_buffers(), src.buffers(), strict=True):
         if not torch.equal(b_dst, b_src):
-            raise RuntimeError(f"copy_weights: buffer {name} differs ({b_dst.dtype} vs {b_src.dtype}): "
-                               "a model cast with .to(dtype) rounds what load_model keeps exact")
+            raise RuntimeError(
+                f"copy_weights: buffer {name} differs ({b_dst.dtype} vs {b_src.dtype}): "
+                "a model cast with .to(dtype) rounds what load_model keeps exact"
+            )
 
 
 # Prefixes that wrappers add to parameter names; vLLM knows the bare Hugging Face names.
-_WRAPPER_PREFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.", "module.")
+_WRAPPER_PREFIXES = (
+    "_orig_mod.",
+    "_checkpoint_wrapped_module.",
+    "_fsdp_wrapped_module.",
+    "module.",
+)
 
 
-def full_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def full_state_dict(
+    model: torch.nn.Module, dtype: torch.dtype | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (hf_name, full tensor) one parameter at a time, in `dtype` if given.
 
     Under FSDP2 each parameter is a sharded DTensor; `full_tensor()` all-gathers just that one,
@@ -423,9 +499,14 @@ def full_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None) ->
         yield name, tensor.detach()
 
 
-def completion_logprobs(model: torch.nn.Module, prompts: list[list[int]],
-                        completions: list[list[int]], temperature: float = 1.0,
-                        pad_id: int = 0, with_entropy: bool = False):
+def completion_logprobs(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    completions: list[list[int]],
+    temperature: float = 1.0,
+    pad_id: int = 0,
+    with_entropy: bool = False,
+):
     """Per-token logprobs of each completion given its prompt, as the trainer sees them.
 
     Returns `(logps, mask, entropy)`, each (B, Tc) with Tc the longest completion; `mask` is 1
@@ -451,7 +532,9 @@ def completion_logprobs(model: torch.nn.Module, prompts: list[list[int]],
     # Logits at position t predict token t+1; the earliest completion token of any row sits at
     # min(lens_p), so the last K = L - min(lens_p) + 1 positions cover every one of them.
     K = L - min(lens_p) + 1
-    logits = model(input_ids=input_ids, logits_to_keep=K, use_cache=False).logits  # (B, K, V), the model's dtype
+    logits = model(
+        input_ids=input_ids, logits_to_keep=K, use_cache=False
+    ).logits  # (B, K, V), the model's dtype
     offset = L - K  # absolute position of logits[:, 0]
     # Next-token targets for every kept position (B, K); pad where a position predicts nothing.
     targets = torch.full((len(seqs), K), pad_id, dtype=torch.long, device=device)
@@ -459,8 +542,13 @@ def completion_logprobs(model: torch.nn.Module, prompts: list[list[int]],
     # Memory: the fp32 log-softmax of a (B, K, V) block is the largest tensor of an update at a
     # 128k vocabulary; `_TokenLogps` never makes it, forward or backward (a few positions at a time)
     B, V = len(seqs), logits.shape[-1]
-    out = _TokenLogps.apply(logits.reshape(B * K, V), targets.reshape(B * K), temperature,
-                            max(1, _LOGITS_CHUNK // V), with_entropy)
+    out = _TokenLogps.apply(
+        logits.reshape(B * K, V),
+        targets.reshape(B * K),
+        temperature,
+        max(1, _LOGITS_CHUNK // V),
+        with_entropy,
+    )
     logps_k, entropy_k = out[0].view(B, K), out[1].view(B, K) if with_entropy else None  # (B, K)
     # Re-index to completion coordinates: column j of row i is completion token j.
     idx = torch.zeros(len(seqs), Tc, dtype=torch.long)
@@ -472,7 +560,8 @@ def completion_logprobs(model: torch.nn.Module, prompts: list[list[int]],
     logps = logps_k.gather(1, idx) * mask  # (B, Tc)
     entropy = entropy_k.gather(1, idx) * mask if with_entropy else None  # (B, Tc)
     if not torch.is_grad_enabled() and hasattr(model, "reshard"):
-        model.reshard()  # FSDP2 keeps a root unsharded after a no-grad forward (embeddings + LM head)
+        # FSDP2 keeps a root unsharded after a no-grad forward (embeddings + LM head)
+        model.reshard()
     return logps, mask, entropy
 
 
@@ -482,8 +571,9 @@ _LOGITS_CHUNK = 2**25
 
 
 class _Buffers:
-    """Two fp32 (block, V) buffers that every block of a pass reuses: each new tensor that size is
-    fresh memory the kernel must map page by page, which on a CPU took longer than the arithmetic."""
+    """Two fp32 (block, V) buffers that every block of a pass reuses: each new tensor that size
+    is fresh memory the kernel must map page by page, which on a CPU took longer than the
+    arithmetic."""
 
     def __init__(self, logits: torch.Tensor, block: int):
         shape = (min(block, logits.shape[0]), logits.shape[1])
@@ -511,9 +601,14 @@ class _TokenLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, temperature, block, with_entropy):
-        ctx.set_materialize_grads(False)  # an unused entropy gets None in the backward: no work for it
+        ctx.set_materialize_grads(
+            False
+        )  # an unused entropy gets None in the backward: no work for it
         n = logits.shape[0]
-        logps, lse = logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
+        logps, lse = (
+            logits.new_empty(n, dtype=torch.float32),
+            logits.new_empty(n, dtype=torch.float32),
+        )
         entropy = logits.new_empty(n if with_entropy else 0, dtype=torch.float32)
         bufs = _Buffers(logits, block)
         for i in range(0, n, block):

@@ -72,8 +72,17 @@ def _helper_score(pairs: list[tuple[str, str]], bound: float) -> list[float]:
         err = tempfile.TemporaryFile()  # a file, not a pipe: a full pipe would block the helper
         # the file by path, not `-m common.verifier`, which would import the whole `common` package
         proc = subprocess.Popen(
-            [sys.executable, "-u", "-c", "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')",
-             verifier.__file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
+            [
+                sys.executable,
+                "-u",
+                "-c",
+                "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')",
+                verifier.__file__,
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+        )
         _helper = (proc, err)
     proc, err = _helper
     try:
@@ -91,8 +100,10 @@ def _helper_score(pairs: list[tuple[str, str]], bound: float) -> list[float]:
         proc.wait()
         err.seek(0)
         lines = err.read().decode(errors="replace").strip().splitlines()
-        raise RuntimeError(f"the Math-Verify helper process ({sys.executable} {verifier.__file__}) failed "
-                           f"with exit code {proc.returncode}: {lines[-1] if lines else 'no message'}")
+        raise RuntimeError(
+            f"the Math-Verify helper process ({sys.executable} {verifier.__file__}) failed "
+            f"with exit code {proc.returncode}: {lines[-1] if lines else 'no message'}"
+        )
     return json.loads(line)
 
 
@@ -100,9 +111,15 @@ def _helper_score(pairs: list[tuple[str, str]], bound: float) -> list[float]:
 # names in the checkpoint itself, never by its hub name: layout -> (head tensors, how it is read).
 LAYOUTS = {
     "athene": (("v_head.weight",), "v_head at the last CLS token appended to the chat (Athene-RM)"),
-    "trl-value-head": (("v_head.summary.weight", "v_head.summary.bias"), "TRL value head at the last token"),
+    "trl-value-head": (
+        ("v_head.summary.weight", "v_head.summary.bias"),
+        "TRL value head at the last token",
+    ),
     "openrlhf": (("value_head.weight",), "OpenRLHF value_head at the EOS token closing the chat"),
-    "score": (("score.weight", "score.bias"), "sequence-classification score head at the last token"),
+    "score": (
+        ("score.weight", "score.bias"),
+        "sequence-classification score head at the last token",
+    ),
 }
 
 
@@ -139,22 +156,37 @@ def reward_model_layout(name: str, trust_remote_code: bool = False) -> str:
     if f"{getattr(config, 'value_head_prefix', '')}.weight" in names:  # OpenRLHF names its head in
         return "openrlhf"  # config.json ("value_head" before 2025, "score" since), a plain name too
     layout = next((layout for layout, (head, _) in LAYOUTS.items() if head[0] in names), None)
-    if layout is None and "AutoModelForSequenceClassification" in (getattr(config, "auto_map", None) or {}):
+    if layout is None and "AutoModelForSequenceClassification" in (
+        getattr(config, "auto_map", None) or {}
+    ):
         if not trust_remote_code:
-            raise UserError(f"reward model '{name}' ships its own model code (auto_map); pass "
-                            "--trust-remote-code to run it")
+            raise UserError(
+                f"reward model '{name}' ships its own model code (auto_map); pass "
+                "--trust-remote-code to run it"
+            )
         return "custom"
-    if layout is None and not names and any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
-        layout = "score"  # weights without safetensors headers to read: the load's missing keys decide
+    if (
+        layout is None
+        and not names
+        and any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+    ):
+        layout = (
+            "score"  # weights without safetensors headers to read: the load's missing keys decide
+        )
     if layout is None:
         kind = ", ".join(config.architectures or ["no architectures in config.json"])
-        raise UserError(f"reward model '{name}' ({kind}) has no reward head in its checkpoint (none of "
-                        f"{', '.join(h[0] for h, _ in LAYOUTS.values())}): it would score with random "
-                        "weights. Pass a trained reward model (docs/reward_models.md)")
+        raise UserError(
+            f"reward model '{name}' ({kind}) has no reward head in its checkpoint (none of "
+            f"{', '.join(h[0] for h, _ in LAYOUTS.values())}): it would score with random "
+            "weights. Pass a trained reward model (docs/reward_models.md)"
+        )
     if layout == "score" and config.num_labels != 1:
-        raise UserError(f"reward model '{name}' has a {config.num_labels}-label classifier head; a scalar "
-                        "reward model has one output (a preference classifier is not one)")
+        raise UserError(
+            f"reward model '{name}' has a {config.num_labels}-label classifier head; a scalar "
+            "reward model has one output (a preference classifier is not one)"
+        )
     return layout
+
 
 class RewardModel:
     """A scalar reward model scoring (prompt, response) chats, read the way it was trained:
@@ -177,31 +209,59 @@ class RewardModel:
     so it takes text: the policy's tokens are decoded by the caller and re-encoded here.
     """
 
-    def __init__(self, name: str, device: torch.device, dtype: torch.dtype | None = None,
-                 max_length: int = 4096, batch_size: int = 8, offload: bool = False,
-                 trust_remote_code: bool = False, verbose: bool = False):
+    def __init__(
+        self,
+        name: str,
+        device: torch.device,
+        dtype: torch.dtype | None = None,
+        max_length: int = 4096,
+        batch_size: int = 8,
+        offload: bool = False,
+        trust_remote_code: bool = False,
+        verbose: bool = False,
+    ):
         check_model_path(name, "reward model")
         self.name, self.layout = name, reward_model_layout(name, trust_remote_code)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-            auto = AutoModelForSequenceClassification if self.layout in ("score", "custom") else AutoModel
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                name, trust_remote_code=trust_remote_code
+            )
+            auto = (
+                AutoModelForSequenceClassification
+                if self.layout in ("score", "custom")
+                else AutoModel
+            )
             kwargs = {"num_labels": 1} if self.layout == "score" else {}
-            with _quiet_load_report():  # decided below from the missing keys, never by a scrolling table
-                self.model, info = auto.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                        output_loading_info=True, **kwargs)
+            with (
+                _quiet_load_report()
+            ):  # decided below from the missing keys, never by a scrolling table
+                self.model, info = auto.from_pretrained(
+                    name,
+                    dtype=dtype,
+                    trust_remote_code=trust_remote_code,
+                    output_loading_info=True,
+                    **kwargs,
+                )
         except OSError as e:
-            raise UserError(f"cannot load reward model '{name}' ({str(e).splitlines()[0]})") from None
+            raise UserError(
+                f"cannot load reward model '{name}' ({str(e).splitlines()[0]})"
+            ) from None
         if info["missing_keys"]:  # CRUCIAL: never score with weights transformers made up
             missing = sorted(info["missing_keys"])
-            raise UserError(f"reward model '{name}' ({self.layout}): {len(missing)} weight(s) missing from its "
-                            f"checkpoint, e.g. {', '.join(missing[:3])}; transformers would initialise them at random")
+            raise UserError(
+                f"reward model '{name}' ({self.layout}): {len(missing)} weight(s) missing from its "
+                f"checkpoint, e.g. {', '.join(missing[:3])}; transformers would initialise them "
+                "at random"
+            )
         if not self.tokenizer.chat_template:
             raise UserError(f"reward model '{name}' has no chat template in its tokenizer")
         self.head = None
         names = checkpoint_tensor_names(name)
         if self.layout in LAYOUTS and self.layout != "score":  # a value head beside the backbone
-            prefix = getattr(self.model.config, "value_head_prefix", "value_head")  # OpenRLHF's own name
+            prefix = getattr(
+                self.model.config, "value_head_prefix", "value_head"
+            )  # OpenRLHF's own name
             heads = (f"{prefix}.weight",) if self.layout == "openrlhf" else LAYOUTS[self.layout][0]
             keys = [k for k in heads if k in names]
             tensors = _read_tensors(name, keys)
@@ -210,19 +270,30 @@ class RewardModel:
             self.head.weight.data.copy_(w)
             if len(keys) > 1:
                 self.head.bias.data.copy_(tensors[keys[1]])
-        if self.layout == "score" and not isinstance(getattr(self.model, "score", None), torch.nn.Linear):
+        if self.layout == "score" and not isinstance(
+            getattr(self.model, "score", None), torch.nn.Linear
+        ):
             heads = [n for n, m in self.model.named_children() if n != self.model.base_model_prefix]
-            raise UserError(f"reward model '{name}' ({type(self.model).__name__}) has no `score` head (it has "
-                            f"{', '.join(heads) or 'none'}): not a layout read here (docs/reward_models.md)")
+            raise UserError(
+                f"reward model '{name}' ({type(self.model).__name__}) has no `score` head (it has "
+                f"{', '.join(heads) or 'none'}): not a layout read here (docs/reward_models.md)"
+            )
         if self.layout == "score" and self.model.score.bias is None and "score.bias" in names:
-            # transformers' decoder classifiers have no bias and would drop a checkpoint's: it is added back
-            self.model.score.bias = torch.nn.Parameter(_read_tensors(name, ["score.bias"])["score.bias"].to(dtype))
+            # transformers' decoder classifiers have no bias and would drop a checkpoint's: it is
+            # added back
+            self.model.score.bias = torch.nn.Parameter(
+                _read_tensors(name, ["score.bias"])["score.bias"].to(dtype)
+            )
         if self.layout == "athene" and self.tokenizer.cls_token_id is None:
-            raise UserError(f"reward model '{name}' has a v_head (the Athene layout) but its tokenizer has no "
-                            "cls_token to score at")
+            raise UserError(
+                f"reward model '{name}' has a v_head (the Athene layout) but its tokenizer has no "
+                "cls_token to score at"
+            )
         if self.layout == "score" and self.model.config.num_labels != 1:
-            raise UserError(f"reward model '{name}' has {self.model.config.num_labels} labels; a scalar reward "
-                            "model has one")
+            raise UserError(
+                f"reward model '{name}' has {self.model.config.num_labels} labels; a scalar reward "
+                "model has one"
+            )
         self.norm = (0.0, 1.0)  # OpenRLHF's reward normalisation, when its config asks for it
         if self.layout == "openrlhf" and getattr(self.model.config, "normalize_reward", False):
             self.norm = (float(self.model.config.mean), float(self.model.config.std))
@@ -246,10 +317,13 @@ class RewardModel:
     def describe(self) -> str:
         """One line: which model, head and position are scored (printed at the start of a run)."""
         how = LAYOUTS[self.layout][1] if self.layout in LAYOUTS else "its own forward's score"
-        return f"reward model: {self.name} ({self.layout} layout): {how}, truncated to {self.max_length} tokens"
+        return (f"reward model: {self.name} ({self.layout} layout): {how}, truncated to "
+                f"{self.max_length} tokens")
 
     def _params(self):
-        return list(self.model.parameters()) + (list(self.head.parameters()) if self.head is not None else [])
+        return list(self.model.parameters()) + (
+            list(self.head.parameters()) if self.head is not None else []
+        )
 
     def _move(self, to_device: bool) -> None:
         for p, host in zip(self._params(), self._host, strict=True):
@@ -258,14 +332,22 @@ class RewardModel:
     def _encode(self, text: str) -> list[int]:
         """Token ids the model scores, its score position last (see the class docstring)."""
         tok = self.tokenizer
-        if self.layout == "athene":  # as the model card and the authors' code: default special tokens
-            return tok(text + tok.cls_token, truncation=True, max_length=self.max_length)["input_ids"]
+        if (
+            self.layout == "athene"
+        ):  # as the model card and the authors' code: default special tokens
+            return tok(text + tok.cls_token, truncation=True, max_length=self.max_length)[
+                "input_ids"
+            ]
         if self.layout == "openrlhf":
             text = text.rstrip("\n")
             text = text if text.endswith(tok.eos_token) else text + " " + tok.eos_token
-        ids = tok(text, add_special_tokens=False, truncation=True, max_length=self.max_length)["input_ids"]
+        ids = tok(text, add_special_tokens=False, truncation=True, max_length=self.max_length)[
+            "input_ids"
+        ]
         if self.layout == "openrlhf":
-            ids[-1] = tok.eos_token_id  # OpenRLHF's collate: the last token is EOS, truncated or not
+            ids[-1] = (
+                tok.eos_token_id
+            )  # OpenRLHF's collate: the last token is EOS, truncated or not
         return ids
 
     @torch.no_grad()
@@ -276,14 +358,20 @@ class RewardModel:
         for i, r in enumerate(rows):
             ids[i, : len(r)] = torch.tensor(r)
         ids = ids.to(device)
-        mask = (torch.arange(ids.shape[1], device=device) < lengths[:, None]).long()  # right padding
+        mask = (
+            torch.arange(ids.shape[1], device=device) < lengths[:, None]
+        ).long()  # right padding
         if self.layout == "custom":
             out = self.model(input_ids=ids, attention_mask=mask, use_cache=False)
             return getattr(out, "score", out.logits[:, :1]).float().view(-1).tolist()
-        hidden = self.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        hidden = self.model.base_model(
+            input_ids=ids, attention_mask=mask, use_cache=False
+        ).last_hidden_state
         if self.layout == "athene":  # the last CLS of each row (0 if truncation cut it off)
             is_cls = ids == self.tokenizer.cls_token_id
-            pos = torch.where(is_cls.any(1), (is_cls * torch.arange(ids.shape[1], device=device)).argmax(1), 0)
+            pos = torch.where(
+                is_cls.any(1), (is_cls * torch.arange(ids.shape[1], device=device)).argmax(1), 0
+            )
         else:
             pos = lengths - 1
         head = self.model.score if self.layout == "score" else self.head
@@ -297,19 +385,28 @@ class RewardModel:
         prompt's messages, then the assistant's reply)."""
         texts = [
             self.tokenizer.apply_chat_template(
-                ([{"role": "user", "content": p}] if isinstance(p, str) else p) + [{"role": "assistant", "content": r}],
-                tokenize=False)
+                ([{"role": "user", "content": p}] if isinstance(p, str) else p)
+                + [{"role": "assistant", "content": r}],
+                tokenize=False,
+            )
             for p, r in zip(prompts, responses, strict=True)
         ]
         enc = [self._encode(t) for t in texts]
         cut = sum(len(e) >= self.max_length for e in enc)
         if cut and not self.truncated:  # said once per process; `truncated` keeps counting
             rank = os.environ.get("RANK")
-            print(f"{f'[rank {rank}] ' if rank else ''}reward model: {cut} of {len(enc)} (prompt, response) rows "
-                  f"were cut to --rm-max-length {self.max_length} tokens"
-                  + (": Athene's CLS token is cut off with them and such a row scores 0 (as the authors' code "
-                     "scores it); raise --rm-max-length to score them" if self.layout == "athene" else
-                     " (scored on their first tokens)"), flush=True)
+            print(
+                f"{f'[rank {rank}] ' if rank else ''}reward model: {cut} of {len(enc)} "
+                "(prompt, response) rows "
+                f"were cut to --rm-max-length {self.max_length} tokens"
+                + (
+                    ": Athene's CLS token is cut off with them and such a row scores 0 (as the "
+                    "authors' code scores it); raise --rm-max-length to score them"
+                    if self.layout == "athene"
+                    else " (scored on their first tokens)"
+                ),
+                flush=True,
+            )
         self.truncated += cut
         order = sorted(range(len(enc)), key=lambda i: len(enc[i]))  # similar lengths, less padding
         scores = [0.0] * len(enc)
@@ -326,8 +423,9 @@ class RewardModel:
 
 @contextlib.contextmanager
 def _quiet_load_report():
-    """transformers prints a load report of missing / unexpected weights; the backbone of a value-head
-    layout always has unexpected ones (the head, an LM head). Missing ones are refused by the caller."""
+    """transformers prints a load report of missing / unexpected weights; the backbone of a
+    value-head layout always has unexpected ones (the head, an LM head). Missing ones are refused
+    by the caller."""
     level = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:
@@ -353,7 +451,9 @@ def _read_tensors(name: str, keys: list[str]) -> dict[str, torch.Tensor]:
     return out
 
 
-def score(rewards_by_task: dict, batch: list[dict], outs, reward_model) -> tuple[torch.Tensor, torch.Tensor]:
+def score(
+    rewards_by_task: dict, batch: list[dict], outs, reward_model
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(P, n) rewards of each prompt's n completions, each row by its own task's function in
     `rewards_by_task` (a script's `REWARDS`: task -> f(rows, outs, reward_model) -> (rows, n)),
     called once per task on all of its rows (one batched reward-model pass, one move with
@@ -364,10 +464,14 @@ def score(rewards_by_task: dict, batch: list[dict], outs, reward_model) -> tuple
     rewards = torch.zeros(len(batch), n)  # (P, n)
     for task in sorted({row["task"] for row in batch}):
         if task not in rewards_by_task:
-            raise UserError(f"rows of task '{task}' but no reward for it (the script's REWARDS: "
-                            f"{', '.join(rewards_by_task)})")
+            raise UserError(
+                f"rows of task '{task}' but no reward for it (the script's REWARDS: "
+                f"{', '.join(rewards_by_task)})"
+            )
         idx = [j for j, row in enumerate(batch) if row["task"] == task]
-        rewards[idx] = rewards_by_task[task]([batch[j] for j in idx], [outs[j] for j in idx], reward_model)
+        rewards[idx] = rewards_by_task[task](
+            [batch[j] for j in idx], [outs[j] for j in idx], reward_model
+        )
     nonfinite = ~torch.isfinite(rewards).all(dim=1)  # (P,)
     rewards[nonfinite] = 0.0
     return rewards, nonfinite

@@ -340,7 +340,7 @@ def drift(args: Args, run_dir: str, task: str, interval: int) -> dict:
         return (last - first) / first
 
     gaps = [m["rollout/logprob_gap_mean"] for m in steps if interval > 1 and m["step"] % interval == 0
-            and m["step"] > interval]
+            and m["step"] > interval and "rollout/logprob_gap_mean" in m]  # none: no pair on any rank
     return {"kl": json.load(open(out))["kl"]["nats_per_token"], "length_change": change("rollout/length_mean"),
             "entropy_change": change("rollout/entropy"), "entropy_first": statistics.fmean(
                 m["rollout/entropy"] for m in steps[:k]), "entropy_last": statistics.fmean(

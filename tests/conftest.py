@@ -54,7 +54,7 @@ def run_script(script, args, nproc=1, timeout=900):
 # Small held-out evaluations and frequent samples: what the end-to-end tests run with.
 SMALL = ["--eval-limit", "16", "--eval-samples", "2", "--log-samples-every", "2"]
 # The metrics every online script logs every step (docs/metrics.md).
-KEYS = ["step", "train/loss", "train/kl", "train/grad_norm", "train/lr", "rollout/reward_mean",
+KEYS = ["step", "train/loss", "train/grad_norm", "train/lr", "rollout/reward_mean",
         "rollout/reward_std", "rollout/accuracy", "rollout/zero_std_frac", "rollout/length_mean",
         "rollout/truncated_frac", "rollout/entropy", "rollout/logprob_gap_max", "rollout/logprob_gap_mean",
         "rollout/policy_lag", "perf/generate_s", "perf/score_s", "perf/train_s", "perf/sync_s", "perf/step_s",

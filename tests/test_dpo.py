@@ -12,7 +12,7 @@ import torch
 from online_dpo import dpo_loss, group_terms, select_pairs
 from tests.conftest import DETERMINISTIC, GAP, KEYS, ROOT, SEQ_TOL, SMALL, metrics, run_script
 
-DPO_KEYS = KEYS + ["train/pairs", "train/reward_margin", "train/pair_accuracy", "train/chosen_logratio",
+DPO_KEYS = KEYS + ["train/kl_k1", "train/pairs", "train/reward_margin", "train/pair_accuracy", "train/chosen_logratio",
                    "train/rejected_logratio", "train/nll", "rollout/policy_lag"]
 
 
@@ -35,20 +35,34 @@ def test_select_pairs_by_hand():
     assert select_pairs(rewards[:1], ["math"], [7]) == select_pairs(rewards[:2], ["math", "math"], [7, 8])
 
 
+def rows_loss(chosen, rejected, ref_c, ref_r, beta=0.1, nll_scale=0.0, nll_pooling=1.0, num_prompts=1,
+              weights=None, **kw):
+    """`dpo_loss` on one-token rows (chosen, rejected, chosen, ...) whose log-probs are the given
+    per-pair sums."""
+    logps = torch.stack([chosen, rejected], 1).reshape(-1, 1)
+    ref = torch.stack([ref_c, ref_r], 1).reshape(-1, 1)
+    k = len(chosen)
+    args = dict(logps=logps, ref_logps=ref, mask=torch.ones(2 * k, 1), token_entropy=torch.zeros(2 * k, 1),
+                pair_weights=torch.ones(k) if weights is None else weights, advantages=torch.zeros(2 * k),
+                beta=beta, nll_scale=nll_scale, nll_pooling=nll_pooling, entropy_coef=0.0, grpo_coef=0.0,
+                length_norm="none", num_prompts=num_prompts, group_size=2)
+    return dpo_loss(**(args | kw))
+
+
 def test_dpo_loss_by_hand():
     chosen = torch.tensor([-5.0, -2.0], requires_grad=True)
     rejected = torch.tensor([-4.0, -6.0], requires_grad=True)
     ref_c, ref_r = torch.tensor([-5.5, -2.0]), torch.tensor([-4.0, -5.0])
     beta, nll_scale, B = 0.1, 0.5, 4  # 4 prompts in the batch, 2 valid pairs
     pairs_per_token = 2 / 9  # the chosen completions hold 5 + 4 tokens: the loop's NLL pooling
-    loss, c_lr, r_lr = dpo_loss(chosen, rejected, ref_c, ref_r, beta, nll_scale, -chosen.sum() * pairs_per_token, B,
-                                torch.ones(2))
+    loss, stats = rows_loss(chosen, rejected, ref_c, ref_r, beta, nll_scale, pairs_per_token, B)
     logsig = lambda x: -math.log1p(math.exp(-x))
     m0, m1 = (0.5 - 0.0), (0.0 - (-1.0))  # Δc - Δr per pair
     nll = (5 + 2) / 9 * 2  # the authors' pooling: the token-pooled mean NLL x the pairs
     expected = (-logsig(beta * m0) - logsig(beta * m1) + nll_scale * nll) / B
-    assert loss.item() == pytest.approx(expected, rel=1e-6)
-    assert c_lr.tolist() == [0.5, 0.0] and r_lr.tolist() == [0.0, -1.0]
+    assert loss.item() == pytest.approx(expected, rel=1e-6) and stats["loss"] == loss.item()
+    assert stats["chosen_logratio"] == 0.5 and stats["rejected_logratio"] == -1.0 and stats["pair_accuracy"] == 2
+    assert stats["kl_k1_sum"] == pytest.approx(0.5 - 1.0) and stats["nll_sum"] == 7.0
     loss.backward()
     sig = lambda x: 1 / (1 + math.exp(-x))
     # d/dchosen_0 = [-β σ(-β m0) - nll_scale · pairs / tokens] / B ; d/drejected_0 = β σ(-β m0) / B
@@ -58,8 +72,33 @@ def test_dpo_loss_by_hand():
 
 def test_dpo_loss_at_the_reference_is_log2():
     x = torch.tensor([-3.0])
-    loss, *_ = dpo_loss(x, x - 1, x, x - 1, 0.1, 0.0, -x.sum(), 1, torch.ones(1))
+    loss, _ = rows_loss(x, x - 1, x, x - 1)
     assert loss.item() == pytest.approx(math.log(2))
+
+
+def test_dpo_loss_terms_by_hand():
+    """The objective's other terms, one at a time: --length-norm sequence (Δ of token means),
+    --entropy-coef (the chosen's mean token entropy, weighted), --grpo-coef (Σ A log π / n)."""
+    logps = torch.tensor([[-1.0, -3.0], [-2.0, 0.0], [-1.0, 0.0], [-4.0, -2.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 0.0], [1.0, 1.0]])
+    entropy = torch.tensor([[1.0, 3.0], [5.0, 9.0], [4.0, 9.0], [9.0, 9.0]])
+    base = dict(logps=logps, ref_logps=torch.zeros(4, 2), mask=mask, token_entropy=entropy,
+                pair_weights=torch.tensor([1.0, 0.5]), advantages=torch.tensor([1.0, -1.0, 2.0, 0.0]), beta=1.0,
+                nll_scale=0.0, nll_pooling=1.0, entropy_coef=0.0, grpo_coef=0.0, length_norm="none", num_prompts=2,
+                group_size=4)
+    d = lambda m: math.log1p(math.exp(-m))  # -log σ(m)
+    plain = (d(-4.0 + 2.0) + 0.5 * d(-1.0 + 6.0)) / 2
+    assert dpo_loss(**base)[0].item() == pytest.approx(plain, rel=1e-6)
+    seq = (d(-2.0 + 2.0) + 0.5 * d(-1.0 + 3.0)) / 2  # token means: -4/2 vs -2/1, -1/1 vs -6/2
+    assert dpo_loss(**base | {"length_norm": "sequence"})[0].item() == pytest.approx(seq, rel=1e-6)
+    entropy_term = 1.0 * (1.0 + 3.0) / 2 + 0.5 * 4.0  # the chosen rows' mean entropies, weighted
+    loss, stats = dpo_loss(**base | {"entropy_coef": 0.1})
+    assert loss.item() == pytest.approx(plain - 0.1 * entropy_term / 2, rel=1e-6)
+    assert stats["entropy_bonus"] == pytest.approx(0.1 * entropy_term / 2)
+    grpo = (1.0 * -4.0 + -1.0 * -2.0 + 2.0 * -1.0) / 4  # Σ A log π(y) / n
+    loss, stats = dpo_loss(**base | {"grpo_coef": 0.01})
+    assert loss.item() == pytest.approx(plain - 0.01 * grpo / 2, rel=1e-6)
+    assert stats["grpo_term"] == pytest.approx(0.01 * grpo / 2)
 
 
 def test_group_dpo_pairs_weights_and_grpo_advantages_by_hand():
@@ -83,7 +122,7 @@ def test_group_dpo_pairs_weights_and_grpo_advantages_by_hand():
     # the loss: a prompt's pairs averaged, summed over prompts, / B
     lc, lr = torch.tensor([-1.0, -1.0, -2.0, -2.0, -3.0, -3.0, -3.0]), torch.tensor([-2.0, -4.0, -2.0, -4.0, -1.0, -2.0, -5.0])
     zero = torch.zeros(7)
-    loss, *_ = dpo_loss(lc, lr, zero, zero, 0.1, 0.0, torch.zeros(()), 3, torch.tensor(weights))
+    loss, _ = rows_loss(lc, lr, zero, zero, num_prompts=3, weights=torch.tensor(weights))
     d = lambda m: math.log1p(math.exp(-0.1 * m))  # -log σ(β m)
     expected = (sum(d(m) for m in (1, 3, 0, 2)) / 4 + sum(d(m) for m in (-2, -1, 2)) / 3) / 3
     assert loss.item() == pytest.approx(expected, rel=1e-6)

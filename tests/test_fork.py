@@ -1,4 +1,4 @@
-"""docs/fork.md's three forks, proven: each diff applies (`git apply`) to a copy of its script, and
+"""docs/fork.md's four forks, proven: each diff applies (`git apply`) to a copy of its script, and
 the forked script runs a few steps on the embedded default and shows the fork in its metrics."""
 
 import json
@@ -76,3 +76,26 @@ def test_fork_own_columns(tmp_path):
     steps = [m for m in metrics(out) if m["step"] > 0]
     assert len(steps) == 2 and steps[-1]["eval/problems"] == 8
     assert all(m["rollout/accuracy"] > 0 for m in steps)  # the answers came from the "final" column
+
+
+@pytest.mark.slow
+def test_fork_per_task_reference(tmp_path):
+    """online_dpo.py with a reference per task, on two ranks: math prompts no sample can solve (no
+    math pair, ever) among few chat prompts, so steps where a rank, or every rank, has no pair run
+    padding passes through both references and finish; the chat pairs are scored against the
+    fixed seed, so once the policy has moved their log-ratios are not 0."""
+    rows = [{"task": "math", "prompt": f"What is {a}+{a}?", "answer": "-999"} for a in range(14)]
+    rows += [{"task": "chat", "prompt": "Write abc in capital letters."},
+             {"task": "chat", "prompt": "Repeat this word: xyz"}]
+    data = write_jsonl(tmp_path / "crafted.jsonl", rows)
+    out = tmp_path / "run"
+    run_script(fork("per_task_reference", tmp_path), ["--dataset", data, "--prompts-per-step", "4", "--num-steps", "6",
+                                                      "--eval-every", "0", "--ref-sync", "per-task",
+                                                      "--output-dir", str(out)], nproc=2)
+    m = metrics(out)
+    assert [x["step"] for x in m] == list(range(1, 7))
+    assert all(x.get("train/math/pairs", 0) == 0 for x in m)
+    assert any(x["train/pairs"] == 0 for x in m)  # a step with no pair on any rank
+    first = next(i for i, x in enumerate(m) if x["train/pairs"] > 0)  # the first update
+    moved = [x for x in m[first + 1:] if x["train/pairs"] > 0]
+    assert moved and all(x["train/chosen_logratio"] != 0.0 for x in moved)  # against the seed

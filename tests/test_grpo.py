@@ -25,18 +25,27 @@ def test_group_advantages_by_hand():
     assert torch.equal(normed[1], torch.zeros(4))  # all-equal group: no advantage
 
 
+def loss_of(logps, ref, mask, adv, kl_coef, B, n, length_norm="none", num_tokens=0.0, tis=1.0, entropy=None,
+            entropy_coef=0.0):
+    """`grpo_loss` called by keyword, the test's positional shorthand."""
+    entropy = torch.zeros_like(logps) if entropy is None else entropy
+    return grpo_loss(logps=logps, ref_logps=ref, mask=mask, token_entropy=entropy, advantages=adv, tis_weights=tis,
+                     kl_coef=kl_coef, entropy_coef=entropy_coef, length_norm=length_norm, num_prompts=B,
+                     group_size=n, num_tokens=num_tokens)
+
+
 def test_grpo_loss_by_hand():
     logps = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0]], requires_grad=True)
     ref = torch.tensor([[-1.5, -1.0, 0.0], [-0.5, 0.0, 0.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     adv = torch.tensor([2.0, -1.0])
     beta, B, n = 0.1, 1, 2
-    loss, kl_sum, _ = grpo_loss(logps, ref, mask, adv, beta, B, n)
+    loss, stats = loss_of(logps, ref, mask, adv, beta, B, n)
     k3 = lambda d: math.exp(d) - d - 1  # d = ref - logp
     kl = [[k3(-0.5), k3(1.0)], [k3(0.0)]]
     expected = -((2.0 * 2 - beta * sum(kl[0])) + (-1.0 * 1 - beta * sum(kl[1]))) / (B * n)
-    assert loss.item() == pytest.approx(expected, rel=1e-6)
-    assert kl_sum.item() == pytest.approx(sum(kl[0]) + sum(kl[1]), rel=1e-6)
+    assert loss.item() == pytest.approx(expected, rel=1e-6) and stats["loss"] == loss.item()
+    assert stats["kl_k3_sum"] == pytest.approx(sum(kl[0]) + sum(kl[1]), rel=1e-6)
     loss.backward()
     # d/dlogp of -(A - β (e^{ref-logp} - (ref-logp) - 1)) / (B n) = -(A + β (e^{ref-logp} - 1)) / (B n)
     g = -(2.0 + beta * (math.exp(-0.5) - 1)) / 2
@@ -50,14 +59,15 @@ def test_length_norms_and_entropy_bonus_by_hand():
     logps = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0]], requires_grad=True)
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     adv, B, n = torch.tensor([2.0, -1.0]), 1, 2
-    seq, *_ = grpo_loss(logps, None, mask, adv, 0.0, B, n, "sequence")
+    seq, _ = loss_of(logps, None, mask, adv, 0.0, B, n, "sequence")
     assert seq.item() == pytest.approx(-(2.0 * 2 / 2 + -1.0 * 1 / 1) / (B * n))
-    tok, *_ = grpo_loss(logps, None, mask, adv, 0.0, B, n, "token", num_tokens=3.0)
+    tok, _ = loss_of(logps, None, mask, adv, 0.0, B, n, "token", num_tokens=3.0)
     assert tok.item() == pytest.approx(-(2.0 * 2 + -1.0 * 1) / 3)
     entropy = torch.tensor([[0.5, 1.5, 9.0], [2.0, 9.0, 9.0]], requires_grad=True)  # padding must not count
-    loss, _, bonus = grpo_loss(logps, None, mask, adv, 0.0, B, n, entropy=entropy, entropy_coef=0.1)
-    assert bonus.item() == pytest.approx(0.1 * ((0.5 + 1.5) / 2 + 2.0) / B)
-    assert loss.item() == pytest.approx(-(2.0 * 2 - 1.0) / 2 - bonus.item())
+    loss, stats = loss_of(logps, None, mask, adv, 0.0, B, n, entropy=entropy, entropy_coef=0.1)
+    bonus = 0.1 * ((0.5 + 1.5) / 2 + 2.0) / B
+    assert stats["entropy_bonus"] == pytest.approx(bonus)
+    assert loss.item() == pytest.approx(-(2.0 * 2 - 1.0) / 2 - bonus)
     loss.backward()
     assert torch.allclose(entropy.grad, torch.tensor([[-0.05, -0.05, 0.0], [-0.1, 0.0, 0.0]]))
 
@@ -79,7 +89,7 @@ def test_tis_weights_by_hand():
     w, _ = tis_weights(logps, engine, mask, 3.0, "sequence", "mask")
     assert torch.allclose(w, torch.tensor([[e(0.9), e(0.9), 0.0], [e(-0.8), e(-0.8), 0.0]]))
     # the weight multiplies the advantage term only; the gradient is w A ∇logp
-    loss, *_ = grpo_loss(logps, None, mask, torch.tensor([1.0, 1.0]), 0.0, 1, 1, weights=w)
+    loss, _ = loss_of(logps, None, mask, torch.tensor([1.0, 1.0]), 0.0, 1, 1, tis=w)
     loss.backward()
     assert torch.allclose(logps.grad, -w)
 
@@ -88,9 +98,9 @@ def test_all_equal_group_leaves_only_kl():
     logps = torch.tensor([[-1.0, -2.0]], requires_grad=True)
     ref = torch.tensor([[-1.2, -2.0]])
     adv = group_advantages(torch.tensor([[1.0, 1.0]]), True, 1e-4)[:, :1].flatten()
-    loss, *_ = grpo_loss(logps, ref, torch.ones(1, 2), adv, 0.5, 1, 1)
+    loss, _ = loss_of(logps, ref, torch.ones(1, 2), adv, 0.5, 1, 1)
     assert loss.item() == pytest.approx(0.5 * (math.exp(-0.2) + 0.2 - 1), rel=1e-6)
-    without_ref, *_ = grpo_loss(logps, None, torch.ones(1, 2), adv, 0.5, 1, 1)
+    without_ref, _ = loss_of(logps, None, torch.ones(1, 2), adv, 0.5, 1, 1)
     assert without_ref.item() == 0.0
 
 
@@ -99,16 +109,16 @@ def check_run(out_dir, steps, world):
     assert [x["step"] for x in m] == list(range(0, steps + 1))
     assert "eval/accuracy" in m[0] and "eval/accuracy_se" in m[-1]
     for x in m[1:]:
-        assert set(KEYS) <= set(x), set(KEYS) - set(x)
+        assert set(KEYS + ["train/kl_k3"]) <= set(x), set(KEYS + ["train/kl_k3"]) - set(x)
         # the generator has exactly the weights being trained (fp32 CPU): the sync is real
         assert x["rollout/logprob_gap_max"] < GAP, x
         assert 0 <= x["rollout/accuracy"] <= 1 and x["rollout/length_mean"] > 0
-        assert x["train/kl"] >= 0 and math.isfinite(x["train/loss"])
+        assert x["train/kl_k3"] >= 0 and math.isfinite(x["train/loss"])
         # throughput counters: every completion generated, trained on with its prompt
         assert x["perf/rollout_tokens"] == pytest.approx(64 * x["rollout/length_mean"])
         assert x["perf/train_tokens"] > x["perf/rollout_tokens"] and x["perf/peak_memory_gb"] > 0.1
-    assert abs(m[1]["train/kl"]) <= KL_TOL  # policy == reference before the first update
-    assert m[-1]["train/kl"] > 0.0  # ...and not after
+    assert abs(m[1]["train/kl_k3"]) <= KL_TOL  # policy == reference before the first update
+    assert m[-1]["train/kl_k3"] > 0.0  # ...and not after
 
 
 @pytest.mark.slow
@@ -149,7 +159,7 @@ def test_end_to_end_torchrun_two_processes(tmp_path):
     if not DETERMINISTIC:
         return  # the runs ran; their numbers cannot be compared on a GPU
     for x, y in zip(metrics(tmp_path / "run")[1:], metrics(tmp_path / "ac")[1:], strict=True):
-        for k in ("train/loss", "train/grad_norm", "train/kl", "rollout/reward_mean", "rollout/entropy"):
+        for k in ("train/loss", "train/grad_norm", "train/kl_k3", "rollout/reward_mean", "rollout/entropy"):
             assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-7), k
     run_script("grpo.py", [*args, "--output-dir", str(tmp_path / "one")])
     one, two = metrics(tmp_path / "one")[1], metrics(tmp_path / "run")[1]

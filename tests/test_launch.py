@@ -64,7 +64,7 @@ def test_derived_values_are_not_flags():
     r = subprocess.run([sys.executable, "semi_online_dpo.py", "--help"], cwd=ROOT, env=ENV, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0 and "--sync-interval" in r.stdout
-    assert not [f for f in ("--world-size", "--prompts-per-rank", "--synced-tasks") if f in r.stdout]
+    assert not [f for f in ("--world-size", "--prompts-per-rank", "--ref-synced") if f in r.stdout]
 
 
 def test_bad_paths_are_one_line(tmp_path):

@@ -67,15 +67,15 @@ def test_offline_mixed(tmp_path):
 @pytest.mark.slow
 def test_a_task_without_pairs_on_two_ranks(tmp_path):
     """Math prompts no sample can solve (no math pair, ever) among few chat prompts, on two FSDP
-    ranks with two references (`--ref-sync per-task`): steps where a rank, or every rank, has no
-    pair run padding passes and finish; the math reward shows 0 and the chat pairs carry the step."""
+    ranks: steps where a rank, or every rank, has no pair run padding passes and finish; the math
+    reward shows 0 and the chat pairs carry the step."""
     rows = [{"task": "math", "prompt": f"What is {a}+{a}?", "answer": "-999"} for a in range(14)]
     rows += [{"task": "chat", "prompt": "Write abc in capital letters."}, {"task": "chat", "prompt": "Repeat this word: xyz"}]
     data = tmp_path / "crafted.jsonl"
     write_jsonl(data, rows)
     out = tmp_path / "run"
     run_script("online_dpo.py", ["--dataset", str(data), "--prompts-per-step", "4", "--num-steps", "6", "--eval-every", "0",
-                                 "--ref-sync", "per-task", "--output-dir", str(out)], nproc=2)
+                                 "--output-dir", str(out)], nproc=2)
     m = metrics(out)
     assert [x["step"] for x in m] == list(range(1, 7))
     assert all(x["train/math/pairs"] == 0 and x["rollout/math/accuracy"] == 0.0 for x in m if "train/math/pairs" in x)

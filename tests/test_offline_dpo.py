@@ -17,7 +17,7 @@ import online_dpo
 from common import load_prompts, math_reward, shuffled_indices
 from tests.conftest import DETERMINISTIC, ROOT, SMALL, metrics, run_script, write_jsonl
 
-TRAIN_KEYS = ["step", "train/loss", "train/kl", "train/grad_norm", "train/lr", "train/pairs", "train/pair_accuracy",
+TRAIN_KEYS = ["step", "train/loss", "train/kl_k1", "train/grad_norm", "train/lr", "train/pairs", "train/pair_accuracy",
               "train/chosen_logratio", "train/rejected_logratio", "train/nll", "train/reward_margin", "rollout/entropy",
               "rollout/policy_lag", "rollout/reward_mean", "rollout/accuracy", "rollout/length_mean",
               "perf/train_s", "perf/step_s", "perf/train_tokens", "perf/train_tokens_per_s", "perf/peak_memory_gb"]
@@ -29,7 +29,7 @@ IMPOSSIBLE = [{"task": "math", "prompt": f"What is {a}+{b}?", "answer": "-999"} 
 ARGS = ["--samples-per-prompt", "8", "--prompts-per-step", "4", "--num-steps", "3", "--save-every", "2", *SMALL]
 # the online metrics that s = ∞ must reproduce step for step
 SAME = ["train/loss", "train/pairs", "train/pair_accuracy", "train/chosen_logratio", "train/rejected_logratio",
-        "train/reward_margin", "train/kl", "train/nll", "train/grad_norm", "rollout/entropy", "rollout/reward_mean",
+        "train/reward_margin", "train/kl_k1", "train/nll", "train/grad_norm", "rollout/entropy", "rollout/reward_mean",
         "rollout/accuracy", "rollout/length_mean", "rollout/zero_std_frac", "rollout/policy_lag"]
 
 
@@ -50,9 +50,11 @@ def test_shared_functions_are_online_dpos():
     for s in range(20):
         seeds = [s, s + 1, s + 2, s + 3]
         assert offline_dpo.select_pairs(rewards, tasks, seeds) == online_dpo.select_pairs(rewards, tasks, seeds)
-    x = torch.tensor([-3.0, -1.0])
-    w, nll = torch.tensor([1.0, 0.5]), torch.tensor(0.2)
-    assert offline_dpo.dpo_loss(x, x - 1, x + 1, x, 0.1, 0.5, nll, 4, w)[0] == online_dpo.dpo_loss(x, x - 1, x + 1, x, 0.1, 0.5, nll, 4, w)[0]
+    x = torch.tensor([[-3.0, -1.0], [-2.0, 0.5]])
+    kw = dict(logps=x, ref_logps=x + 1, mask=torch.ones(2, 2), token_entropy=x.abs(), pair_weights=torch.tensor([0.5]),
+              advantages=torch.tensor([1.0, -1.0]), beta=0.1, nll_scale=0.5, nll_pooling=0.2, entropy_coef=0.1,
+              grpo_coef=0.01, length_norm="none", num_prompts=4, group_size=8)
+    assert offline_dpo.dpo_loss(**kw) == online_dpo.dpo_loss(**kw)
     assert offline_dpo.group_terms([(0, 0, 1), (0, 2, 1)], rewards) == online_dpo.group_terms([(0, 0, 1), (0, 2, 1)], rewards)
 
 
@@ -81,7 +83,7 @@ def test_samples_the_runs_own_prompts_and_pairs(built):
         assert x["rollout/policy_lag"] == x["step"] - 1 and x["train/pairs"] == sum(p["step"] == x["step"] for p in pairs)
         assert x["rollout/reward_mean"] == r["rollout/reward_mean"]
     # policy == reference at the first step: each pair's loss is log 2, divided by all the step's prompts
-    assert m[1]["train/kl"] == 0.0 and m[1]["train/loss"] == pytest.approx(m[1]["train/pairs"] * math.log(2) / 4, abs=1e-6)
+    assert m[1]["train/kl_k1"] == 0.0 and m[1]["train/loss"] == pytest.approx(m[1]["train/pairs"] * math.log(2) / 4, abs=1e-6)
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(str(built["out"] / "checkpoint"))

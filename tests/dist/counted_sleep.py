@@ -31,7 +31,7 @@ torch.optim.AdamW.step = lambda self, *a, **k: (events.append("update"), step(se
 common.save_checkpoint = lambda *a, **k: (events.append("save"), save(*a, **k))[1]
 score = common.RewardModel.score
 common.RewardModel.score = lambda self, *a, **k: (events.append("score"), score(self, *a, **k))[1]
-common.check_args = lambda *a: None  # --vllm-sleep is refused without a GPU
+common.check_args = lambda *a, **k: None  # --vllm-sleep is refused without a GPU
 module = importlib.import_module(os.path.basename(script).removesuffix(".py"))
 module.main(tyro.cli(module.Args, args=args))
 json.dump(events, open(events_path, "w"))
