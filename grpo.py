@@ -298,8 +298,7 @@ def main(args: Args) -> None:
                     logps, mask, entropy = common.completion_logprobs(  # (S, T) each
                         policy, mb_prompts, mb_tokens, args.temperature, tokenizer.pad_token_id,
                         with_entropy=True)
-                tis = torch.ones_like(logps)  # importance weights: 1 without --tis-cap
-                capped = torch.zeros(())
+                tis = 1.0  # importance weights: 1 without --tis-cap
                 if args.tis_cap:  # ALGO LOGIC: the engine sampled these tokens, not π_θ
                     engine_logps = common.engine_logprobs(mb_completions, logps)  # (S, T)
                     tis, capped = common.tis_weights(
@@ -313,7 +312,8 @@ def main(args: Args) -> None:
                 (loss * (0.0 if padding else 1.0)).backward()
                 stats |= common.update_stats(
                     logps, mask, entropy, mb_prompts, mb_completions)
-                stats |= {"tis_sum": tis.sum().item(), "tis_capped": capped.sum().item()}
+                if args.tis_cap:
+                    stats |= {"tis_sum": tis.sum().item(), "tis_capped": capped.sum().item()}
                 mb_stats.append(dict.fromkeys(stats, 0.0) if padding else stats)
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 policy.parameters(), args.max_grad_norm)
