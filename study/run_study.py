@@ -32,6 +32,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -516,17 +517,29 @@ class Study:
         return out
 
 
-def timed(study: Study, phase: str, fn, *fn_args) -> None:
-    """Run a phase and add its wall time to time.json (a resumed phase adds each part)."""
+def timed(study: Study, phase: str, fn, *fn_args, every: float = 60.0) -> None:
+    """Run a phase and add its wall time to time.json (a resumed phase adds each part), written
+    every `every` seconds while it runs: a killed part (a session's end sends SIGKILL, which no
+    `finally` sees) loses at most that much."""
     path = study.path("time.json")
     times = json.load(open(path)) if os.path.exists(path) else {}
-    t0 = time.time()
+    t0, before, done = time.time(), times.get(phase, 0.0), threading.Event()
+
+    def write() -> None:
+        times[phase] = before + (time.time() - t0) / 60
+        times["cores"], times["jobs"] = os.cpu_count(), study.args.jobs
+        study.save("time.json", times)
+
+    def heartbeat() -> None:
+        while not done.wait(every):
+            write()
+
+    threading.Thread(target=heartbeat, daemon=True).start()
     try:
         fn(*fn_args)
     finally:  # an interrupted part counts too: the phase's time is the sum of its parts
-        times[phase] = times.get(phase, 0.0) + (time.time() - t0) / 60
-        times["cores"], times["jobs"] = os.cpu_count(), study.args.jobs
-        study.save("time.json", times)
+        done.set()
+        write()
     print(f"study: {phase} done ({times[phase]:.0f} min in all)", flush=True)
 
 

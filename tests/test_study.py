@@ -5,6 +5,7 @@ import importlib
 import json
 import os
 import sys
+import time
 
 import pytest
 import tyro
@@ -97,3 +98,27 @@ def test_drift_and_criterion_d_from_a_runs_metrics(tmp_path):
     weak = d | {"kl": 0.01}
     assert not run_study.criterion_d([weak, d], [d, d])["met"]  # mean KL 0.04 < 0.05
     assert not run_study.criterion_d([d], [d | {"pre_sync_gap": 0.005}])["met"]
+
+
+def test_a_phases_time_is_written_while_it_runs_and_adds_up_over_parts(tmp_path):
+    """time.json holds each phase's time as it runs (a session's end kills the study with SIGKILL,
+    which no `finally` sees), and a resumed or interrupted part adds to the parts before it."""
+    args = run_study.Args(out_dir=str(tmp_path / "out"), runs_dir=str(tmp_path / "runs"), jobs=1)
+    study = run_study.Study(args)
+    path = tmp_path / "out" / "time.json"
+    json.dump({"select-chat": 55.0}, open(path, "w"))
+
+    def phase() -> None:
+        for _ in range(200):  # up to 10 s: the heartbeat's first write, made while the phase runs
+            if json.load(open(path))["select-chat"] > 55.0:
+                raise KeyboardInterrupt  # the part is interrupted; its time still counts
+            time.sleep(0.05)
+        pytest.fail("time.json was not written while the phase ran")
+
+    with pytest.raises(KeyboardInterrupt):
+        run_study.timed(study, "select-chat", phase, every=0.1)
+    times = json.load(open(path))
+    assert 55.0 < times["select-chat"] < 55.0 + 10 / 60 and times["jobs"] == 1
+    run_study.timed(study, "select-chat", lambda: None)
+    assert json.load(open(path))["select-chat"] >= times["select-chat"]
+    study.pool.shutdown()
