@@ -115,7 +115,8 @@ def check_args(args, world_size: int, positive: Sequence[str] = (), windows: dic
     if getattr(args, "top_p", 1.0) < 1 and hasattr(args, "samples_per_prompt"):
         raise UserError(f"--top-p {args.top_p}: the engine's logprobs of a nucleus sample are renormalised over the "
                         "nucleus and the trainer's are not, so the logprob gap (each sync's proof) and --tis-cap "
-                        "would compare two distributions; train with --top-p 1 (the paper's rollouts)")
+                        "would compare two distributions; train with --top-p 1 (the paper's rollouts; offline DPO's pairs are "
+                        "sampled as the online regimes sample)")
     template = getattr(args, "chat_template", "auto")
     if template not in ("auto", "llama3-no-system") and not os.path.isfile(os.path.expanduser(template)):
         raise UserError(f"--chat-template {template}: neither auto, llama3-no-system nor a Jinja file")
