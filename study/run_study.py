@@ -376,8 +376,10 @@ class Study:
         return os.path.join(self.args.out_dir, name)
 
     def save(self, name: str, obj: dict) -> None:
-        with open(self.path(name), "w") as f:
+        """Written whole or not at all (time.json is rewritten while a reader may open it)."""
+        with open(self.path(name) + ".tmp", "w") as f:
             json.dump(obj, f, indent=1)
+        os.replace(self.path(name) + ".tmp", self.path(name))
 
     def interval(self, arm_id: str) -> int:
         flags = dict(self.arms[arm_id].flags)
@@ -534,11 +536,13 @@ def timed(study: Study, phase: str, fn, *fn_args, every: float = 60.0) -> None:
         while not done.wait(every):
             write()
 
-    threading.Thread(target=heartbeat, daemon=True).start()
+    beat = threading.Thread(target=heartbeat, daemon=True)
+    beat.start()
     try:
         fn(*fn_args)
     finally:  # an interrupted part counts too: the phase's time is the sum of its parts
         done.set()
+        beat.join()  # one writer at a time
         write()
     print(f"study: {phase} done ({times[phase]:.0f} min in all)", flush=True)
 
