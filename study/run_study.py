@@ -208,6 +208,15 @@ def secondary_rows() -> list[Row]:
                 "math/online_dpo_eps1e-8", "accuracy", ">")]
 
 
+def secondary_samples(r: Row, runs: dict, seeds) -> tuple[list[float], list[float]]:
+    """A secondary row's per-seed figures (A, B). A row without B compares A's rollout entropy in
+    the run's last tenth with its first; "length" is the rollouts' length in the last tenth."""
+    if r.b == "":
+        return tuple([runs[f"{r.a}|{s}"][k] for s in seeds] for k in ("entropy_last", "entropy_first"))
+    key = "length_last" if r.measure == "length" else r.measure
+    return tuple([runs[f"{i}|{s}"][key] for s in seeds] for i in (r.a, r.b))
+
+
 def pick(means: dict[float, float]) -> tuple[float, list[float]]:
     """The learning rate with the best mean validation score, and the grid's next point: x3 past
     an edge the pick sits at (none when it sits inside)."""
@@ -226,16 +235,16 @@ def seeds_for(sd: float, margin: float, least: int, most: int) -> tuple[int, dic
 
 def judge(relation: str, a: list[float], b: list[float], margin: float) -> dict:
     """The design's verdict (`stats.verdict`) for the four relations the rows state."""
-    if relation == "<":  # entropy: the last tenth below the first
-        relation, a, b = ">", b, a
-    v = stats.verdict("A ≈ B" if relation == "≈" else "A > B", a, b, margin)
+    flip = relation == "<"  # "A below B" is judged as "B above A"; the row still shows A, B and d = A - B
+    v = stats.verdict("A ≈ B" if relation == "≈" else "A > B", *((b, a) if flip else (a, b)), margin)
     label = v.label
     if relation == "≥":  # "A does at least as well": equivalence or A > B reproduce it
         label = ("reproduced" if v.label == "reproduced" or v.tost_p < 0.05 else
                  "not reproduced" if v.welch.diff < 0 and v.welch.p < 0.05 else "cannot tell")
     ma, mb = statistics.fmean(a), statistics.fmean(b)
     se = lambda x: statistics.stdev(x) / math.sqrt(len(x)) if len(x) > 1 else float("nan")  # noqa: E731
-    return {"a_mean": [ma, se(a)], "b_mean": [mb, se(b)], "d": v.welch.diff, "se_d": v.welch.se, "df": v.welch.df,
+    return {"a_mean": [ma, se(a)], "b_mean": [mb, se(b)], "d": -v.welch.diff if flip else v.welch.diff,
+            "se_d": v.welch.se, "df": v.welch.df,
             "p": v.welch.p, "tost_p": v.tost_p, "power": v.power, "verdict": label, "n": [len(a), len(b)]}
 
 
@@ -506,14 +515,7 @@ class Study:
         ids = sorted({i for r in table for i in (r.a, r.b) if i not in ("", "seed")})
         runs = self.test_runs(ids, {i: lr[self.arms[i].lr_task] for i in ids}, steps, self.args.secondary_seeds)
         seeds = range(1, self.args.secondary_seeds + 1)
-        rows = []
-        for r in table:
-            a = [runs[f"{r.a}|{s}"][r.measure if r.measure != "length" else "length_last"] for s in seeds]
-            if r.b == "":
-                a, b = ([runs[f"{r.a}|{s}"][k] for s in seeds] for k in ("entropy_last", "entropy_first"))
-            else:
-                b = [runs[f"{r.b}|{s}"][r.measure if r.measure != "length" else "length_last"] for s in seeds]
-            rows.append(asdict(r) | judge(r.relation, a, b, self.args.margin))
+        rows = [asdict(r) | judge(r.relation, *secondary_samples(r, runs, seeds), self.args.margin) for r in table]
         out = {"lr": lr, "steps": steps, "runs": runs, "rows": rows}
         self.save("secondary.json", out)
         return out
@@ -584,8 +586,9 @@ def write_findings(study: Study) -> None:
                 "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             label = lambda i: "seed" if i == "seed" else "its first tenth" if i == "" else study.arms[i].label  # noqa: E731
+            a_label = label(r["a"]) + (", last tenth" if r["b"] == "" else "")
             half = stats.t_ppf(0.975, r["df"]) * r["se_d"] if math.isfinite(r["df"]) else 0.0
-            out.append(f"| {r['id']} | {r['claim']} (A {r['relation']} B) | {r['measure']} | {label(r['a'])} | "
+            out.append(f"| {r['id']} | {r['claim']} (A {r['relation']} B) | {r['measure']} | {a_label} | "
                        f"{label(r['b'])} | {fmt(r['a_mean'])} | "
                        f"{fmt(r['b_mean'])} | {r['d']:+.3f} [{r['d'] - half:+.3f}, {r['d'] + half:+.3f}] | "
                        f"{r['df']:.1f} | {r['p']:.3f} | {r['tost_p']:.3f} | {r['power']:.2f} | **{r['verdict']}** |")

@@ -3,7 +3,9 @@ script accepts, and a run's drift read from what a run writes."""
 
 import importlib
 import json
+import math
 import os
+import shutil
 import sys
 import time
 
@@ -32,7 +34,9 @@ def test_judge_applies_the_design_rule_to_each_relation():
     # two noisy seeds each: neither a difference nor equivalence can be shown
     assert run_study.judge(">", [0.45, 0.38], [0.40, 0.41], 0.02)["verdict"] == "cannot tell"
     # an entropy row: A's last tenth below its first tenth (B) is the claimed collapse
-    assert run_study.judge("<", [0.10, 0.12, 0.11], [0.50, 0.52, 0.51], 0.02)["verdict"] == "reproduced"
+    low = run_study.judge("<", [0.10, 0.12, 0.11], [0.50, 0.52, 0.51], 0.02)
+    assert low["verdict"] == "reproduced" and low["a_mean"][0] == pytest.approx(0.11) and low["d"] == pytest.approx(-0.40)
+    assert run_study.judge("<", [0.50, 0.52, 0.51], [0.10, 0.12, 0.11], 0.02)["verdict"] == "not reproduced"
 
 
 def test_pick_widens_past_an_edge_and_seeds_follow_the_power_rule():
@@ -121,4 +125,30 @@ def test_a_phases_time_is_written_while_it_runs_and_adds_up_over_parts(tmp_path)
     assert 55.0 < times["select-chat"] < 55.0 + 10 / 60 and times["jobs"] == 1
     run_study.timed(study, "select-chat", lambda: None)
     assert json.load(open(path))["select-chat"] >= times["select-chat"]
+    study.pool.shutdown()
+
+
+def test_the_committed_tables_recompute_from_the_committed_records(tmp_path, monkeypatch):
+    """The central and secondary tables (and findings.md) come from the per-run records alone:
+    with the committed selections and records and no training allowed, each phase recomputes the
+    committed rows, and every secondary row (each kind of measure) is judged."""
+    v3 = os.path.join(ROOT, "study", "results", "v3")
+    out = tmp_path / "v3"
+    shutil.copytree(os.path.join(v3, "records"), out / "records")
+    for name in ("selection_math.json", "selection_chat.json"):
+        shutil.copy(os.path.join(v3, name), out / name)
+
+    def no_training(*_):
+        raise AssertionError("a record is missing: the phase would train")
+
+    monkeypatch.setattr(run_study, "train", no_training)
+    study = run_study.Study(run_study.Args(out_dir=str(out), runs_dir=str(tmp_path / "runs"), jobs=1))
+    for name, phase in (("central_math.json", lambda: study.central("math")),
+                        ("central_chat.json", lambda: study.central("chat")), ("secondary.json", study.secondary)):
+        rows, committed = phase()["rows"], json.load(open(os.path.join(v3, name)))["rows"]
+        assert len(rows) == len(committed) and all(math.isfinite(r["d"]) and math.isfinite(r["p"]) for r in rows)
+        for r, c in zip(rows, committed, strict=True):
+            assert (r["id"], r["verdict"]) == (c["id"], c["verdict"]) and r["d"] == pytest.approx(c["d"])
+    run_study.write_findings(study)
+    assert (out / "findings.md").read_text() == open(os.path.join(v3, "findings.md")).read()
     study.pool.shutdown()
