@@ -596,6 +596,53 @@ def write_findings(study: Study) -> None:
         f.write("\n".join(out) + "\n")
 
 
+def plot(study: Study) -> None:
+    """central.png: per task, each regime's test score per seed (its mean a bar, the seed model a
+    dashed line), and over the run the policy's entropy on each step's samples and their length
+    (mean over test seeds, 10-step running mean; offline DPO's samples are the seed's), from the
+    records alone."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in ("math", "chat") if os.path.exists(study.path(f"central_{t}.json"))]
+    if not tasks:
+        return
+    fig, axes = plt.subplots(len(tasks), 3, figsize=(15, 3.8 * len(tasks)), squeeze=False)
+    for row, task in zip(axes, tasks, strict=True):
+        c = json.load(open(study.path(f"central_{task}.json")))
+        sel, measure = c["selection"], "accuracy" if task == "math" else "quality"
+        seeds = range(1, sel["seeds"] + 1)
+        for n, r in enumerate(REGIMES):
+            arm = study.arms[f"{task}/{r}"]
+            ys = [c["runs"][f"{task}/{r}|{s}"][measure] for s in seeds]
+            row[0].scatter([n] * len(ys), ys, color=f"C{n}", s=12)
+            row[0].hlines(statistics.fmean(ys), n - 0.3, n + 0.3, color=f"C{n}")
+            recs = [json.load(open(study.path(os.path.join("records", f"{run_name(arm, sel['lr'], s, sel['steps'])}.json"))))
+                    for s in seeds]
+            for ax, key in zip(row[1:], ("rollout/entropy", "rollout/length_mean"), strict=True):
+                per_seed = [rec["curves"][key] for rec in recs]  # one figure per logged step
+                mean = [statistics.fmean(x) for x in zip(*per_seed, strict=True)]
+                smooth = [statistics.fmean(mean[max(0, t - 9):t + 1]) for t in range(len(mean))]
+                ax.plot(range(1, len(smooth) + 1), smooth, color=f"C{n}", label=arm.label)
+        seed = statistics.fmean(c["seed_model"][f"{task}|{s}"][measure] for s in seeds)
+        row[0].axhline(seed, color="grey", ls="--", label=f"seed model ({seed:.3f})")
+        row[0].set(xticks=range(len(REGIMES)), xticklabels=[study.arms[f"{task}/{r}"].label.replace("semi-online DPO", "semi-online")
+                                                            .replace(" (", "\n(") for r in REGIMES],
+                   title=f"{task}: test {measure} per seed (lr {sel['lr']:g}, {sel['steps']} steps)")
+        row[0].legend(fontsize=8)
+        row[1].set(title=f"{task}: policy entropy on the samples (nats / token)", xlabel="step")
+        row[2].set(title=f"{task}: the samples' length (tokens)", xlabel="step")
+        row[2].legend(fontsize=8)
+        for ax in row:
+            ax.grid(alpha=0.3)
+            ax.tick_params(labelsize=8)
+    fig.tight_layout()
+    fig.savefig(study.path("central.png"), dpi=100)
+    plt.close(fig)
+
+
 def main(args: Args) -> None:
     unknown = set(args.phases) - set(PHASES)
     if unknown:
@@ -605,6 +652,7 @@ def main(args: Args) -> None:
         kind, _, task = phase.partition("-")
         timed(study, phase, getattr(study, kind), *([task] if task else []))
         write_findings(study)
+        plot(study)
     study.pool.shutdown()
 
 

@@ -151,4 +151,6 @@ def test_the_committed_tables_recompute_from_the_committed_records(tmp_path, mon
             assert (r["id"], r["verdict"]) == (c["id"], c["verdict"]) and r["d"] == pytest.approx(c["d"])
     run_study.write_findings(study)
     assert (out / "findings.md").read_text() == open(os.path.join(v3, "findings.md")).read()
+    run_study.plot(study)
+    assert (out / "central.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     study.pool.shutdown()
