@@ -619,8 +619,7 @@ def plot(study: Study) -> None:
             ys = [c["runs"][f"{task}/{r}|{s}"][measure] for s in seeds]
             row[0].scatter([n] * len(ys), ys, color=f"C{n}", s=12)
             row[0].hlines(statistics.fmean(ys), n - 0.3, n + 0.3, color=f"C{n}")
-            recs = [json.load(open(study.path(os.path.join("records", f"{run_name(arm, sel['lr'], s, sel['steps'])}.json"))))
-                    for s in seeds]
+            recs = [study.record(f"{task}/{r}", sel["lr"], s, sel["steps"]) for s in seeds]  # kept by the phase
             for ax, key in zip(row[1:], ("rollout/entropy", "rollout/length_mean"), strict=True):
                 per_seed = [rec["curves"][key] for rec in recs]  # one figure per logged step
                 mean = [statistics.fmean(x) for x in zip(*per_seed, strict=True)]
